@@ -1,0 +1,87 @@
+"""Convolution kernels of the state-space models used by the layers.
+
+Diagonal SSM (S4D): x_t = dA x_{t-1} + dB u_t, y_t = 2 Re(C x_t), with N/2 complex modes per
+channel standing for N real states (conjugate pairs). Unrolled, y = K * u with
+K[l] = 2 Re sum_n C_n dB_n dA_n^l - a Vandermonde product.
+
+Shift SSM (H3): A is the shift matrix, so the state is the last N inputs and the kernel is a
+learned FIR filter of N taps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DISCRETIZATIONS = ("zoh", "bilinear")
+
+
+def s4d_discretize(
+    dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor | None, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Discretise a diagonal continuous-time SSM.
+
+    Args:
+        dt: [H] positive step sizes (real).
+        A: [H, N] complex diagonal state matrix (Re < 0).
+        B: [H, N] complex input matrix, or None for all ones.
+        method: "zoh" (exact for piecewise-constant input) or "bilinear" (Tustin; H3's default).
+
+    Returns:
+        dA, dB: [H, N] complex.
+    """
+    dtA = dt[:, None] * A
+    if method == "zoh":
+        dA = torch.exp(dtA)
+        dB = (dA - 1) / A
+    elif method == "bilinear":
+        denom = 1 - dtA / 2
+        dA = (1 + dtA / 2) / denom
+        dB = dt[:, None] / denom
+    else:
+        raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {method!r}")
+    if B is not None:
+        dB = dB * B
+    return dA, dB
+
+
+def s4d_kernel(
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor | None,
+    C: torch.Tensor,
+    L: int,
+    method: str = "zoh",
+) -> torch.Tensor:
+    """Convolution kernel K [H, L] = 2 Re sum_n C_n dB_n dA_n^l of a diagonal SSM.
+
+    Args: dt [H]; A, B, C [H, N] complex (B may be None); L >= 1 kernel length.
+    """
+    dA, dB = s4d_discretize(dt, A, B, method)
+    # dA^l through exp(l log dA): one complex exp per (mode, lag) instead of a running product,
+    # so the Vandermonde matrix is built in parallel and its gradient is exact.
+    if method == "zoh":
+        log_dA = dt[:, None] * A
+    else:
+        log_dA = torch.log(dA)
+    lags = torch.arange(L, device=dt.device, dtype=dt.dtype)
+    vandermonde = torch.exp(log_dA[..., None] * lags)  # [H, N, L]
+    return 2 * torch.einsum("hn,hnl->hl", C * dB, vandermonde).real
+
+
+def shift_kernel(C: torch.Tensor, B: torch.Tensor | None = None, L: int | None = None):
+    """Kernel of the shift SSM: K[l] = C A^l B with A the N x N shift matrix.
+
+    With B = e1 (H3 paper) the kernel is C itself. With a learned B (as in H3's released
+    checkpoints) K[l] = sum_j C[j + l] B[j].
+
+    Args: C [H, N]; B [H, N] or None; L: keep the first min(N, L) taps (None keeps N).
+    Returns: [H, min(N, L)].
+    """
+    N = C.shape[-1]
+    if B is not None:
+        lag = torch.arange(N, device=C.device)
+        idx = lag[:, None] + lag[None, :]  # [l, j] -> j + l
+        valid = idx < N
+        gathered = C[:, idx.clamp(max=N - 1)] * valid  # [H, l, j] = C[j + l]
+        C = torch.einsum("hlj,hj->hl", gathered, B)
+    return C if L is None else C[:, : min(N, L)]

@@ -1,0 +1,58 @@
+"""The `sandbox` command line. Bad input exits 2 with one line naming what is wrong."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sandbox.config import ConfigError, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, exit 2
+        self.exit(2, f"sandbox: error: {message}\n")
+
+
+def _cmd_train(args) -> int:
+    from sandbox.train import train
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    result = train(config, out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+    print(f"run written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sandbox", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one model on one synthetic task")
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. train.lr=1e-3")
+    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as e:
+        # ValueError covers the validation of task and mixer parameters and run directories.
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"sandbox: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sandbox: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Typed run configuration: pydantic models that reject unknown keys, loaded from YAML.
+
+A config is ``RunConfig(task=..., model=..., train=...)``. Overrides are ``a.b=value``
+strings whose value is parsed as YAML (``train.lr=3e-4``, ``model.mixer_params.head_dim=8``).
+Every problem becomes a :class:`ConfigError` with one line naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Strict):
+    name: str = "associative_recall"
+    params: dict[str, Any] = Field(default_factory=dict)  # checked by tasks.build
+    num_train: int = Field(5000, ge=1)
+    num_valid: int = Field(500, ge=1)
+    num_test: int = Field(500, ge=1)
+
+
+class ModelConfig(Strict):
+    mixer: str = "h3"
+    mixer_params: dict[str, Any] = Field(default_factory=dict)  # checked by layers.build
+    d_model: int = Field(64, ge=1)
+    n_layers: int = Field(2, ge=1)
+    mlp_ratio: int = Field(4, ge=0)  # 0 drops the MLP
+    # Learned absolute positions; None = only when some layer is attention (the paper's setup).
+    pos_emb: bool | None = None
+    # Layers (0-based) that use attention instead of `mixer`: hybrid models such as H3 + attention.
+    attn_layers: list[int] = Field(default_factory=list)
+    attn_params: dict[str, Any] = Field(default_factory=dict)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm_eps: float = Field(1e-5, gt=0.0)
+
+
+class TrainConfig(Strict):
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    ssm_lr: float = Field(1e-3, gt=0.0)  # SSM dt/A/B get min(ssm_lr, lr) and no weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(400, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # a hard cap on optimizer steps (the schedule's length)
+    warmup_frac: float = Field(0.1, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_frac: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    loss_on: Literal["all", "answers"] = "all"
+    eval_every: int | None = Field(None, ge=1)  # steps between validations; None = once per epoch
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0)  # early stop on validation accuracy
+    eval_batch_size: int = Field(500, ge=1)
+
+
+class RunConfig(Strict):
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None leaves torch's default
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"config field {field!r}: unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config field {field!r}: {first['msg']}{more}"
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(data: dict | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Validate a nested dict (plus overrides) into a RunConfig, or raise ConfigError."""
+    data = dict(data or {})
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (safe_load) into a RunConfig."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except yaml.YAMLError as e:
+        line = str(e).replace("\n", " ")
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {line}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+    return build_config(data, overrides)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The fully resolved config as YAML (round-trips through load_config)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,117 @@
+"""Atomic file writes and single-file checkpoints.
+
+A checkpoint is one safetensors file: model weights under ``model.``, optimizer tensors under
+``optim.``, extra tensors (RNG state) under ``extra.``, and everything that is not a tensor
+(step counters, optimizer hyper-parameters) as JSON in the metadata. One file written with
+temp + rename is atomic, so a kill at any moment leaves either the old or the new checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entries in state["state"].items():
+        meta["state"][str(pid)] = {}
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value.detach().contiguous()
+            else:
+                meta["state"][str(pid)][name] = value
+    return tensors, meta
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {int(p): dict(v) for p, v in meta["state"].items()}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    info: dict | None = None,
+) -> None:
+    """Write model (+ optimizer, extra tensors, JSON info) to one safetensors file, atomically."""
+    # Tied weights are stored once; load_model_weights restores the tie via load_state_dict.
+    seen, tensors = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        tensors[f"model.{name}"] = t.detach().contiguous()
+    meta: dict[str, Any] = {"info": info or {}}
+    if optimizer is not None:
+        opt_tensors, meta["optim"] = _split_optimizer_state(optimizer.state_dict())
+        tensors.update(opt_tensors)
+    for name, t in (extra_tensors or {}).items():
+        tensors[f"extra.{name}"] = t.detach().contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"json": json.dumps(meta)}))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint: {"model": state dict, "optim": state or None, "extra", "info"}."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    tensors = load_file(str(path))
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "extra": {}}
+    for key, value in tensors.items():
+        prefix, rest = key.split(".", 1)
+        groups[prefix][rest if prefix != "optim" else key] = value
+    optim = _join_optimizer_state(groups["optim"], meta["optim"]) if "optim" in meta else None
+    return {"model": groups["model"], "optim": optim, "extra": groups["extra"], "info": meta["info"]}
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights saved by save_checkpoint (tied copies may be missing from the file)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - set(
+        n for n, _ in model.named_parameters()
+    )
+    really_missing = [m for m in missing if m not in tied]
+    if really_missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {really_missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )

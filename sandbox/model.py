@@ -1,0 +1,149 @@
+"""The language model: embeddings, pre-norm blocks of (mixer, MLP), final norm, tied head.
+
+Readable top to bottom, nanoGPT style. Any registered mixer plugs in; `attn_layers` makes a
+hybrid (e.g. H3 with attention at a few depths, as in the H3 paper's pretrained models).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import layers
+from sandbox.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """Linear(d, r*d) -> tanh-GELU -> Linear(r*d, d)."""
+
+    def __init__(self, d_model: int, ratio: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ratio * d_model)
+        self.fc2 = nn.Linear(ratio * d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """x + mixer(norm1(x)), then + mlp(norm2(x)). Shapes [B, L, D] -> [B, L, D]."""
+
+    def __init__(self, mixer: nn.Module, d_model: int, mlp_ratio: int, dropout: float, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.mixer = mixer
+        self.dropout = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps) if mlp_ratio else None
+        self.mlp = MLP(d_model, mlp_ratio, dropout) if mlp_ratio else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.mixer(self.norm1(x)))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+    def step(self, x: torch.Tensor, state):
+        """One position: x [B, D] -> ([B, D], state)."""
+        y, state = self.mixer.step(self.norm1(x), state)
+        x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, state
+
+
+class LanguageModel(nn.Module):
+    """Token ids [B, T] -> next-token logits [B, T, vocab_size]."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, max_seq_len: int):
+        super().__init__()
+        self.config = config
+        self.max_seq_len = max_seq_len
+        d = config.d_model
+        bad = [i for i in config.attn_layers if not 0 <= i < config.n_layers]
+        if bad:
+            raise ValueError(f"model.attn_layers: {bad} outside 0..{config.n_layers - 1}")
+        kinds = [
+            "attention" if i in config.attn_layers else config.mixer for i in range(config.n_layers)
+        ]
+        use_pos = config.pos_emb if config.pos_emb is not None else "attention" in kinds
+
+        self.embedding = nn.Embedding(vocab_size, d)
+        self.pos_embedding = nn.Embedding(max_seq_len, d) if use_pos else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                self._build_mixer(kind),
+                d,
+                config.mlp_ratio,
+                config.dropout,
+                config.norm_eps,
+            )
+            for kind in kinds
+        )
+        self.norm_f = nn.LayerNorm(d, eps=config.norm_eps)
+        self.head = nn.Linear(d, vocab_size, bias=False)
+        self.head.weight = self.embedding.weight  # tied
+        self._init_weights()
+
+    def _build_mixer(self, kind: str) -> nn.Module:
+        c = self.config
+        params = c.attn_params if kind == "attention" and kind != c.mixer else c.mixer_params
+        try:
+            return layers.build(kind, d_model=c.d_model, **params)
+        except ValueError as e:
+            field = "model.attn_params" if params is c.attn_params else "model.mixer_params"
+            raise ValueError(f"{field}: {e}") from None
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: embeddings and MLPs N(0, 0.02); the MLP's residual output projection is
+        # scaled by 1/sqrt(2 n_layer) so the residual stream's variance does not grow with
+        # depth. Mixers keep their own initialisation (SSM parameters have specific inits).
+        std = 0.02
+        nn.init.normal_(self.embedding.weight, std=std)
+        if self.pos_embedding is not None:
+            nn.init.normal_(self.pos_embedding.weight, std=std)
+        for block in self.blocks:
+            if block.mlp is not None:
+                nn.init.normal_(block.mlp.fc1.weight, std=std)
+                nn.init.normal_(block.mlp.fc2.weight, std=std / math.sqrt(2 * len(self.blocks)))
+                nn.init.zeros_(block.mlp.fc1.bias)
+                nn.init.zeros_(block.mlp.fc2.bias)
+
+    def num_params(self) -> int:
+        """Parameter count, the tied head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(input_ids)
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding(positions)
+        return self.dropout(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if self.pos_embedding is not None and T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len}")
+        x = self._embed(input_ids, torch.arange(T, device=input_ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm_f(x))
+
+    def init_state(self, batch_size: int) -> dict:
+        """Recurrent state for :meth:`step`: each mixer's state plus the position."""
+        return {"pos": 0, "layers": [b.mixer.init_state(batch_size) for b in self.blocks]}
+
+    def step(self, input_ids: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One token per sequence: ids [B] -> logits [B, vocab_size]; equals forward's row."""
+        pos = torch.full_like(input_ids, state["pos"])
+        x = self._embed(input_ids, pos)
+        new_layers = []
+        for block, layer_state in zip(self.blocks, state["layers"]):
+            x, layer_state = block.step(x, layer_state)
+            new_layers.append(layer_state)
+        return self.head(self.norm_f(x)), {"pos": state["pos"] + 1, "layers": new_layers}

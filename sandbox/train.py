@@ -1,0 +1,259 @@
+"""Training and evaluation of a LanguageModel on a synthetic task.
+
+The loop is step-based and deterministic: the data order of epoch e is a permutation drawn
+from a generator seeded by (seed, e), so a run resumed from a checkpoint at step s continues
+with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import layers
+import tasks
+from sandbox.config import RunConfig, TrainConfig, dump_config
+from sandbox.io import atomic_write, atomic_write_text, load_checkpoint, load_model_weights
+from sandbox.io import save_checkpoint
+from sandbox.model import LanguageModel
+
+CHECKPOINT = "checkpoint.safetensors"
+WEIGHTS = "model.safetensors"
+
+
+class RunDirError(ValueError):
+    """The output directory cannot take this run (exists, or holds a different config)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config field 'device': cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_task(config: RunConfig) -> tasks.Task:
+    try:
+        return tasks.build(config.task.name, **config.task.params)
+    except ValueError as e:
+        raise ValueError(f"task: {e}") from None
+
+
+def build_model(config: RunConfig, task: tasks.Task) -> LanguageModel:
+    torch.manual_seed(config.seed)  # initialisation is part of what the seed fixes
+    return LanguageModel(config.model, vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with three groups: decayed matrices, undecayed vectors, and SSM parameters
+    (dt, A, B) at lr min(ssm_lr, lr) without weight decay, as in the S4/H3 recipe."""
+    ssm, decay, no_decay = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if layers.is_ssm(p):
+            ssm.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+        {"params": ssm, "weight_decay": 0.0, "lr": min(cfg.ssm_lr, cfg.lr)},
+    ]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.betas)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then decay."""
+    warmup = int(cfg.warmup_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * shape
+
+
+def lm_loss(logits: torch.Tensor, batch: tasks.Batch, loss_on: str) -> torch.Tensor:
+    """Cross entropy on every labelled next token ("all") or on answer positions only."""
+    targets = batch.targets
+    if loss_on == "answers":
+        targets = targets.masked_fill(~batch.answer_mask, -100)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, batch: tasks.Batch, batch_size: int = 500) -> dict:
+    """Answer-position metrics: micro accuracy, fraction of examples fully right, answer loss."""
+    was_training = model.training
+    model.eval()
+    correct = total = exact = 0
+    loss_sum = 0.0
+    for start in range(0, len(batch), batch_size):
+        part = batch[start : start + batch_size]
+        logits = model(part.inputs)
+        mask = part.answer_mask
+        hit = (logits.argmax(-1) == part.targets) & mask
+        correct += int(hit.sum())
+        total += int(mask.sum())
+        exact += int((hit.sum(1) == mask.sum(1)).sum())
+        loss_sum += float(F.cross_entropy(logits[mask], part.targets[mask], reduction="sum"))
+    model.train(was_training)
+    return {"accuracy": correct / total, "exact": exact / len(batch), "loss": loss_sum / total}
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + 17) % (2**63))
+    return torch.randperm(n, generator=g)
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    wall_s: float = 0.0
+    steps_to_solve: int | None = None
+
+
+def _check_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
+    """Refuse to overwrite a run, and refuse to resume a run made with another config."""
+    saved_config = out / "config.yaml"
+    if not saved_config.exists():
+        return
+    if not resume:
+        raise RunDirError(f"--out {out} already holds a run; pass --resume or choose another --out")
+    if saved_config.read_text() != dump_config(config):
+        raise RunDirError(f"--resume: the config differs from the one saved in {saved_config}")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop evaluations logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= last_step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train, validate, early-stop, test; write config.yaml, metrics.jsonl, result.json and
+    checkpoints under ``out``. Returns the result dict (also in result.json)."""
+    out = Path(out)
+    _check_run_dir(out, config, resume)
+    if resume and (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())  # finished already
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    task = build_task(config)
+    splits = tasks.make_splits(
+        task, config.task.num_train, config.task.num_valid, config.task.num_test, seed=config.seed
+    )
+    train_set, valid_set, test_set = (s.to(device) for s in (splits.train, splits.valid, splits.test))
+    model = build_model(config, task).to(device)
+    cfg = config.train
+    optimizer = make_optimizer(model, cfg)
+
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    state = _Progress()
+    metrics_path = out / "metrics.jsonl"
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        load_model_weights(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optim"])
+        torch.set_rng_state(ckpt["extra"]["torch_rng"])
+        state = _Progress(**ckpt["info"]["progress"])
+        _truncate_metrics(metrics_path, state.step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
+        atomic_write_text(metrics_path, "")
+
+    model.train()
+    bar = tqdm(total=total, initial=state.step, disable=not progress, desc=config.model.mixer)
+    loss_sum, loss_count = 0.0, 0
+    t_start = time.perf_counter() - state.wall_s
+    order, order_epoch = None, -1
+    while state.step < total and state.steps_to_solve is None:
+        epoch, pos = divmod(state.step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = _epoch_order(config.seed, epoch, len(train_set)), epoch
+        batch = train_set[order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].to(device)]
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(state.step, total, cfg)
+        loss = lm_loss(model(batch.inputs), batch, cfg.loss_on)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        state.step += 1
+        loss_sum += float(loss)
+        loss_count += 1
+        bar.update(1)
+
+        if state.step % eval_every == 0 or state.step == total:
+            val = evaluate(model, valid_set, cfg.eval_batch_size)
+            state.wall_s = time.perf_counter() - t_start
+            if cfg.target_accuracy is not None and val["accuracy"] >= cfg.target_accuracy:
+                state.steps_to_solve = state.step
+            record = {
+                "step": state.step,
+                "epoch": state.step / steps_per_epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / loss_count,
+                "val_accuracy": val["accuracy"],
+                "val_exact": val["exact"],
+                "val_loss": val["loss"],
+                "wall_s": state.wall_s,
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(
+                ckpt_path,
+                model,
+                optimizer,
+                extra_tensors={"torch_rng": torch.get_rng_state()},
+                info={"progress": vars(state)},
+            )
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}")
+            loss_sum, loss_count = 0.0, 0
+    bar.close()
+
+    val = evaluate(model, valid_set, cfg.eval_batch_size)
+    test = evaluate(model, test_set, cfg.eval_batch_size)
+    result = {
+        "task": config.task.name,
+        "mixer": config.model.mixer,
+        "seed": config.seed,
+        "test_accuracy": test["accuracy"],
+        "test_exact": test["exact"],
+        "val_accuracy": val["accuracy"],
+        "steps": state.step,
+        "epochs": state.step / steps_per_epoch,
+        "solved": state.steps_to_solve is not None,
+        "steps_to_solve": state.steps_to_solve,
+        "wall_s": state.wall_s,
+        "params": model.num_params(),
+        "random_accuracy": task.random_accuracy,
+    }
+    save_checkpoint(out / WEIGHTS, model, info={"config": config.model_dump(mode="json")})
+    atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    return result

@@ -1,0 +1,1 @@
+"""Optuna sweeps over layer variants and hyper-parameters (see the sweeps issue)."""

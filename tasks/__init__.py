@@ -1,0 +1,40 @@
+"""Synthetic-language tasks for comparing sequence mixers.
+
+Usage::
+
+    task = tasks.build("associative_recall", vocab_size=10, seq_len=20)
+    batch = task.generate(num_examples=5000, seed=0)
+    splits = tasks.make_splits(task, num_train=5000, num_valid=500, num_test=500, seed=0)
+"""
+
+from .base import (
+    COPY,
+    IGNORE_INDEX,
+    NOOP,
+    NUM_SPECIAL,
+    Batch,
+    Splits,
+    Task,
+    build,
+    make_splits,
+    names,
+    register,
+)
+from .induction import InductionHead
+from .recall import AssociativeRecall
+
+__all__ = [
+    "COPY",
+    "IGNORE_INDEX",
+    "NOOP",
+    "NUM_SPECIAL",
+    "AssociativeRecall",
+    "Batch",
+    "InductionHead",
+    "Splits",
+    "Task",
+    "build",
+    "make_splits",
+    "names",
+    "register",
+]

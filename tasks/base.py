@@ -1,0 +1,258 @@
+"""Shared machinery for synthetic tasks: the Batch container, the Task base class,
+the registry behind ``tasks.build`` and the hold-out split helper.
+
+Sequence convention: a task samples full token sequences S of shape [N, T + 1]
+(T = seq_len); the model sees ``inputs = S[:, :-1]`` and is trained to predict
+``targets = S[:, 1:]`` (every next token, the paper protocol); ``answer_mask``
+marks the positions that are scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import operator
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+NOOP = 0  # "." filler token
+COPY = 1  # "=>" copy / query prefix
+NUM_SPECIAL = 2  # ordinary tokens are ids NUM_SPECIAL .. vocab_size - 1
+IGNORE_INDEX = -100  # target value for positions without a label (torch cross_entropy default)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of examples.
+
+    inputs:      int64 [N, T] token ids.
+    targets:     int64 [N, T] next-token labels, IGNORE_INDEX where there is no label.
+    answer_mask: bool  [N, T] positions that are scored.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    answer_mask: torch.Tensor
+
+    def __post_init__(self):
+        shape = self.inputs.shape
+        if len(shape) != 2 or self.targets.shape != shape or self.answer_mask.shape != shape:
+            raise ValueError(
+                "Batch: inputs, targets and answer_mask must share one [N, T] shape, got "
+                f"{tuple(shape)}, {tuple(self.targets.shape)}, {tuple(self.answer_mask.shape)}"
+            )
+
+    @classmethod
+    def from_sequences(cls, sequences: torch.Tensor, answer_mask: torch.Tensor) -> Batch:
+        """Split full sequences [N, T + 1] into inputs/targets [N, T]; answer_mask is [N, T]."""
+        return cls(sequences[:, :-1], sequences[:, 1:], answer_mask)
+
+    @classmethod
+    def cat(cls, batches: list[Batch]) -> Batch:
+        """Concatenate batches of equal T along the example dimension."""
+        return cls(
+            torch.cat([b.inputs for b in batches]),
+            torch.cat([b.targets for b in batches]),
+            torch.cat([b.answer_mask for b in batches]),
+        )
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, idx) -> Batch:
+        """Sub-batch by a slice, an index or bool tensor, or an int (a one-example Batch)."""
+        if isinstance(idx, int):
+            idx = torch.tensor([idx])  # keep the [N, T] rank so a Batch is always 2-D
+        return Batch(self.inputs[idx], self.targets[idx], self.answer_mask[idx])
+
+
+def final_answer_mask(num_examples: int, seq_len: int) -> torch.Tensor:
+    """bool [N, T] that scores only the last input position (the answer after the final "=>")."""
+    mask = torch.zeros(num_examples, seq_len, dtype=torch.bool)
+    mask[:, -1] = True
+    return mask
+
+
+class Task(ABC):
+    """Base class of a synthetic task.
+
+    A subclass takes its parameters as keyword arguments of ``__init__`` (validated there;
+    the signature is the list of accepted parameters), sets ``vocab_size`` and ``seq_len``,
+    and implements ``_sample`` and ``random_accuracy``.
+    """
+
+    name: ClassVar[str]
+    vocab_size: int  # total vocabulary including special tokens (what the model embeds)
+    seq_len: int  # T, the number of input positions
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @property
+    def params(self) -> dict:
+        """The task's parameters: ``build(task.name, **task.params)`` rebuilds it."""
+        return {p: getattr(self, p) for p in self.parameter_names()}
+
+    @property
+    @abstractmethod
+    def random_accuracy(self) -> float:
+        """Accuracy of guessing the answer from its marginal distribution."""
+
+    def generate(self, num_examples: int, seed: int) -> Batch:
+        """Sample ``num_examples`` examples; deterministic in (params, seed).
+
+        Uses a private torch.Generator, so the global RNG is neither read nor advanced.
+        """
+        num_examples = _as_int(self.name, "num_examples", num_examples, minimum=0)
+        generator = torch.Generator().manual_seed(_as_int(self.name, "seed", seed))
+        sequences, answer_mask = self._sample(num_examples, generator)
+        return Batch.from_sequences(sequences, answer_mask)
+
+    @abstractmethod
+    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return int64 sequences [n, seq_len + 1] and the bool answer mask [n, seq_len]."""
+
+    def _check(self, param: str, value, minimum: int, why: str) -> int:
+        return _as_int(self.name, param, value, minimum, why)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+
+def _as_int(owner: str, param: str, value, minimum: int | None = None, why: str = "") -> int:
+    """Validate an integer parameter; ValueError names the parameter and the limit."""
+    if isinstance(value, bool):  # bool is an int subclass, but True is never a meant size
+        raise ValueError(f"{owner}: {param} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{owner}: {param} must be an integer, got {value!r}") from None
+    if minimum is not None and value < minimum:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{owner}: {param} must be >= {minimum}{reason}, got {value}")
+    return value
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(name: str):
+    """Class decorator that registers a Task subclass under ``name``."""
+
+    def decorator(cls: type[Task]) -> type[Task]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"task name {name!r} is already registered to {_REGISTRY[name]}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def names() -> list[str]:
+    """Sorted names of the registered tasks."""
+    return sorted(_REGISTRY)
+
+
+def build(name: str, **params) -> Task:
+    """Construct the task registered as ``name``; unknown or invalid params raise ValueError."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {names()}")
+    cls = _REGISTRY[name]
+    expected = cls.parameter_names()
+    for param in params:
+        if param not in expected:
+            raise ValueError(f"{name}: unknown parameter {param!r}; expected one of {expected}")
+    return cls(**params)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Batch
+    valid: Batch
+    test: Batch
+
+
+MAX_ROUNDS = 5  # top-up rounds before declaring the example space too small
+
+
+def split_seed(seed: int, split: str, round_: int = 0) -> int:
+    """A 64-bit generator seed derived from (seed, split, round) by hashing.
+
+    Distinct splits and rounds get unrelated seeds, so their random streams never coincide
+    (unlike seed + offset schemes, where train of seed 1 can equal valid of seed 0).
+    """
+    digest = hashlib.blake2b(f"{seed}/{split}/{round_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _row_keys(batch: Batch) -> torch.Tensor:
+    """int64 [N, 3T]: everything that identifies an example, one row per example."""
+    return torch.cat([batch.inputs, batch.targets, batch.answer_mask.long()], dim=1)
+
+
+def _row_hashes(batch: Batch) -> torch.Tensor:
+    """int64 [N]: a fixed random linear hash of each example's row key.
+
+    Integer sums wrap mod 2**64 in any order, so equal rows always get equal hashes.
+    Computed per tensor with matrix-vector products to avoid materialising the row keys.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randint(-(2**62), 2**62, (3, batch.inputs.shape[1]), generator=generator)
+    parts = (batch.inputs, batch.targets, batch.answer_mask.long())
+    return sum(part @ w for part, w in zip(parts, weights, strict=True))
+
+
+def _not_in(candidates: Batch, excluded: Batch) -> torch.Tensor:
+    """bool [N]: examples of candidates that equal no example of excluded (whole rows)."""
+    # Only hash matches can be duplicates; those few rows are compared exactly.
+    cand_hash, excl_hash = _row_hashes(candidates), _row_hashes(excluded)
+    suspect = torch.isin(cand_hash, excl_hash)
+    rivals = _row_keys(excluded[torch.isin(excl_hash, cand_hash[suspect])])
+    suspects = _row_keys(candidates[suspect])
+    _, ids = torch.unique(torch.cat([rivals, suspects]), dim=0, return_inverse=True)
+    keep = ~suspect
+    keep[suspect] = ~torch.isin(ids[len(rivals) :], ids[: len(rivals)])
+    return keep
+
+
+def _held_out(task: Task, count: int, split: str, seed: int, excluded: Batch) -> Batch:
+    """``count`` examples from the split's own seed stream, none equal to an excluded one."""
+    kept: list[Batch] = []
+    found = 0
+    for round_ in range(MAX_ROUNDS):
+        # Oversample 2x so a few collisions rarely cost a second round; grow 4x per round so
+        # that spaces where most draws collide still fill up in a few rounds.
+        oversample = 2 * 4**round_
+        candidates = task.generate(oversample * (count - found), split_seed(seed, split, round_))
+        fresh = candidates[_not_in(candidates, excluded)][: count - found]
+        kept.append(fresh)
+        found += len(fresh)
+        if found == count:
+            return Batch.cat(kept)
+    raise ValueError(
+        f"make_splits: found only {found} of num_{split}={count} {split} examples distinct "
+        f"from the earlier splits in {MAX_ROUNDS} rounds; the example space of {task!r} is "
+        "too small for these counts"
+    )
+
+
+def make_splits(task: Task, num_train: int, num_valid: int, num_test: int, seed: int = 0) -> Splits:
+    """Train / valid / test batches from disjoint seed streams.
+
+    No valid or test example equals a training example and none is shared between valid
+    and test (whole rows compared). Duplicates within one split are kept: they follow the
+    task's own distribution and leak nothing.
+    """
+    counts = {"train": num_train, "valid": num_valid, "test": num_test}
+    counts = {s: _as_int("make_splits", f"num_{s}", n, minimum=0) for s, n in counts.items()}
+    seed = _as_int("make_splits", "seed", seed)
+    train = task.generate(counts["train"], split_seed(seed, "train"))
+    valid = _held_out(task, counts["valid"], "valid", seed, excluded=train)
+    test = _held_out(task, counts["test"], "test", seed, excluded=Batch.cat([train, valid]))
+    return Splits(train, valid, test)

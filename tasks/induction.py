@@ -1,0 +1,44 @@
+"""Induction head (H3 paper, Table 2): after the final "=>", repeat the token that
+followed the earlier "=>"."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import COPY, NUM_SPECIAL, Task, final_answer_mask, register
+
+
+@register("induction_head")
+class InductionHead(Task):
+    """Random ordinary tokens with one earlier "=>"; the answer is the token that followed it.
+
+    Sequence (length seq_len + 1):
+        t0 t1 ... t(p-1) => t(p+1) ... t(T-2) => | t(p+1)
+    p is uniform over 0..seq_len-3, so t(p+1) is an ordinary token inside the inputs,
+    before the final "=>". "=>" occurs exactly twice in the inputs.
+    """
+
+    def __init__(self, vocab_size: int = 20, seq_len: int = 30):
+        self.vocab_size = self._check(
+            "vocab_size", vocab_size, NUM_SPECIAL + 2, "2 special tokens + at least 2 ordinary"
+        )
+        self.seq_len = self._check(
+            "seq_len", seq_len, 3, 'an earlier "=>", the token after it and the final "=>"'
+        )
+        self.num_ordinary = self.vocab_size - NUM_SPECIAL
+
+    @property
+    def random_accuracy(self) -> float:
+        # The answer is uniform over the ordinary tokens. The paper's table lists 5.0 = 1/20
+        # for vocab 20, counting the two special tokens, which are never the answer.
+        return 1.0 / self.num_ordinary
+
+    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.seq_len
+        sequences = torch.randint(NUM_SPECIAL, self.vocab_size, (n, t + 1), generator=generator)
+        p = torch.randint(t - 2, (n, 1), generator=generator)
+        answer = sequences.gather(1, p + 1)
+        sequences.scatter_(1, p, COPY)
+        sequences[:, t - 1] = COPY
+        sequences[:, t] = answer[:, 0]
+        return sequences, final_answer_mask(n, t)

@@ -1,0 +1,68 @@
+"""Associative recall (H3 paper, Table 2): recall the value bound to a queried key."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from .base import COPY, NOOP, NUM_SPECIAL, Task, final_answer_mask, register
+
+
+@register("associative_recall")
+class AssociativeRecall(Task):
+    """Key/value pairs, then "=>" and a key that occurred; the answer is its value.
+
+    Ordinary tokens (ids 2..vocab_size-1) are split into keys (the first
+    (vocab_size - 2) // 2 ids) and values (the rest: an odd count gives values the extra
+    token). Each example draws a fresh key->value map, one uniform value per key.
+
+    Sequence (length seq_len + 1), for seq_len 20:
+        k1 v1 k2 v2 ... k9 v9 => q | v(q)
+    inputs are the 20 tokens before "|", the target at the last input position is v(q).
+    An odd seq_len is padded with one leading no-op ".".
+    """
+
+    def __init__(self, vocab_size: int = 10, seq_len: int = 20):
+        self.vocab_size = self._check(
+            "vocab_size",
+            vocab_size,
+            NUM_SPECIAL + 4,
+            "2 special tokens + at least 2 keys and 2 values",
+        )
+        self.seq_len = self._check(
+            "seq_len", seq_len, 4, 'at least one key/value pair, "=>" and the query key'
+        )
+        num_ordinary = self.vocab_size - NUM_SPECIAL
+        self.num_keys = num_ordinary // 2
+        self.num_values = num_ordinary - self.num_keys
+        self.num_pairs = (self.seq_len - 2) // 2
+        self.num_pad = self.seq_len % 2
+
+    @property
+    def random_accuracy(self) -> float:
+        # The answer is uniform over the values: each key's value is drawn uniformly.
+        return 1.0 / self.num_values
+
+    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        first_value = NUM_SPECIAL + self.num_keys
+        # Values are drawn as offsets 0..num_values-1 and shifted into their id range at the end.
+        value_of = torch.randint(self.num_values, (n, self.num_keys), generator=generator)
+        keys = torch.randint(self.num_keys, (n, self.num_pairs), generator=generator)
+        values = value_of.gather(1, keys)
+        # The query is the key at a uniformly chosen pair, so it always occurred in the context.
+        slot = torch.randint(self.num_pairs, (n, 1), generator=generator)
+        query = keys.gather(1, slot)
+        answer = value_of.gather(1, query)
+
+        pairs = rearrange([keys + NUM_SPECIAL, values + first_value], "two n p -> n (p two)")
+        sequences = torch.cat(
+            [
+                torch.full((n, self.num_pad), NOOP),
+                pairs,
+                torch.full((n, 1), COPY),
+                query + NUM_SPECIAL,
+                answer + first_value,
+            ],
+            dim=1,
+        )
+        return sequences, final_answer_mask(n, self.seq_len)

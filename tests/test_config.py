@@ -1,0 +1,53 @@
+"""Configs: unknown keys and wrong types are errors naming the field; overrides; round trip."""
+
+import pytest
+import yaml
+
+from sandbox.config import ConfigError, build_config, dump_config, load_config
+
+
+def test_defaults_and_overrides():
+    c = build_config({}, ["train.lr=1.0e-3", "model.mixer_params.head_dim=8", "task.name=x"])
+    assert c.train.lr == 1e-3
+    assert c.model.mixer_params == {"head_dim": 8}
+    assert c.task.name == "x"
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"modle": {}}, "'modle'"),
+        ({"train": {"lrr": 0.1}}, "'train.lrr'"),
+        ({"model": {"d_model": "wide"}}, "'model.d_model'"),
+        ({"train": {"schedule": "cosin"}}, "'train.schedule'"),
+        ({"train": {"lr": -1}}, "'train.lr'"),
+    ],
+)
+def test_bad_fields_are_named(data, field):
+    with pytest.raises(ConfigError) as e:
+        build_config(data)
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override", ["nokey", "a..b=1", "model.d_model.x=1"])
+def test_bad_overrides(override):
+    with pytest.raises(ConfigError):
+        build_config({}, [override])
+
+
+def test_yaml_round_trip(tmp_path):
+    c = build_config({"model": {"mixer": "attention", "attn_layers": [1]}}, ["train.epochs=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(c))
+    assert load_config(path) == c
+    assert yaml.safe_load(dump_config(c))["train"]["epochs"] == 3
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,161 @@
+"""Trainer, checkpoints and the `sandbox train` CLI on tiny models."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from sandbox.cli import main
+from sandbox.config import build_config
+from sandbox.train import evaluate, lr_factor, make_optimizer, train
+
+TINY = {
+    "seed": 3,
+    "threads": 1,
+    "task": {"name": "associative_recall", "num_train": 256, "num_valid": 64, "num_test": 64},
+    "model": {"mixer": "h3", "d_model": 16, "mixer_params": {"d_state": 8}},
+    "train": {"lr": 3.0e-3, "batch_size": 32, "epochs": 4, "eval_every": 8},
+}
+
+
+def tiny(**train_overrides):
+    data = json.loads(json.dumps(TINY))
+    data["train"].update(train_overrides)
+    return build_config(data)
+
+
+def test_lr_schedule_hand_values():
+    cfg = build_config({"train": {"warmup_frac": 0.1, "schedule": "cosine"}}).train
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, 100, cfg) == pytest.approx(0.5)  # halfway through the cosine
+    lin = build_config({"train": {"warmup_frac": 0.0, "schedule": "linear", "min_lr_frac": 0.1}})
+    assert lr_factor(50, 100, lin.train) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_evaluate_hand_checked():
+    import tasks
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, ids):
+            return self.logits
+
+    inputs = torch.zeros(2, 3, dtype=torch.long)
+    targets = torch.tensor([[1, 2, 3], [3, 2, 1]])
+    mask = torch.tensor([[False, True, True], [False, True, True]])
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 1, 2] = logits[0, 2, 3] = 1  # example 0: both answers right
+    logits[1, 1, 2] = logits[1, 2, 0] = 1  # example 1: one right, one wrong
+    batch = tasks.Batch(inputs, targets, mask)
+    m = evaluate(Fixed(logits), batch)
+    assert m["accuracy"] == pytest.approx(3 / 4)
+    assert m["exact"] == pytest.approx(1 / 2)
+    expected_loss = -torch.log_softmax(logits, -1)[mask].gather(1, targets[mask][:, None]).mean()
+    assert m["loss"] == pytest.approx(float(expected_loss))
+
+
+def test_ssm_parameters_get_their_own_group():
+    from sandbox.model import LanguageModel
+
+    import layers
+
+    model = LanguageModel(tiny().model, vocab_size=10, max_seq_len=20)
+    opt = make_optimizer(model, build_config({"train": {"lr": 5e-3}}).train)
+    ssm_group = [g for g in opt.param_groups if any(layers.is_ssm(p) for p in g["params"])]
+    assert len(ssm_group) == 1
+    assert ssm_group[0]["lr"] == 1e-3 and ssm_group[0]["weight_decay"] == 0.0
+    assert all(layers.is_ssm(p) for p in ssm_group[0]["params"])
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == model.num_params()
+
+
+def test_loss_decreases(tmp_path):
+    result = train(tiny(epochs=6), tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.2
+    assert result["steps"] == 6 * math.ceil(256 / 32)
+    for name in ("config.yaml", "metrics.jsonl", "result.json", "model.safetensors"):
+        assert (tmp_path / "run" / name).exists()
+
+
+def _strip_wall(records):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    config = tiny(epochs=60)
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    reference = train(config, tmp_path / "ref", progress=False)
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sandbox.cli", "train", str(cfg_path), "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "result.json").exists(), "the run finished before it could be killed"
+
+    assert main(["train", str(cfg_path), "--out", str(run), "--resume", "--quiet"]) == 0
+    resumed = json.loads((run / "result.json").read_text())
+    assert {k: v for k, v in resumed.items() if k != "wall_s"} == {
+        k: v for k, v in reference.items() if k != "wall_s"
+    }
+    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().split()]
+    res_metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split()]
+    assert _strip_wall(res_metrics) == _strip_wall(ref_metrics)
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d["model"].update(d_modle=32), "model.d_modle"),
+        (lambda d: d["train"].update(lr="fast"), "train.lr"),
+        (lambda d: d["task"]["params"].update(vocab_size=3), "vocab_size"),
+        (lambda d: d["model"]["mixer_params"].update(head_dimm=2), "head_dimm"),
+    ],
+)
+def test_cli_bad_config_exits_2_naming_field(tmp_path, capsys, mutate, field):
+    data = json.loads(json.dumps(TINY))
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert field in err and len(err.splitlines()) == 1
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny(epochs=1).model_dump(mode="json")))
+    out = tmp_path / "out"
+    assert main(["train", str(path), "--out", str(out), "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["train", str(path), "--out", str(out), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    changed = tiny(epochs=2)
+    path.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    assert main(["train", str(path), "--out", str(out), "--resume", "--quiet"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_console_script_exit_code(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  mixer: h3\n  n_layer: 2\n")
+    proc = subprocess.run(["sandbox", "train", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "sandbox: error: config field 'model.n_layer': unknown key"
