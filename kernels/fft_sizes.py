@@ -1,9 +1,9 @@
 """FFT length selection."""
 
-from functools import lru_cache
+from functools import cache
 
 
-@lru_cache(maxsize=None)
+@cache
 def next_fast_len(n: int) -> int:
     """Smallest m >= n whose only prime factors are 2, 3 and 5 (fast for pocketfft/cuFFT)."""
     if n < 1:

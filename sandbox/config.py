@@ -52,7 +52,9 @@ class TrainConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(400, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # a hard cap on optimizer steps (the schedule's length)
+    max_steps: int | None = Field(
+        None, ge=1
+    )  # a hard cap on optimizer steps (the schedule's length)
     warmup_frac: float = Field(0.1, ge=0.0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_frac: float = Field(0.0, ge=0.0, le=1.0)

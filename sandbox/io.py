@@ -100,7 +100,12 @@ def load_checkpoint(path: str | Path) -> dict:
         prefix, rest = key.split(".", 1)
         groups[prefix][rest if prefix != "optim" else key] = value
     optim = _join_optimizer_state(groups["optim"], meta["optim"]) if "optim" in meta else None
-    return {"model": groups["model"], "optim": optim, "extra": groups["extra"], "info": meta["info"]}
+    return {
+        "model": groups["model"],
+        "optim": optim,
+        "extra": groups["extra"],
+        "info": meta["info"],
+    }
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

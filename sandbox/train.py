@@ -20,8 +20,13 @@ from tqdm.auto import tqdm
 import layers
 import tasks
 from sandbox.config import RunConfig, TrainConfig, dump_config
-from sandbox.io import atomic_write, atomic_write_text, load_checkpoint, load_model_weights
-from sandbox.io import save_checkpoint
+from sandbox.io import (
+    atomic_write,
+    atomic_write_text,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from sandbox.model import LanguageModel
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -160,7 +165,9 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
     splits = tasks.make_splits(
         task, config.task.num_train, config.task.num_valid, config.task.num_test, seed=config.seed
     )
-    train_set, valid_set, test_set = (s.to(device) for s in (splits.train, splits.valid, splits.test))
+    train_set, valid_set, test_set = (
+        s.to(device) for s in (splits.train, splits.valid, splits.test)
+    )
     model = build_model(config, task).to(device)
     cfg = config.train
     optimizer = make_optimizer(model, cfg)
@@ -255,5 +262,7 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
         "random_accuracy": task.random_accuracy,
     }
     save_checkpoint(out / WEIGHTS, model, info={"config": config.model_dump(mode="json")})
-    atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    atomic_write(
+        out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2))
+    )
     return result

@@ -24,7 +24,7 @@ NUM_SPECIAL = 2  # ordinary tokens are ids NUM_SPECIAL .. vocab_size - 1
 IGNORE_INDEX = -100  # target value for positions without a label (torch cross_entropy default)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensors is ambiguous; compare fields explicitly
 class Batch:
     """A batch of examples.
 
@@ -48,7 +48,8 @@ class Batch:
     @classmethod
     def from_sequences(cls, sequences: torch.Tensor, answer_mask: torch.Tensor) -> Batch:
         """Split full sequences [N, T + 1] into inputs/targets [N, T]; answer_mask is [N, T]."""
-        return cls(sequences[:, :-1], sequences[:, 1:], answer_mask)
+        # Own copies, so editing inputs in place can never change targets.
+        return cls(sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous(), answer_mask)
 
     @classmethod
     def cat(cls, batches: list[Batch]) -> Batch:
@@ -58,6 +59,10 @@ class Batch:
             torch.cat([b.targets for b in batches]),
             torch.cat([b.answer_mask for b in batches]),
         )
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same examples on ``device``."""
+        return Batch(self.inputs.to(device), self.targets.to(device), self.answer_mask.to(device))
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -107,8 +112,8 @@ class Task(ABC):
 
         Uses a private torch.Generator, so the global RNG is neither read nor advanced.
         """
-        num_examples = _as_int(self.name, "num_examples", num_examples, minimum=0)
-        generator = torch.Generator().manual_seed(_as_int(self.name, "seed", seed))
+        num_examples = check_int(self.name, "num_examples", num_examples, minimum=0)
+        generator = torch.Generator().manual_seed(check_int(self.name, "seed", seed))
         sequences, answer_mask = self._sample(num_examples, generator)
         return Batch.from_sequences(sequences, answer_mask)
 
@@ -116,15 +121,12 @@ class Task(ABC):
     def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Return int64 sequences [n, seq_len + 1] and the bool answer mask [n, seq_len]."""
 
-    def _check(self, param: str, value, minimum: int, why: str) -> int:
-        return _as_int(self.name, param, value, minimum, why)
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.name}({args})"
 
 
-def _as_int(owner: str, param: str, value, minimum: int | None = None, why: str = "") -> int:
+def check_int(owner: str, param: str, value, minimum: int | None = None, why: str = "") -> int:
     """Validate an integer parameter; ValueError names the parameter and the limit."""
     if isinstance(value, bool):  # bool is an int subclass, but True is never a meant size
         raise ValueError(f"{owner}: {param} must be an integer, got {value!r}")
@@ -250,8 +252,8 @@ def make_splits(task: Task, num_train: int, num_valid: int, num_test: int, seed:
     task's own distribution and leak nothing.
     """
     counts = {"train": num_train, "valid": num_valid, "test": num_test}
-    counts = {s: _as_int("make_splits", f"num_{s}", n, minimum=0) for s, n in counts.items()}
-    seed = _as_int("make_splits", "seed", seed)
+    counts = {s: check_int("make_splits", f"num_{s}", n, minimum=0) for s, n in counts.items()}
+    seed = check_int("make_splits", "seed", seed)
     train = task.generate(counts["train"], split_seed(seed, "train"))
     valid = _held_out(task, counts["valid"], "valid", seed, excluded=train)
     test = _held_out(task, counts["test"], "test", seed, excluded=Batch.cat([train, valid]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import COPY, NUM_SPECIAL, Task, final_answer_mask, register
+from .base import COPY, NUM_SPECIAL, Task, check_int, final_answer_mask, register
 
 
 @register("induction_head")
@@ -19,12 +19,10 @@ class InductionHead(Task):
     """
 
     def __init__(self, vocab_size: int = 20, seq_len: int = 30):
-        self.vocab_size = self._check(
-            "vocab_size", vocab_size, NUM_SPECIAL + 2, "2 special tokens + at least 2 ordinary"
-        )
-        self.seq_len = self._check(
-            "seq_len", seq_len, 3, 'an earlier "=>", the token after it and the final "=>"'
-        )
+        why_vocab = "2 special tokens and >= 2 ordinary ones"
+        why_len = 'an earlier "=>", the token after it and the final "=>"'
+        self.vocab_size = check_int(self.name, "vocab_size", vocab_size, NUM_SPECIAL + 2, why_vocab)
+        self.seq_len = check_int(self.name, "seq_len", seq_len, 3, why_len)
         self.num_ordinary = self.vocab_size - NUM_SPECIAL
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .base import COPY, NOOP, NUM_SPECIAL, Task, final_answer_mask, register
+from .base import COPY, NOOP, NUM_SPECIAL, Task, check_int, final_answer_mask, register
 
 
 @register("associative_recall")
@@ -23,15 +23,10 @@ class AssociativeRecall(Task):
     """
 
     def __init__(self, vocab_size: int = 10, seq_len: int = 20):
-        self.vocab_size = self._check(
-            "vocab_size",
-            vocab_size,
-            NUM_SPECIAL + 4,
-            "2 special tokens + at least 2 keys and 2 values",
-        )
-        self.seq_len = self._check(
-            "seq_len", seq_len, 4, 'at least one key/value pair, "=>" and the query key'
-        )
+        why_vocab = "2 special tokens, >= 2 keys and >= 2 values"
+        why_len = 'one key/value pair, "=>" and the query key'
+        self.vocab_size = check_int(self.name, "vocab_size", vocab_size, NUM_SPECIAL + 4, why_vocab)
+        self.seq_len = check_int(self.name, "seq_len", seq_len, 4, why_len)
         num_ordinary = self.vocab_size - NUM_SPECIAL
         self.num_keys = num_ordinary // 2
         self.num_values = num_ordinary - self.num_keys

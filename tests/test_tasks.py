@@ -163,6 +163,10 @@ def test_batch_indexing():
     assert torch.equal(batch[2:5].targets, batch.targets[2:5])
     one = batch[-1]
     assert one.inputs.shape == (1, 30) and torch.equal(one.inputs[0], batch.inputs[9])
+    moved = batch.to("cpu")
+    assert torch.equal(moved.inputs, batch.inputs) and moved.answer_mask.dtype == torch.bool
+    both = tasks.Batch.cat([batch[:4], batch[4:]])
+    assert torch.equal(both.targets, batch.targets)
 
 
 @settings(max_examples=40, deadline=None)

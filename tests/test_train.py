@@ -67,9 +67,8 @@ def test_evaluate_hand_checked():
 
 
 def test_ssm_parameters_get_their_own_group():
-    from sandbox.model import LanguageModel
-
     import layers
+    from sandbox.model import LanguageModel
 
     model = LanguageModel(tiny().model, vocab_size=10, max_seq_len=20)
     opt = make_optimizer(model, build_config({"train": {"lr": 5e-3}}).train)
@@ -101,7 +100,16 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     reference = train(config, tmp_path / "ref", progress=False)
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "sandbox.cli", "train", str(cfg_path), "--out", str(run), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sandbox.cli",
+        "train",
+        str(cfg_path),
+        "--out",
+        str(run),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run / "checkpoint.safetensors").exists() and time.time() < deadline:

@@ -1,0 +1,162 @@
+"""kernels: fftconv against a float64 direct convolution; SSM kernels against recurrences."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fftconv, s4d_discretize, s4d_kernel, shift_kernel
+from kernels.fft_sizes import next_fast_len
+
+
+def direct_conv(u, k, D=None, pregate=None, postgate=None):
+    """Oracle: float64 causal convolution with conv1d (a different algorithm from the FFT)."""
+    u = u.double()
+    v = u * pregate.double() if pregate is not None else u
+    B, H, L = v.shape
+    k = k.double()[:, :L]
+    # conv1d is a correlation: flip the filter and left-pad by K-1 for a causal convolution.
+    y = F.conv1d(F.pad(v, (k.shape[1] - 1, 0)), k.flip(-1)[:, None, :], groups=H)
+    if D is not None:
+        y = y + D.double()[:, None] * v
+    return y * postgate.double() if postgate is not None else y
+
+
+def make_inputs(B, H, L, K, dtype, gates=True, skip=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
+    return (
+        r(B, H, L),
+        r(H, K),
+        r(H) if skip else None,
+        r(B, H, L) if gates else None,
+        r(B, H, L) if gates else None,
+    )
+
+
+SHAPES = [(L, K) for L in (1, 2, 3, 17, 64, 255, 1024) for K in sorted({1, 3, (L + 1) // 2, L})]
+
+
+@pytest.mark.parametrize("L, K", SHAPES)
+@pytest.mark.parametrize("gates, skip", [(True, True), (False, False), (False, True)])
+def test_forward_and_grads_float64(L, K, gates, skip):
+    args = make_inputs(2, 3, L, K, torch.float64, gates, skip)
+    y = fftconv(*args)
+    ref = direct_conv(*args)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(y)
+    present = [a for a in args if a is not None]
+    got = torch.autograd.grad(y, present, gy)
+    want = torch.autograd.grad(ref, present, gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)]
+)
+def test_low_precision_inputs(dtype, tol):
+    args = make_inputs(2, 4, 256, 64, dtype)
+    y = fftconv(*args)
+    assert y.dtype == dtype
+    ref = direct_conv(*args)
+    # Relative to the output's scale: low-precision inputs are exact in float64, so the error
+    # is the rounding of the fp32 math and of the final cast.
+    scale = ref.abs().max()
+    assert (y.double() - ref).abs().max() / scale < tol
+    y.float().sum().backward()
+    assert all(a.grad.dtype == dtype for a in args)
+
+
+def test_filter_longer_than_sequence_is_truncated():
+    u, k, D, pre, post = make_inputs(1, 2, 5, 9, torch.float64)
+    torch.testing.assert_close(fftconv(u, k, D, pre, post), direct_conv(u, k[:, :5], D, pre, post))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda u, k: (u[0], k), "u must be"),
+        (lambda u, k: (u, k[:1]), "k must be"),
+        (lambda u, k: (u, k, torch.ones(7)), "D must be"),
+        (lambda u, k: (u, k, None, u[:, :1]), "pregate must match"),
+    ],
+)
+def test_shape_errors(bad, match):
+    u, k = torch.randn(2, 3, 8), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=match):
+        fftconv(*bad(u, k))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        fftconv(torch.randn(1, 1, 4), torch.randn(1, 2), backend="cuda-magic")
+
+
+def test_next_fast_len():
+    smooth = lambda n: all(p in (2, 3, 5) for p in _factors(n))  # noqa: E731
+    for n in range(1, 400):
+        m = next_fast_len(n)
+        assert m >= n and smooth(m) and not any(smooth(j) for j in range(n, m))
+
+
+def _factors(n):
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+@pytest.mark.parametrize("method", ["zoh", "bilinear"])
+def test_s4d_kernel_equals_recurrence(method):
+    g = torch.Generator().manual_seed(1)
+    H, N, L = 3, 4, 40
+    dt = torch.rand(H, generator=g, dtype=torch.float64) * 0.2 + 0.01
+    A = torch.complex(
+        -torch.rand(H, N, generator=g, dtype=torch.float64) - 0.1,
+        torch.randn(H, N, generator=g, dtype=torch.float64) * 3,
+    )
+    B = torch.randn(H, N, generator=g, dtype=torch.complex128)
+    C = torch.randn(H, N, generator=g, dtype=torch.complex128)
+    K = s4d_kernel(dt, A, B, C, L, method)
+    # Oracle: the impulse response of x <- dA x + dB u, y = 2 Re(C x), with dA, dB written out
+    # from the discretisation formulas directly.
+    if method == "zoh":
+        dA = torch.exp(dt[:, None] * A)
+        dB = (dA - 1) / A * B
+    else:
+        dA = (1 + dt[:, None] * A / 2) / (1 - dt[:, None] * A / 2)
+        dB = dt[:, None] * B / (1 - dt[:, None] * A / 2)
+    got_dA, got_dB = s4d_discretize(dt, A, B, method)
+    torch.testing.assert_close(got_dA, dA)
+    torch.testing.assert_close(got_dB, dB)
+    x = torch.zeros(H, N, dtype=torch.complex128)
+    for t in range(L):
+        x = dA * x + (dB if t == 0 else 0)
+        torch.testing.assert_close(K[:, t], 2 * (C * x).sum(-1).real)
+
+
+def test_s4d_bad_method():
+    with pytest.raises(ValueError, match="discretization"):
+        s4d_discretize(torch.ones(1), torch.ones(1, 1, dtype=torch.complex64), None, "euler")
+
+
+def test_shift_kernel_equals_matrix_power():
+    g = torch.Generator().manual_seed(2)
+    H, N = 2, 6
+    C = torch.randn(H, N, generator=g, dtype=torch.float64)
+    B = torch.randn(H, N, generator=g, dtype=torch.float64)
+    shift = torch.diag(torch.ones(N - 1, dtype=torch.float64), -1)
+    want = torch.stack(
+        [
+            torch.stack([C[h] @ torch.linalg.matrix_power(shift, l) @ B[h] for l in range(N)])
+            for h in range(H)
+        ]
+    )
+    torch.testing.assert_close(shift_kernel(C, B), want)
+    e1 = torch.zeros(H, N, dtype=torch.float64)
+    e1[:, 0] = 1
+    torch.testing.assert_close(shift_kernel(C, e1), C)  # B = e1: the taps are C
+    assert shift_kernel(C, None, L=4).shape == (H, 4)
