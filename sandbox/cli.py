@@ -26,6 +26,20 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from sandbox.compare import compare, load_preset
+
+    preset = load_preset(args.preset)
+    out = Path(args.out) if args.out else Path("runs") / "compare" / Path(args.preset).stem
+    try:
+        compare(preset, out, args.workers, args.seeds, args.overrides, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"sandbox: interrupted; rerun the same command to continue in {out}", file=sys.stderr)
+        return 130
+    print(f"results written to {out} (results.csv, table.md, gaps.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sandbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -37,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("compare", help="train a grid of mixers on tasks; print the gap table")
+    p.add_argument("--preset", default="h3-table2", help="name in configs/compare/ or a YAML path")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides applied to every run")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
+    p.add_argument("--out", help="output directory (default runs/compare/<preset>)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: CPU count)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -120,6 +120,16 @@ def evaluate(model: LanguageModel, batch: tasks.Batch, batch_size: int = 500) ->
     return {"accuracy": correct / total, "exact": exact / len(batch), "loss": loss_sum / total}
 
 
+def steps_per_epoch(config: RunConfig) -> int:
+    return math.ceil(config.task.num_train / config.train.batch_size)
+
+
+def total_steps(config: RunConfig) -> int:
+    """Length of the run's schedule: epochs x steps per epoch, capped by train.max_steps."""
+    total = config.train.epochs * steps_per_epoch(config)
+    return total if config.train.max_steps is None else min(total, config.train.max_steps)
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + 17) % (2**63))
     return torch.randperm(n, generator=g)
@@ -172,11 +182,9 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
     cfg = config.train
     optimizer = make_optimizer(model, cfg)
 
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    eval_every = cfg.eval_every or steps_per_epoch
+    epoch_steps = steps_per_epoch(config)
+    total = total_steps(config)
+    eval_every = cfg.eval_every or epoch_steps
 
     state = _Progress()
     metrics_path = out / "metrics.jsonl"
@@ -199,7 +207,7 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
     t_start = time.perf_counter() - state.wall_s
     order, order_epoch = None, -1
     while state.step < total and state.steps_to_solve is None:
-        epoch, pos = divmod(state.step, steps_per_epoch)
+        epoch, pos = divmod(state.step, epoch_steps)
         if epoch != order_epoch:
             order, order_epoch = _epoch_order(config.seed, epoch, len(train_set)), epoch
         batch = train_set[order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].to(device)]
@@ -212,7 +220,7 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         state.step += 1
-        loss_sum += float(loss)
+        loss_sum += loss.item()
         loss_count += 1
         bar.update(1)
 
@@ -223,7 +231,7 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
                 state.steps_to_solve = state.step
             record = {
                 "step": state.step,
-                "epoch": state.step / steps_per_epoch,
+                "epoch": state.step / epoch_steps,
                 "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": loss_sum / loss_count,
                 "val_accuracy": val["accuracy"],
@@ -254,7 +262,7 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
         "test_exact": test["exact"],
         "val_accuracy": val["accuracy"],
         "steps": state.step,
-        "epochs": state.step / steps_per_epoch,
+        "epochs": state.step / epoch_steps,
         "solved": state.steps_to_solve is not None,
         "steps_to_solve": state.steps_to_solve,
         "wall_s": state.wall_s,

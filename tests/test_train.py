@@ -123,8 +123,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert {k: v for k, v in resumed.items() if k != "wall_s"} == {
         k: v for k, v in reference.items() if k != "wall_s"
     }
-    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().split()]
-    res_metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split()]
+    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    res_metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert _strip_wall(res_metrics) == _strip_wall(ref_metrics)
 
 
@@ -133,7 +133,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     [
         (lambda d: d["model"].update(d_modle=32), "model.d_modle"),
         (lambda d: d["train"].update(lr="fast"), "train.lr"),
-        (lambda d: d["task"]["params"].update(vocab_size=3), "vocab_size"),
+        (lambda d: d["task"].update(params={"vocab_size": 3}), "vocab_size"),
         (lambda d: d["model"]["mixer_params"].update(head_dimm=2), "head_dimm"),
     ],
 )

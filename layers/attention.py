@@ -1,0 +1,64 @@
+"""Causal multi-head softmax attention, the baseline mixer.
+
+No positional information inside: the language model adds learned positions for attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from layers.base import Mixer, State, check_float, factory_kwargs, register
+
+
+@register("attention")
+class Attention(Mixer):
+    """Fused qkv projection, scaled_dot_product_attention (causal), output projection.
+
+    Args:
+        d_model: width D.
+        num_heads: heads (must divide D); default max(1, D // 64), i.e. head size 64.
+        dropout: attention-probability dropout, applied in training mode only.
+
+    State for ``step``: the KV cache {"k", "v"}: [B, heads, T, D / heads] for the T positions
+    seen so far (T = 0 after ``init_state``); each step appends one position.
+    """
+
+    def __init__(self, d_model: int, num_heads: int | None = None, dropout: float = 0.0):
+        super().__init__(d_model)
+        if num_heads is None:
+            num_heads = max(1, self.d_model // 64)
+        self.num_heads = self._int("num_heads", num_heads)
+        self._divides("num_heads", self.num_heads, "each head gets d_model / num_heads channels")
+        self.dropout = check_float(self.name, "dropout", dropout, 0.0, 1.0)
+        self.qkv = nn.Linear(self.d_model, 3 * self.d_model)
+        self.out_proj = nn.Linear(self.d_model, self.d_model)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D] -> q, k, v stacked: [3, B, heads, L, head size]."""
+        return rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.num_heads)
+
+    def _attend(self, q, k, v, causal: bool) -> torch.Tensor:
+        """Attention over heads, merged back to [B, L, D]."""
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        return self.out_proj(rearrange(y, "b h l e -> b l (h e)"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        return self._attend(q, k, v, causal=True)
+
+    def init_state(self, batch_size: int) -> State:
+        empty = torch.zeros(
+            batch_size, self.num_heads, 0, self.d_model // self.num_heads, **factory_kwargs(self)
+        )
+        return {"k": empty, "v": empty}
+
+    def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        q, k, v = self._qkv(x_t[:, None])
+        k = torch.cat([state["k"], k], dim=2)
+        v = torch.cat([state["v"], v], dim=2)
+        # The newest query may see every cached position, so no mask is needed.
+        return self._attend(q, k, v, causal=False)[:, 0], {"k": k, "v": v}

@@ -1,0 +1,123 @@
+"""H3, "Hungry Hungry Hippos" (Dao, Fu et al. 2023), with the knobs of the paper's ablations.
+
+Default (the paper and its release, head_dim 1), for x [B, L, D]:
+    q, k, v = three biased Linear(D, D) of x
+    k' = shift_ssm(k) + D_k k           learned FIR filter of d_state taps (remembers tokens)
+    y  = diag_ssm(k' * v) + D (k' * v)  S4D kernel, bilinear (compares them over time)
+    out = Linear(q * y)                 no norm or activation inside the layer
+With head_dim = hd > 1 there are H = D / hd heads; per head h the second SSM sees hd x hd
+channels kv[h, i, j] = k'[h, i] v[h, j] sharing head h's parameters, and
+out[h, j] = sum_i q[h, i] (ssm(kv[h, i, j]) + D_h kv[h, i, j]).
+
+Ablation knobs:
+    first_ssm   "shift" (default) | "diag" (diag + diag) | "none" (k' = k)
+    second_ssm  "diag" (default) | "shift" (shift + shift with first_ssm="shift")
+    kv_gate     False: kv[h, i, j] = k'[h, i] + v[h, j], an outer sum instead of the outer
+                product - the layer keeps every projection and its parameter count but loses
+                the multiplicative k-v interaction (linear in x up to the q gate).
+    q_gate      False: no q projection; out[h, j] = sum_i y[h, i, j].
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from layers.base import Mixer, State, register
+from layers.ssm import SSM_KINDS, check_diagonal_args, make_ssm
+
+
+@register("h3")
+class H3(Mixer):
+    """Args: d_model D; d_state (taps of a shift SSM, real state size of a diagonal one);
+    head_dim (must divide D); first_ssm, second_ssm, kv_gate, q_gate (see the module
+    docstring); init ("lin" | "inv"), discretization ("bilinear" | "zoh"), dt_min, dt_max for
+    the diagonal SSMs.
+
+    State for ``step``: {"k": state of the first SSM over D channels (absent when
+    first_ssm="none"), "kv": state of the second SSM over H * hd * hd channels}.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        head_dim: int = 1,
+        first_ssm: str = "shift",
+        second_ssm: str = "diag",
+        kv_gate: bool = True,
+        q_gate: bool = True,
+        init: str = "lin",
+        discretization: str = "bilinear",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+    ):
+        super().__init__(d_model)
+        d = self.d_model
+        self.head_dim = self._int("head_dim", head_dim)
+        self._divides("head_dim", self.head_dim, "heads of head_dim channels")
+        first_ssm = self._choice("first_ssm", first_ssm, ("none", *SSM_KINDS))
+        second_ssm = self._choice("second_ssm", second_ssm, SSM_KINDS)
+        self.kv_gate = self._bool("kv_gate", kv_gate)
+        self.q_gate = self._bool("q_gate", q_gate)
+        # Checked here although a shift-only variant never uses them: a typo must not pass.
+        diagonal_args = check_diagonal_args(self.name, init, discretization, dt_min, dt_max)
+
+        self.q_proj = nn.Linear(d, d) if self.q_gate else None
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        no_ssm = first_ssm == "none"
+        self.k_ssm = None if no_ssm else make_ssm(first_ssm, d, d_state, *diagonal_args)
+        self.kv_ssm = make_ssm(second_ssm, d // self.head_dim, d_state, *diagonal_args)
+        self.output_linear = nn.Linear(d, d)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """x [..., D] -> q (None without the q gate), k, v [..., D]."""
+        q = None if self.q_proj is None else self.q_proj(x)
+        return q, self.k_proj(x), self.v_proj(x)
+
+    def _heads_in(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """k', v [B, D, *T] -> second-SSM input [B, H * hd * hd, *T] (T: time axis or none)."""
+        k = rearrange(k, "b (h i) ... -> b h i 1 ...", i=self.head_dim)
+        v = rearrange(v, "b (h j) ... -> b h 1 j ...", j=self.head_dim)
+        kv = k * v if self.kv_gate else k + v
+        return rearrange(kv, "b h i j ... -> b (h i j) ...")
+
+    def _heads_out(self, q: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """q [B, D, *T] or None, y [B, H * hd * hd, *T] -> sum_i q_i y_ij: [B, D, *T]."""
+        y = rearrange(y, "b (h i j) ... -> b h i j ...", i=self.head_dim, j=self.head_dim)
+        if q is not None:
+            y = y * rearrange(q, "b (h i) ... -> b h i 1 ...", i=self.head_dim)
+        return rearrange(y.sum(2), "b h j ... -> b (h j) ...")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels first for the convolutions: [B, D, L].
+        q, k, v = (None if t is None else rearrange(t, "b l d -> b d l") for t in self._qkv(x))
+        if self.k_ssm is not None:
+            k = self.k_ssm(k)
+        if self.head_dim == 1:
+            # One channel per head: the gates go into the convolution itself (fused in fftconv),
+            # y = q * (ssm(k' * v) + D k' * v).
+            if self.kv_gate:
+                y = self.kv_ssm(k, pregate=v, postgate=q)
+            else:
+                y = self.kv_ssm(k + v, postgate=q)
+        else:
+            y = self._heads_out(q, self.kv_ssm(self._heads_in(k, v)))
+        return self.output_linear(rearrange(y, "b d l -> b l d"))
+
+    def init_state(self, batch_size: int) -> State:
+        state = {"kv": self.kv_ssm.init_state(batch_size, copies=self.head_dim**2)}
+        if self.k_ssm is not None:
+            state["k"] = self.k_ssm.init_state(batch_size)
+        return state
+
+    def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        # The same helpers as forward, on [B, D] tensors without a time axis.
+        q, k, v = self._qkv(x_t)
+        new_state = {}
+        if self.k_ssm is not None:
+            k, new_state["k"] = self.k_ssm.step(k, state["k"])
+        y, new_state["kv"] = self.kv_ssm.step(self._heads_in(k, v), state["kv"])
+        return self.output_linear(self._heads_out(q, y)), new_state

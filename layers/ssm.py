@@ -1,0 +1,173 @@
+"""The SSM submodules the mixers share: :class:`DiagonalSSM` (S4D) and :class:`ShiftSSM` (H3).
+
+Both map u [B, C, L] -> y [B, C, L] (``forward``) and u_t [B, C] -> y_t [B, C] (``step``),
+with the skip term D u included. An SSM with H heads of parameters accepts any C = H * R
+channels: channels h*R .. h*R + R - 1 share head h's parameters. R = 1 everywhere except in
+multi-head H3, where the hd x hd outer-product channels of a head share one SSM.
+
+All parameters are real tensors (complex ones are stored as real views [..., 2]) so that
+optimizers, safetensors and DDP handle them like any other weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import repeat
+from torch import nn
+
+from kernels import fftconv, s4d_discretize, s4d_kernel, shift_kernel
+from kernels.ssm import DISCRETIZATIONS
+from layers.base import check_choice, check_float, check_int, mark_ssm
+
+INITS = ("lin", "inv")
+SSM_KINDS = ("diag", "shift")
+
+
+def _per_channel(p: torch.Tensor, channels: int) -> torch.Tensor:
+    """Head parameters [H, ...] -> [channels, ...], each head repeated channels / H times."""
+    heads = p.shape[0]
+    if channels % heads:
+        raise ValueError(f"SSM with {heads} heads got {channels} channels, not a multiple")
+    return repeat(p, "h ... -> (h r) ...", r=channels // heads)
+
+
+def check_diagonal_args(owner: str, init, discretization, dt_min, dt_max) -> tuple:
+    """Validate the DiagonalSSM arguments other than sizes; returns them normalised."""
+    init = check_choice(owner, "init", init, INITS)
+    discretization = check_choice(owner, "discretization", discretization, DISCRETIZATIONS)
+    dt_min = check_float(owner, "dt_min", dt_min, 0.0, math.inf)
+    dt_max = check_float(owner, "dt_max", dt_max, 0.0, math.inf)
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"{owner}: need 0 < dt_min <= dt_max, got {dt_min} and {dt_max}")
+    return init, discretization, dt_min, dt_max
+
+
+class DiagonalSSM(nn.Module):
+    """Diagonal state-space convolution (S4D) over H channels with N real states each.
+
+    The N states are N/2 complex modes standing for conjugate pairs, hence y = 2 Re(C x).
+    Parameters (flagged SSM parameters marked *):
+        log_dt* [H]        ~ U[log dt_min, log dt_max]
+        log_A_real* [H, N/2], A_imag* [H, N/2]: A = -exp(log_A_real) + i A_imag, Re A = -1/2
+            at init; Im A = pi n (S4D-Lin) or (N/pi)(N/(2n+1) - 1) (S4D-Inv), n < N/2. The Inv
+            formula takes N = the real state size: that matches the asymptotics of the HiPPO-LegS
+            spectrum it imitates (with N/2 in its place the imaginary parts turn negative).
+        B* [H, N/2, 2]     complex ones
+        C [H, N/2, 2]      complex standard normal (E|C|^2 = 1: real and imaginary parts have
+                           variance 1/2)
+        D [H]              skip weights, standard normal
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        d_state: int = 64,
+        init: str = "lin",
+        discretization: str = "zoh",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+    ):
+        super().__init__()
+        owner = type(self).__name__
+        channels = check_int(owner, "channels", channels)
+        d_state = check_int(owner, "d_state", d_state, minimum=2)
+        if d_state % 2:
+            raise ValueError(f"{owner}: d_state must be even (conjugate pairs), got {d_state}")
+        init, self.discretization, dt_min, dt_max = check_diagonal_args(
+            owner, init, discretization, dt_min, dt_max
+        )
+
+        modes = d_state // 2
+        n = torch.arange(modes, dtype=torch.float32)
+        imag = math.pi * n if init == "lin" else d_state / math.pi * (d_state / (2 * n + 1) - 1)
+        log_dt = torch.empty(channels).uniform_(math.log(dt_min), math.log(dt_max))
+        self.log_dt = nn.Parameter(log_dt)
+        self.log_A_real = nn.Parameter(torch.full((channels, modes), math.log(0.5)))
+        self.A_imag = nn.Parameter(repeat(imag, "n -> h n", h=channels).clone())
+        self.B = nn.Parameter(torch.view_as_real(torch.ones(channels, modes, dtype=torch.cfloat)))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, modes, dtype=torch.cfloat)))
+        self.D = nn.Parameter(torch.randn(channels))
+        mark_ssm(self.log_dt, self.log_A_real, self.A_imag, self.B)
+
+    def _continuous(self) -> tuple[torch.Tensor, ...]:
+        """dt [H] and the complex A, B, C [H, N/2]."""
+        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
+        B, C = torch.view_as_complex(self.B), torch.view_as_complex(self.C)
+        return torch.exp(self.log_dt), A, B, C
+
+    def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
+        """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L]."""
+        dt, A, B, C = self._continuous()
+        k = s4d_kernel(dt, A, B, C, u.shape[-1], self.discretization)
+        channels = u.shape[1]
+        D = _per_channel(self.D, channels)
+        return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
+
+    def init_state(self, batch_size: int, copies: int = 1) -> torch.Tensor:
+        """Complex zeros [B, H * copies, N/2] (complex128 for float64 parameters)."""
+        dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
+        shape = (batch_size, self.D.shape[0] * copies, self.B.shape[1])
+        return torch.zeros(shape, dtype=dtype, device=self.D.device)
+
+    def step(self, u_t, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """x <- dA x + dB u_t;  y_t = 2 Re(C x) + D u_t.  u_t [B, C] -> y_t [B, C]."""
+        dt, A, B, C = self._continuous()
+        dA, dB = s4d_discretize(dt, A, B, self.discretization)
+        channels = u_t.shape[1]
+        dA, dB, C, D = (_per_channel(p, channels) for p in (dA, dB, C, self.D))
+        state = dA * state + dB * u_t[..., None]
+        return 2 * (C * state).sum(-1).real + D * u_t, state
+
+
+class ShiftSSM(nn.Module):
+    """H3's shift SSM over H channels: a learned causal FIR filter of N taps plus a skip.
+
+    A is the N x N shift matrix and B = e1, so the state is the last N inputs (newest first)
+    and the kernel is C itself. Parameters: taps C [H, N] ~ normal / sqrt(N) (so the filter
+    roughly keeps the input's variance) and skip D [H] ~ normal. Nothing here is an SSM
+    parameter in the optimizer's sense: there is no dt, A or B to learn.
+    """
+
+    def __init__(self, channels: int, d_state: int = 64):
+        super().__init__()
+        owner = type(self).__name__
+        channels = check_int(owner, "channels", channels)
+        d_state = check_int(owner, "d_state", d_state)
+        self.C = nn.Parameter(torch.randn(channels, d_state) / math.sqrt(d_state))
+        self.D = nn.Parameter(torch.randn(channels))
+
+    def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
+        """u, gates [B, C, L] -> postgate * (C * v + D v) with v = u * pregate; [B, C, L]."""
+        k = shift_kernel(self.C, L=u.shape[-1])
+        channels = u.shape[1]
+        D = _per_channel(self.D, channels)
+        return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
+
+    def init_state(self, batch_size: int, copies: int = 1) -> torch.Tensor:
+        """Zeros [B, H * copies, N]: the last N inputs, newest first."""
+        shape = (batch_size, self.C.shape[0] * copies, self.C.shape[1])
+        return torch.zeros(shape, dtype=self.C.dtype, device=self.C.device)
+
+    def step(self, u_t, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shift u_t into the register; y_t = C . register + D u_t.  u_t [B, C] -> [B, C]."""
+        channels = u_t.shape[1]
+        C, D = _per_channel(self.C, channels), _per_channel(self.D, channels)
+        state = torch.cat([u_t[..., None], state[..., :-1]], dim=-1)
+        return (C * state).sum(-1) + D * u_t, state
+
+
+def make_ssm(
+    kind: str,
+    channels: int,
+    d_state: int,
+    init: str,
+    discretization: str,
+    dt_min: float,
+    dt_max: float,
+) -> DiagonalSSM | ShiftSSM:
+    """A DiagonalSSM ("diag") or ShiftSSM ("shift"; ignores the diagonal-only arguments)."""
+    if check_choice("make_ssm", "kind", kind, SSM_KINDS) == "shift":
+        return ShiftSSM(channels, d_state)
+    return DiagonalSSM(channels, d_state, init, discretization, dt_min, dt_max)

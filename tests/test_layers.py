@@ -1,0 +1,320 @@
+"""Tests of layers/: the mixer contract for every registered mixer and the H3 variants
+(shapes, causality, step == forward, float32 vs float64, gradients), plain-loop float64
+oracles for the SSM submodules and for H3, SSM-parameter flags and build validation.
+
+The oracles discretise the SSMs themselves from the raw parameters and run the recurrences
+with Python loops; they share no code with layers/ or kernels/.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layers
+from layers import DiagonalSSM, ShiftSSM
+
+D_MODEL, SEQ_LEN, BATCH, D_STATE = 16, 12, 2, 8
+
+# Small settings per mixer; a mixer not listed here runs with its defaults.
+SMALL = {"s4d": {"d_state": D_STATE}, "gss": {"d_state": D_STATE}, "h3": {"d_state": D_STATE}}
+
+H3_VARIANTS = [
+    {"head_dim": 2},
+    {"head_dim": 4},
+    {"first_ssm": "none"},
+    {"first_ssm": "diag"},
+    {"first_ssm": "diag", "head_dim": 2},
+    {"second_ssm": "shift"},
+    {"second_ssm": "shift", "head_dim": 2},
+    {"kv_gate": False},
+    {"q_gate": False},
+    {"kv_gate": False, "q_gate": False, "head_dim": 2},
+    {"init": "inv"},
+    {"discretization": "zoh"},
+]
+CONFIGS = (
+    [(name, {}) for name in layers.names()]
+    + [("attention", {"num_heads": 4})]
+    + [("h3", variant) for variant in H3_VARIANTS]
+)
+
+
+def config_id(config) -> str:
+    name, params = config
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Perturb every parameter, so that no init symmetry (B = 1, equal A) hides an error."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def make(name: str, params: dict, dtype=torch.float64) -> layers.Mixer:
+    torch.manual_seed(0)
+    mixer = layers.build(name, d_model=D_MODEL, **{**SMALL.get(name, {}), **params})
+    randomise(mixer)
+    return mixer.to(dtype)
+
+
+def inputs(dtype=torch.float64, seed=1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, SEQ_LEN, D_MODEL, generator=generator, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixer contract
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_step_matches_forward(config):
+    mixer = make(*config)
+    x = inputs()
+    y = mixer(x)
+    assert y.shape == x.shape and y.dtype == torch.float64
+    start = mixer.init_state(batch_size=BATCH)
+    state = start
+    for t in range(SEQ_LEN):
+        y_t, state = mixer.step(x[:, t], state)
+        assert y_t.shape == (BATCH, D_MODEL)
+        torch.testing.assert_close(y_t, y[:, t], rtol=1e-10, atol=1e-10)
+    # step must not modify the state it was given: the initial state still gives position 0.
+    torch.testing.assert_close(mixer.step(x[:, 0], start)[0], y[:, 0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_causal(config):
+    mixer = make(*config)
+    x = inputs()
+    j = 5
+    perturbed = x.clone()
+    perturbed[:, j] += 10 * inputs(seed=2)[:, 0]
+    y, y_perturbed = mixer(x), mixer(perturbed)
+    # FFT convolutions spread rounding error over all positions, so "unchanged" means to
+    # float64 rounding rather than bit-exact.
+    torch.testing.assert_close(y_perturbed[:, :j], y[:, :j], rtol=0, atol=1e-12)
+    assert (y_perturbed[:, j] - y[:, j]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_float32_agrees_with_float64(config):
+    mixer64 = make(*config)
+    mixer32 = copy.deepcopy(mixer64).float()
+    x = inputs()
+    y32 = mixer32(x.float())
+    assert y32.dtype == torch.float32
+    y64 = mixer64(x)
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-4)
+    for mixer, real, complex_ in ((mixer32, torch.float32, torch.complex64),
+                                  (mixer64, torch.float64, torch.complex128)):  # fmt: skip
+        for tensor in mixer.init_state(BATCH).values():
+            assert tensor.dtype in (real, complex_) and tensor.shape[0] == BATCH
+    state = mixer32.init_state(BATCH)
+    for t in range(3):
+        y_t, state = mixer32.step(x[:, t].float(), state)
+        assert y_t.dtype == torch.float32
+        torch.testing.assert_close(y_t.double(), y64[:, t], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_every_parameter_gets_a_gradient(config):
+    # An unused parameter would break DDP and hide a wiring error.
+    mixer = make(*config)
+    mixer(inputs()).square().sum().backward()
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop oracles
+
+
+def discretise(ssm: DiagonalSSM):
+    """dA, dB, C [H, N/2] complex128 from the raw parameters (ZOH or bilinear)."""
+    dt = ssm.log_dt.detach().double().exp()[:, None]
+    A = -ssm.log_A_real.detach().double().exp() + 1j * ssm.A_imag.detach().double()
+    B = torch.view_as_complex(ssm.B.detach().double().contiguous())
+    C = torch.view_as_complex(ssm.C.detach().double().contiguous())
+    if ssm.discretization == "zoh":
+        dA = torch.exp(dt * A)
+        dB = (dA - 1) / A * B
+    else:
+        dA = (1 + dt * A / 2) / (1 - dt * A / 2)
+        dB = dt * B / (1 - dt * A / 2)
+    return dA, dB, C
+
+
+def diagonal_loop(ssm: DiagonalSSM, u: torch.Tensor) -> torch.Tensor:
+    """x <- dA x + dB u_t, y_t = 2 Re(C x) + D u_t per channel; u [B, H * R, L]."""
+    dA, dB, C = discretise(ssm)
+    D = ssm.D.detach().double()
+    copies = u.shape[1] // dA.shape[0]
+    y = torch.zeros_like(u)
+    for c in range(u.shape[1]):
+        h = c // copies
+        x = torch.zeros(u.shape[0], dA.shape[1], dtype=torch.complex128)
+        for t in range(u.shape[2]):
+            x = dA[h] * x + dB[h] * u[:, c, t, None]
+            y[:, c, t] = 2 * (C[h] * x).sum(-1).real + D[h] * u[:, c, t]
+    return y
+
+
+def shift_loop(ssm: ShiftSSM, u: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_l C[l] u_{t-l} + D u_t per channel; u [B, H * R, L]."""
+    C, D = ssm.C.detach().double(), ssm.D.detach().double()
+    copies = u.shape[1] // C.shape[0]
+    y = torch.zeros_like(u)
+    for c in range(u.shape[1]):
+        h = c // copies
+        for t in range(u.shape[2]):
+            y[:, c, t] = D[h] * u[:, c, t]
+            for lag in range(min(C.shape[1], t + 1)):
+                y[:, c, t] += C[h, lag] * u[:, c, t - lag]
+    return y
+
+
+def ssm_inputs(channels: int):
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(BATCH, channels, SEQ_LEN, generator=generator, dtype=torch.float64)
+            for _ in range(3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
+@pytest.mark.parametrize("init", ["lin", "inv"])
+def test_diagonal_ssm_matches_recurrence(init, discretization):
+    ssm = DiagonalSSM(3, D_STATE, init, discretization).double()
+    randomise(ssm)
+    u, pre, post = ssm_inputs(6)  # 2 channels per head
+    expected = diagonal_loop(ssm, u)
+    torch.testing.assert_close(ssm(u), expected, rtol=1e-10, atol=1e-10)
+    gated = post * diagonal_loop(ssm, u * pre)
+    torch.testing.assert_close(ssm(u, pregate=pre, postgate=post), gated, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("d_state", [5, 16])  # fewer taps than positions, and more
+def test_shift_ssm_matches_direct_loop(d_state):
+    ssm = ShiftSSM(3, d_state).double()
+    randomise(ssm)
+    u, pre, post = ssm_inputs(6)
+    torch.testing.assert_close(ssm(u), shift_loop(ssm, u), rtol=1e-10, atol=1e-10)
+    gated = post * shift_loop(ssm, u * pre)
+    torch.testing.assert_close(ssm(u, pregate=pre, postgate=post), gated, rtol=1e-10, atol=1e-10)
+
+
+def h3_loop(mixer: layers.H3, x: torch.Tensor) -> torch.Tensor:
+    """H3 from the paper's equations with Python loops over heads, i, j and time."""
+    hd = mixer.head_dim
+    q, k, v = (F.linear(x, p.weight, p.bias) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
+    k = shift_loop(mixer.k_ssm, k.transpose(1, 2)).transpose(1, 2)
+    dA, dB, C = discretise(mixer.kv_ssm)
+    D = mixer.kv_ssm.D.detach()
+    out = torch.zeros_like(x)
+    for h in range(D_MODEL // hd):
+        for i in range(hd):
+            for j in range(hd):
+                ci, cj = h * hd + i, h * hd + j
+                state = torch.zeros(x.shape[0], dA.shape[1], dtype=torch.complex128)
+                for t in range(x.shape[1]):
+                    kv = k[:, t, ci] * v[:, t, cj]
+                    state = dA[h] * state + dB[h] * kv[:, None]
+                    y = 2 * (C[h] * state).sum(-1).real + D[h] * kv
+                    out[:, t, cj] += q[:, t, ci] * y
+    return F.linear(out, mixer.output_linear.weight, mixer.output_linear.bias)
+
+
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
+@pytest.mark.parametrize("head_dim", [1, 2])
+def test_h3_matches_loop_oracle(head_dim, discretization):
+    mixer = make("h3", {"head_dim": head_dim, "discretization": discretization})
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(x), h3_loop(mixer, x), rtol=1e-10, atol=1e-10)
+
+
+def test_diagonal_ssm_init():
+    N, H = D_STATE, 4
+    n = torch.arange(N // 2, dtype=torch.float32)
+    lin, inv = DiagonalSSM(H, N, init="lin"), DiagonalSSM(H, N, init="inv")
+    torch.testing.assert_close(lin.A_imag, (math.pi * n).expand(H, -1))
+    # S4D-Inv with N the real state size: positive, decreasing imaginary parts.
+    torch.testing.assert_close(inv.A_imag, (N / math.pi * (N / (2 * n + 1) - 1)).expand(H, -1))
+    torch.testing.assert_close(lin.log_A_real.exp(), torch.full((H, N // 2), 0.5))
+    torch.testing.assert_close(torch.view_as_complex(lin.B), torch.ones(H, N // 2) + 0j)
+    dt = DiagonalSSM(64, N, dt_min=1e-3, dt_max=1e-1).log_dt.exp()
+    assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 1e-1 * (1 + 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# SSM flags and the registry
+
+SSM_NAMES = {"log_dt", "log_A_real", "A_imag", "B"}
+
+
+@pytest.mark.parametrize(
+    "name, params, flagged",
+    [
+        ("attention", {}, set()),
+        ("s4d", {}, {f"ssm.{p}" for p in SSM_NAMES}),
+        ("gss", {}, {f"ssm.{p}" for p in SSM_NAMES}),
+        ("h3", {}, {f"kv_ssm.{p}" for p in SSM_NAMES}),
+        ("h3", {"first_ssm": "diag"}, {f"{m}.{p}" for m in ("k_ssm", "kv_ssm") for p in SSM_NAMES}),
+        ("h3", {"second_ssm": "shift"}, set()),
+    ],
+)
+def test_ssm_parameters_are_flagged(name, params, flagged):
+    mixer = make(name, params)  # converted to float64: the flags survive .to()
+    assert {n for n, p in mixer.named_parameters() if layers.is_ssm(p)} == flagged
+    expected = [p for n, p in mixer.named_parameters() if n in flagged]
+    assert [id(p) for p in layers.ssm_parameters(mixer)] == [id(p) for p in expected]
+
+
+def test_mark_ssm():
+    linear = torch.nn.Linear(2, 2)
+    layers.mark_ssm(linear.weight)
+    assert layers.is_ssm(linear.weight) and not layers.is_ssm(linear.bias)
+    assert layers.ssm_parameters(linear) == [linear.weight]
+
+
+def test_names():
+    assert {"attention", "gss", "h3", "s4d"} <= set(layers.names())
+    assert layers.names() == sorted(layers.names())
+
+
+def test_build_rejects_unknown_mixer():
+    with pytest.raises(ValueError, match="'mamba9'.*registered"):
+        layers.build("mamba9", d_model=16)
+
+
+@pytest.mark.parametrize(
+    "name, params, param",
+    [
+        ("h3", {"dstate": 64}, "unknown parameter 'dstate'; expected one of"),
+        ("attention", {"d_state": 8}, "unknown parameter 'd_state'"),
+        ("h3", {"d_model": 0}, "d_model"),
+        ("s4d", {"d_model": 16.0}, "d_model"),
+        ("h3", {"d_state": 7}, "d_state"),
+        ("h3", {"d_state": True}, "d_state"),
+        ("h3", {"head_dim": 3}, "head_dim"),
+        ("h3", {"first_ssm": "conv"}, "first_ssm"),
+        ("h3", {"second_ssm": "none"}, "second_ssm"),
+        ("h3", {"kv_gate": "yes"}, "kv_gate"),
+        ("h3", {"q_gate": 1}, "q_gate"),
+        ("h3", {"init": "legs"}, "init"),
+        ("h3", {"second_ssm": "shift", "discretization": "euler"}, "discretization"),
+        ("s4d", {"dt_min": 0.5, "dt_max": 0.1}, "dt_min"),
+        ("gss", {"ssm_reduction": 3}, "ssm_reduction"),
+        ("gss", {"expansion": 0}, "expansion"),
+        ("attention", {"num_heads": 3}, "num_heads"),
+        ("attention", {"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_build_rejects_bad_parameters(name, params, param):
+    with pytest.raises(ValueError, match=param):
+        layers.build(name, **{"d_model": 16, **params})
