@@ -91,16 +91,16 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
             data = _merge(_merge(preset.base, task_fields), variant_fields)
-            for override in overrides:
-                apply_override(data, override)
-            lrs = preset.lr_grid or [build_config(data).train.lr]
-            for seed in range(seeds or preset.seeds):
-                for lr in lrs:
-                    try:
+            try:
+                for override in overrides:
+                    apply_override(data, override)
+                lrs = preset.lr_grid or [build_config(data).train.lr]
+                for seed in range(seeds or preset.seeds):
+                    for lr in lrs:
                         config = build_config(_merge(data, {"seed": seed, "train": {"lr": lr}}))
-                    except ConfigError as e:
-                        raise ConfigError(f"{task}/{variant}: {e}") from None
-                    runs.append(Run(task, variant, seed, lr, config))
+                        runs.append(Run(task, variant, seed, lr, config))
+            except ConfigError as e:
+                raise ConfigError(f"{task}/{variant}: {e}") from None
     return runs
 
 

@@ -123,7 +123,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert {k: v for k, v in resumed.items() if k != "wall_s"} == {
         k: v for k, v in reference.items() if k != "wall_s"
     }
-    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    ref_metrics = [
+        json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    ]
     res_metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert _strip_wall(res_metrics) == _strip_wall(ref_metrics)
 

@@ -1,0 +1,181 @@
+"""sandbox compare: preset resolution, lr selection, writers, skipping finished runs, end to end."""
+
+import csv
+import io
+import json
+
+import pytest
+import yaml
+
+from sandbox import report
+from sandbox.cli import main
+from sandbox.compare import compare, expand, load_preset, preset_names, select_lr
+from sandbox.config import ConfigError
+
+
+def test_shipped_presets_expand():
+    assert "h3-table2" in preset_names()
+    preset = load_preset("h3-table2")
+    runs = expand(preset)
+    assert len(runs) == len(preset.tasks) * len(preset.variants) * preset.seeds
+    by_key = {(r.task, r.variant): r.config for r in runs}
+    ih_h3 = by_key[("induction_head", "h3")]
+    assert ih_h3.model.mixer == "h3" and ih_h3.model.n_layers == 2
+    assert ih_h3.task.params == {"vocab_size": 20, "seq_len": 30}
+    assert by_key[("associative_recall", "attention")].task.params == {
+        "vocab_size": 10,
+        "seq_len": 20,
+    }
+    assert len(expand(preset, seeds=3)) == 3 * len(runs)
+    assert all(r.config.train.max_steps == 7 for r in expand(preset, ["train.max_steps=7"]))
+
+
+def test_preset_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available"):
+        load_preset("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": {}, "variants": {}, "seedz": 2}))
+    with pytest.raises(ConfigError, match="'seedz'"):
+        load_preset(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"tasks": {"t": {}}, "variants": {"v": {"modle": {}}}}))
+    with pytest.raises(ConfigError, match=r"t/v: config field 'modle'"):
+        expand(load_preset(str(typo)))
+
+
+def test_lr_grid_expands_and_selection_ignores_test():
+    preset = load_preset("h3-table2").model_copy(update={"lr_grid": [1e-4, 1e-3]})
+    assert {r.lr for r in expand(preset)} == {1e-4, 1e-3}
+    rows = [
+        {
+            "task": "t",
+            "mixer": "m",
+            "seed": 0,
+            "lr": 1e-4,
+            "val_accuracy": 0.9,
+            "steps": 50,
+            "test_accuracy": 1.0,
+        },
+        {
+            "task": "t",
+            "mixer": "m",
+            "seed": 0,
+            "lr": 1e-3,
+            "val_accuracy": 0.95,
+            "steps": 90,
+            "test_accuracy": 0.5,
+        },
+        {
+            "task": "t",
+            "mixer": "m",
+            "seed": 1,
+            "lr": 1e-4,
+            "val_accuracy": 1.0,
+            "steps": 80,
+            "test_accuracy": 0.7,
+        },
+        {
+            "task": "t",
+            "mixer": "m",
+            "seed": 1,
+            "lr": 1e-3,
+            "val_accuracy": 1.0,
+            "steps": 40,
+            "test_accuracy": 0.6,
+        },
+    ]
+    chosen = {r["seed"]: r["lr"] for r in select_lr(rows)}
+    assert chosen == {0: 1e-3, 1: 1e-3}  # best validation; tie broken by fewer steps
+
+
+def _row(task, mixer, seed, acc, steps=10, solved=True):
+    return {
+        "task": task,
+        "mixer": mixer,
+        "seed": seed,
+        "test_accuracy": acc,
+        "test_exact": acc,
+        "val_accuracy": acc,
+        "lr": 1e-3,
+        "steps": steps,
+        "steps_to_solve": steps,
+        "wall_s": 1.5,
+        "params": 100,
+        "solved": solved,
+    }
+
+
+def test_csv_and_markdown_writers():
+    rows = [_row("ar", "h3", 0, 0.9, 10), _row("ar", "h3", 1, 1.0, 30), _row("ar", "s4d", 0, 0.5)]
+    parsed = list(csv.DictReader(io.StringIO(report.results_csv(rows))))
+    assert [r["mixer"] for r in parsed] == ["h3", "h3", "s4d"]
+    assert list(parsed[0]) == report.CSV_COLUMNS
+    assert float(parsed[1]["test_accuracy"]) == 1.0
+
+    summary = report.summarize(rows)
+    assert summary[("ar", "h3")]["mean"] == pytest.approx(95.0)
+    assert summary[("ar", "h3")]["sd"] == pytest.approx(7.0710678)  # sample sd of 90 and 100
+    assert summary[("ar", "h3")]["steps"] == 20
+
+    preset = load_preset("h3-table2").model_copy(
+        update={
+            "tasks": {"ar": {}},
+            "variants": {"h3": {}, "s4d": {}, "gss": {}},
+            "paper": {"ar": {"random": 25.0, "h3": 99.8}},
+        }
+    )
+    header, table = report.table_rows(summary, preset, {"ar": 25.0})
+    md = report.markdown(header, table).splitlines()
+    assert md[0] == "| mixer | ar (ours) | ar (paper) | ar steps |"
+    assert md[2] == "| random | 25.0 | 25.0 | - |"
+    assert md[3] == "| h3 | 95.0 ± 7.1 | 99.8 | 20 |"
+    assert md[4] == "| s4d | 50.0 | - | 10 |"
+    assert md[5] == "| gss | - | - | - |"  # no runs yet
+
+
+def _tiny_preset(tmp_path):
+    preset = {
+        "description": "tiny",
+        "base": {
+            "threads": 1,
+            "task": {"num_train": 64, "num_valid": 32, "num_test": 32},
+            "model": {"d_model": 16, "mixer_params": {}},
+            "train": {"max_steps": 6, "eval_every": 3, "batch_size": 16},
+        },
+        "tasks": {"ar": {"task": {"name": "associative_recall"}}},
+        "variants": {
+            "h3": {"model": {"mixer": "h3", "mixer_params": {"d_state": 8}}},
+            "attention": {"model": {"mixer": "attention"}},
+        },
+        "paper": {"ar": {"random": 25.0, "h3": 99.8, "attention": 100.0}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(preset, sort_keys=False))
+    return path
+
+
+def test_tiny_compare_end_to_end_and_rerun_skips(tmp_path):
+    preset = load_preset(str(_tiny_preset(tmp_path)))
+    out = tmp_path / "out"
+    chosen = compare(preset, out, workers=2, progress=False)
+    assert sorted(r["mixer"] for r in chosen) == ["attention", "h3"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["task"], r["mixer"], r["seed"]) for r in rows] == [
+        ("ar", "h3", "0"),
+        ("ar", "attention", "0"),
+    ]
+    assert all(int(r["steps"]) <= 6 for r in rows)
+    table = (out / "table.md").read_text()
+    assert "| h3 |" in table and "| attention |" in table
+    assert (out / "gaps.png").read_bytes()[:4] == b"\x89PNG"
+
+    results = sorted(out.glob("runs/*/result.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    again = compare(preset, out, workers=2, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in results} == stamps  # nothing re-trained
+    assert json.dumps(again, sort_keys=True) == json.dumps(chosen, sort_keys=True)
+
+
+def test_cli_compare_bad_preset_exits_2(capsys):
+    assert main(["compare", "--preset", "h3-tabel2"]) == 2
+    assert "unknown preset 'h3-tabel2'" in capsys.readouterr().err
