@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "compare"
 
 class ComparePreset(Strict):
     description: str = ""
+    extends: str | None = None  # a preset whose fields this one starts from
     base: dict[str, Any] = Field(default_factory=dict)  # RunConfig fields shared by every run
     tasks: dict[str, dict[str, Any]]  # row name -> RunConfig fields (the task section)
     variants: dict[str, dict[str, Any]]  # column name -> RunConfig fields (the model section)
@@ -49,15 +51,18 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return f"{self.task}__{self.variant}__seed{self.seed}__lr{self.lr:g}"
+        # Variant names are free text ("shift + diag"); directory names keep to [\w.-].
+        name = f"{self.task}__{self.variant}__seed{self.seed}__lr{self.lr:g}"
+        return re.sub(r"[^\w.-]+", "-", name)
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name_or_path: str) -> ComparePreset:
-    """A preset by name (configs/compare/NAME.yaml) or by path to a YAML file."""
+def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """Raw preset data with `extends` resolved: the child's top-level fields replace the
+    parent's, except `base`, which is merged key by key."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -67,12 +72,27 @@ def load_preset(name_or_path: str) -> ComparePreset:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"preset file {str(path)!r} not found") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path.name}: top level must be a mapping")
+    parent_name = data.get("extends")
+    if parent_name:
+        if parent_name in seen:
+            raise ConfigError(f"preset {path.name}: 'extends' cycle through {parent_name!r}")
+        parent, _ = _read_preset(parent_name, (*seen, parent_name))
+        base = _merge(parent.get("base", {}), data.get("base", {}))
+        data = {**parent, **data, "base": base}
+    return data, path.name
+
+
+def load_preset(name_or_path: str) -> ComparePreset:
+    """A preset by name (configs/compare/NAME.yaml) or by path to a YAML file."""
+    data, name = _read_preset(name_or_path)
     try:
         return ComparePreset.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"preset {path.name}: field {field!r}: {err['msg']}") from None
+        raise ConfigError(f"preset {name}: field {field!r}: {err['msg']}") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -179,3 +179,25 @@ def test_tiny_compare_end_to_end_and_rerun_skips(tmp_path):
 def test_cli_compare_bad_preset_exits_2(capsys):
     assert main(["compare", "--preset", "h3-tabel2"]) == 2
     assert "unknown preset 'h3-tabel2'" in capsys.readouterr().err
+
+
+def test_extends_replaces_fields_and_merges_base(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "extends": "h3-table2",
+                "base": {"train": {"max_steps": 5}},
+                "variants": {"only": {"model": {"mixer": "h3"}}},
+            }
+        )
+    )
+    parent, preset = load_preset("h3-table2"), load_preset(str(child))
+    assert list(preset.variants) == ["only"]  # replaced, not merged
+    assert preset.tasks == parent.tasks and preset.paper == parent.paper
+    assert preset.base["train"]["max_steps"] == 5
+    assert preset.base["train"]["lr"] == parent.base["train"]["lr"]  # base merged key by key
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(yaml.safe_dump({"extends": str(loop), "tasks": {}, "variants": {}}))
+    with pytest.raises(ConfigError, match="cycle"):
+        load_preset(str(loop))

@@ -11,6 +11,7 @@ CASES = [
     {"mixer": "attention"},
     {"mixer": "s4d", "mixer_params": {"d_state": 8}},
     {"mixer": "gss", "mixer_params": {"d_state": 8}},
+    {"mixer": "hyena", "mixer_params": {"max_len": 16}},
     {"mixer": "h3", "mixer_params": {"d_state": 8}, "attn_layers": [1]},  # hybrid
 ]
 
