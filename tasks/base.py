@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
+import numbers
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -126,7 +128,14 @@ class Task(ABC):
         return f"{self.name}({args})"
 
 
-def check_int(owner: str, param: str, value, minimum: int | None = None, why: str = "") -> int:
+def check_int(
+    owner: str,
+    param: str,
+    value,
+    minimum: int | None = None,
+    why: str = "",
+    maximum: int | None = None,
+) -> int:
     """Validate an integer parameter; ValueError names the parameter and the limit."""
     if isinstance(value, bool):  # bool is an int subclass, but True is never a meant size
         raise ValueError(f"{owner}: {param} must be an integer, got {value!r}")
@@ -134,9 +143,35 @@ def check_int(owner: str, param: str, value, minimum: int | None = None, why: st
         value = operator.index(value)
     except TypeError:
         raise ValueError(f"{owner}: {param} must be an integer, got {value!r}") from None
+    reason = f" ({why})" if why else ""
     if minimum is not None and value < minimum:
-        reason = f" ({why})" if why else ""
         raise ValueError(f"{owner}: {param} must be >= {minimum}{reason}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{owner}: {param} must be <= {maximum}{reason}, got {value}")
+    return value
+
+
+def check_float(
+    owner: str, param: str, value, low: float, high: float, low_open: bool = False
+) -> float:
+    """Validate a real parameter in [low, high] (or (low, high] with low_open); an infinite
+    high means any finite value. ValueError names the parameter and the interval."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{owner}: {param} must be a real number, got {value!r}")
+    value = float(value)
+    above = value > low if low_open else value >= low
+    below = value <= high if math.isfinite(high) else math.isfinite(value)
+    if not (above and below):  # NaN fails both comparisons
+        close = "]" if math.isfinite(high) else ")"
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{close}"
+        raise ValueError(f"{owner}: {param} must be in {interval}, got {value}")
+    return value
+
+
+def check_bool(owner: str, param: str, value) -> bool:
+    """Validate a flag: only True or False (1, "yes" and friends are rejected, not guessed)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {param} must be a bool, got {value!r}")
     return value
 
 
