@@ -62,6 +62,7 @@ class TrainConfig(Strict):
     loss_on: Literal["all", "answers"] = "all"
     eval_every: int | None = Field(None, ge=1)  # steps between validations; None = once per epoch
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)  # early stop on validation accuracy
+    restore_best: bool = True  # test the weights of the best validation accuracy, not the last
     eval_batch_size: int = Field(500, ge=1)
 
 

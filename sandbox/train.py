@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from sandbox.model import LanguageModel
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
+BEST = "best.safetensors"
 
 
 class RunDirError(ValueError):
@@ -58,15 +60,18 @@ def build_model(config: RunConfig, task: tasks.Task) -> LanguageModel:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with three groups: decayed matrices, undecayed vectors, and SSM parameters
-    (dt, A, B) at lr min(ssm_lr, lr) without weight decay, as in the S4/H3 recipe."""
+    """AdamW with three groups: decayed weight matrices; biases, norms and embeddings without
+    decay; SSM parameters (dt, A, B) at lr min(ssm_lr, lr) without decay (the S4/H3 recipe)."""
+    # Embeddings are excluded from decay as in Safari's parameter grouping: the tied table is
+    # also the output layer, and shrinking it shrinks every logit.
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     ssm, decay, no_decay = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if layers.is_ssm(p):
             ssm.append(p)
-        elif p.dim() >= 2:
+        elif p.dim() >= 2 and id(p) not in embeddings:
             decay.append(p)
         else:
             no_decay.append(p)
@@ -140,6 +145,8 @@ class _Progress:
     step: int = 0
     wall_s: float = 0.0
     steps_to_solve: int | None = None
+    best_val: float = -1.0
+    best_step: int = 0
 
 
 def _check_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
@@ -161,9 +168,20 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
-def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def train(
+    config: RunConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: Callable[[dict], None] | None = None,
+) -> dict:
     """Train, validate, early-stop, test; write config.yaml, metrics.jsonl, result.json and
-    checkpoints under ``out``. Returns the result dict (also in result.json)."""
+    checkpoints under ``out``. Returns the result dict (also in result.json).
+
+    ``on_eval(record)`` is called with each metrics record once it is written, before its
+    checkpoint (a sweep reports it to Optuna: a run killed in between and resumed reports
+    that step again rather than never); an exception it raises (optuna.TrialPruned) ends the
+    run there and propagates."""
     out = Path(out)
     _check_run_dir(out, config, resume)
     if resume and (out / "result.json").exists():
@@ -241,6 +259,12 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
             }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if on_eval is not None:
+                on_eval(record)
+            if val["accuracy"] > state.best_val:
+                state.best_val, state.best_step = val["accuracy"], state.step
+                if cfg.restore_best:
+                    save_checkpoint(out / BEST, model)
             save_checkpoint(
                 ckpt_path,
                 model,
@@ -252,6 +276,9 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
             loss_sum, loss_count = 0.0, 0
     bar.close()
 
+    if cfg.restore_best and (out / BEST).exists():
+        # Model selection on the validation split only: the test split is read once, here.
+        load_model_weights(model, load_checkpoint(out / BEST)["model"])
     val = evaluate(model, valid_set, cfg.eval_batch_size)
     test = evaluate(model, test_set, cfg.eval_batch_size)
     result = {
@@ -265,6 +292,7 @@ def train(config: RunConfig, out: str | Path, resume: bool = False, progress: bo
         "epochs": state.step / epoch_steps,
         "solved": state.steps_to_solve is not None,
         "steps_to_solve": state.steps_to_solve,
+        "best_step": state.best_step,
         "wall_s": state.wall_s,
         "params": model.num_params(),
         "random_accuracy": task.random_accuracy,

@@ -87,6 +87,10 @@ def test_loss_decreases(tmp_path):
     assert result["steps"] == 6 * math.ceil(256 / 32)
     for name in ("config.yaml", "metrics.jsonl", "result.json", "model.safetensors"):
         assert (tmp_path / "run" / name).exists()
+    # restore_best: the reported model is the first evaluation of the highest validation accuracy.
+    best = max(records, key=lambda r: (r["val_accuracy"], -r["step"]))
+    assert result["best_step"] == best["step"]
+    assert result["val_accuracy"] == pytest.approx(best["val_accuracy"])
 
 
 def _strip_wall(records):
