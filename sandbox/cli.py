@@ -40,6 +40,50 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from optuna.trial import TrialState
+
+    from sweeps.runner import SweepError, run_sweep
+
+    try:
+        study, out = run_sweep(
+            args.space,
+            n_trials=args.trials,
+            storage=args.storage,
+            study_name=args.study,
+            jobs=args.jobs,
+            out=args.out,
+            worker=args.worker_index,
+            heartbeat_s=args.heartbeat,
+            report=not args.no_report,
+        )
+    except SweepError as e:
+        print(f"sandbox: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sandbox: interrupted; rerun the same command to continue the study", file=sys.stderr)
+        return 130
+    if args.no_report:  # also how --jobs starts its workers: the parent sums up
+        return 0
+    if study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
+        best = study.best_trial
+        print(
+            f"study {study.study_name!r}: best trial {best.number}, val_accuracy {best.value:.4f}"
+        )
+    print(f"report in {out} (trials.csv, best_config.yaml, *.png)")
+    return 0
+
+
+def _cmd_sweep_report(args) -> int:
+    from sweeps.report import load_sweep_study, write_report
+
+    study = load_sweep_study(args.out, args.storage, args.study)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / study.study_name
+    for path in write_report(study, out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sandbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -60,6 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel runs (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="Optuna sweep over a YAML search space (see sweeps/)")
+    p.add_argument("space", nargs="?", help="search space YAML; leave out to join --study")
+    p.add_argument(
+        "--trials", type=int, help="finished trials the study ends with (default: the space's)"
+    )
+    p.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///OUT/study.db)")
+    p.add_argument("--study", help="study name (default: the space file's name)")
+    p.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--out", help="directory for trials/ and the report (default runs/sweeps/STUDY)")
+    p.add_argument(
+        "--worker-index",
+        type=int,
+        default=0,
+        help="first worker's index, mixed into the sampler seed (default 0)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=30,
+        help="seconds between heartbeats; a trial is stale after 3",
+    )
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("sweep-report", help="trials.csv, best_config.yaml and figures of a sweep")
+    p.add_argument("--out", help="sweep directory: its study.db, and where the report goes")
+    p.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///OUT/study.db)")
+    p.add_argument("--study", help="study name (default: the only study in the storage)")
+    p.set_defaults(func=_cmd_sweep_report)
     return parser
 
 

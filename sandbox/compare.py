@@ -23,7 +23,14 @@ import yaml
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
 
-from sandbox.config import ConfigError, RunConfig, Strict, apply_override, build_config
+from sandbox.config import (
+    ConfigError,
+    RunConfig,
+    Strict,
+    apply_override,
+    build_config,
+    deep_merge,
+)
 from sandbox.train import total_steps
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "compare"
@@ -79,7 +86,7 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, s
         if parent_name in seen:
             raise ConfigError(f"preset {path.name}: 'extends' cycle through {parent_name!r}")
         parent, _ = _read_preset(parent_name, (*seen, parent_name))
-        base = _merge(parent.get("base", {}), data.get("base", {}))
+        base = deep_merge(parent.get("base", {}), data.get("base", {}))
         data = {**parent, **data, "base": base}
     return data, path.name
 
@@ -95,29 +102,19 @@ def load_preset(name_or_path: str) -> ComparePreset:
         raise ConfigError(f"preset {name}: field {field!r}: {err['msg']}") from None
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None = None) -> list[Run]:
     """Every run of the preset, each with its fully validated RunConfig."""
     runs = []
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
-            data = _merge(_merge(preset.base, task_fields), variant_fields)
+            data = deep_merge(deep_merge(preset.base, task_fields), variant_fields)
             try:
                 for override in overrides:
                     apply_override(data, override)
                 lrs = preset.lr_grid or [build_config(data).train.lr]
                 for seed in range(seeds or preset.seeds):
                     for lr in lrs:
-                        config = build_config(_merge(data, {"seed": seed, "train": {"lr": lr}}))
+                        config = build_config(deep_merge(data, {"seed": seed, "train": {"lr": lr}}))
                         runs.append(Run(task, variant, seed, lr, config))
             except ConfigError as e:
                 raise ConfigError(f"{task}/{variant}: {e}") from None

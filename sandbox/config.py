@@ -84,6 +84,17 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"config field {field!r}: {first['msg']}{more}"
 
 
+def deep_merge(base: dict, extra: dict) -> dict:
+    """A new dict: ``base`` with ``extra`` on top, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def apply_override(data: dict, override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML."""
     if "=" not in override:

@@ -1,0 +1,359 @@
+"""`sandbox sweep`: worker processes that share one Optuna study in an RDB storage.
+
+Every worker (local ones started by ``--jobs K``, or others on other machines given the same
+``--storage`` and ``--study``) runs the same loop: claim a place in the study, train the trial
+under ``OUT/trials/<n>/`` (a normal run directory), report each validation accuracy so the
+pruner can stop it, and store the result. The objective is the run's validation accuracy
+(`val_accuracy` of result.json: of the weights it tests, the best evaluation's under
+train.restore_best); test accuracy is only stored as a user attribute.
+
+Counting. The study ends with exactly ``n_trials`` finished (COMPLETE + PRUNED) trials. A
+trial holds a place while it is finished, running or queued (WAITING); a trial failed by
+the heartbeat check holds its place for the retry the callback queues for it. A new trial
+that finds all places taken by trials ordered before it (ordered by the trial it repeats,
+then by number) is failed at once, unrun, as "surplus": two workers that start the last
+place's trial at the same moment never both run it.
+
+Crash safety. Running trials send a heartbeat; a trial whose worker died (SIGKILL, power
+loss) is failed once the heartbeat is ``GRACE_FACTOR`` intervals old, and the retry callback
+queues a copy with the same parameters (up to ``MAX_RETRY`` times). The copy trains in the
+directory of the trial it repeats, so it resumes from that run's last checkpoint. Ctrl-C
+queues the running trial in the same way; rerunning the command continues the study.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from sandbox.config import ConfigError
+from sandbox.io import atomic_write_text
+from sweeps.space import SweepSpace, load_space
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_RETRY = 3  # retries of one trial killed again and again (e.g. out of memory), then give up
+GRACE_FACTOR = 3  # a running trial is stale after this many missed heartbeats
+POLL_S = 1.0  # how often an idle worker looks for queued retries while others finish
+SPACE_ATTR = "sandbox_space"  # study user attribute: the space the study was created with
+
+# One instance serves the storage (stale trials) and the objective (interrupted trials).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    RETRY = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+
+
+class SweepError(RuntimeError):
+    """A sweep that could not finish (a worker process failed)."""
+
+
+class SkippedTrial(Exception):
+    """A trial failed on purpose without training: surplus, or an invalid combination."""
+
+
+@dataclass
+class Sweep:
+    space: SweepSpace
+    study: optuna.Study
+    n_trials: int
+    out: Path
+    grace_s: float
+    worker: int = 0
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def _safe_url(url: str) -> str:
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def make_storage(url: str, heartbeat_s: int | None = None) -> RDBStorage:
+    """An RDB storage (any SQLAlchemy URL); with heartbeats when heartbeat_s is given."""
+    import sqlalchemy
+
+    sqlite = url.startswith("sqlite")
+    # SQLite: wait for the file lock instead of failing when several workers write at once.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    heartbeat = {}
+    if heartbeat_s is not None:
+        heartbeat = {
+            "heartbeat_interval": heartbeat_s,
+            "grace_period": GRACE_FACTOR * heartbeat_s,
+            "heartbeat_stale_trial_callback": RETRY,
+        }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--storage {_safe_url(url)}: {first}") from None
+
+
+def open_study(
+    storage: RDBStorage, name: str, space: SweepSpace | None, worker: int = 0
+) -> tuple[optuna.Study, SweepSpace]:
+    """Create the study, or join it; a joining worker's space must be the study's own."""
+    stored, done = None, 0
+    if name in optuna.get_all_study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        stored, done = study.user_attrs.get(SPACE_ATTR), len(study.get_trials(deepcopy=False))
+        if stored is None:
+            raise ConfigError(f"study {name!r} was not created by `sandbox sweep`")
+        if space is not None and space.canonical() != stored:
+            raise ConfigError(
+                f"study {name!r} was created with another space; "
+                "use another --study, or leave SPACE out to join it"
+            )
+        space = SweepSpace.model_validate(stored)
+    elif space is None:
+        raise ConfigError(f"study {name!r} not found in {_safe_url(storage.url)}; give SPACE")
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction=space.direction,
+        sampler=space.make_sampler(worker, done),
+        pruner=space.make_pruner(),
+        load_if_exists=True,
+    )
+    if stored is None:
+        study.set_user_attr(SPACE_ATTR, space.canonical())
+    return study, space
+
+
+def origin(t: FrozenTrial) -> int:
+    """The number of the trial that `t` repeats (its own number if it is no retry)."""
+    return t.system_attrs.get("failed_trial", t.number)
+
+
+def place_holders(
+    trials: list[FrozenTrial], grace_s: float, now: datetime | None = None
+) -> list[FrozenTrial]:
+    """The trials that take one of the study's places: finished, running, queued, or failed
+    by the heartbeat check a moment ago and about to be queued again by the retry callback
+    (it adds the copy right after failing the trial; `grace_s` bounds that wait)."""
+    now = now or datetime.now()
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+    def holds(t: FrozenTrial) -> bool:
+        if t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING):
+            return True
+        return (
+            t.state == TrialState.FAIL
+            and t.number not in retried
+            and not (t.user_attrs.get("skipped") or t.user_attrs.get("error"))  # by us
+            and len(t.system_attrs.get("retry_history", [])) < MAX_RETRY
+            and t.datetime_complete is not None
+            and (now - t.datetime_complete).total_seconds() < grace_s
+        )
+
+    return [t for t in trials if holds(t)]
+
+
+def is_surplus(trials: list[FrozenTrial], number: int, n_trials: int, grace_s: float) -> bool:
+    """Whether trial `number` finds all n_trials places taken by trials ordered before it."""
+    me = next(t for t in trials if t.number == number)
+    rank = (origin(me), me.number)
+    ahead = [t for t in place_holders(trials, grace_s) if (origin(t), t.number) < rank]
+    return len(ahead) >= n_trials
+
+
+class Objective:
+    """One trial: claim a place, sample, train in OUT/trials/<origin>, return val accuracy."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from sandbox.train import train
+
+        sw = self.sweep
+        for key in ("error", "skipped"):  # a retry starts with the user attributes it repeats
+            if trial.user_attrs.get(key) is not None:
+                trial.set_user_attr(key, None)
+        trials = sw.study.get_trials(deepcopy=False)
+        if is_surplus(trials, trial.number, sw.n_trials, sw.grace_s):
+            trial.set_user_attr("skipped", "surplus")
+            raise SkippedTrial(f"surplus: the study has its {sw.n_trials} trials")
+        values = sw.space.suggest(trial)
+        try:
+            config = sw.space.config_for(values)
+        except ValueError as e:
+            trial.set_user_attr("skipped", f"invalid: {e}")
+            raise SkippedTrial(f"invalid parameters: {e}") from None
+        first = origin(next(t for t in trials if t.number == trial.number))
+        run_dir = sw.out / "trials" / str(first)
+        trial.set_user_attr("config", config.model_dump(mode="json"))
+        trial.set_user_attr("run_dir", str(run_dir.resolve()))
+        trial.set_user_attr("host", socket.gethostname())
+
+        def on_eval(record: dict) -> None:
+            with warnings.catch_warnings():
+                # A resumed retry redoes the evaluations after its checkpoint, and some were
+                # reported (and inherited) already: Optuna keeps the first, equal, value.
+                warnings.filterwarnings("ignore", "The reported value is ignored")
+                trial.report(record["val_accuracy"], record["step"])
+            if trial.should_prune():
+                trial.set_user_attr("steps", record["step"])
+                trial.set_user_attr("wall_s", record["wall_s"])
+                raise optuna.TrialPruned(f"val_accuracy {record['val_accuracy']:.4f}")
+
+        try:
+            result = train(config, run_dir, resume=True, progress=False, on_eval=on_eval)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            frozen = next(t for t in sw.study.get_trials() if t.number == trial.number)
+            RETRY(sw.study, frozen)  # queued again; the next worker resumes its checkpoint
+            raise
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            raise
+        for key in ("val_accuracy", "test_accuracy", "test_exact", "steps", "wall_s", "solved"):
+            trial.set_user_attr(key, result[key])
+        trial.set_user_attr("num_params", result["params"])
+        return result["val_accuracy"]
+
+
+def _check_invalid(trials: list[FrozenTrial], n_trials: int) -> None:
+    invalid = [t for t in trials if (t.user_attrs.get("skipped") or "").startswith("invalid")]
+    if len(invalid) >= max(10, n_trials):
+        raise ConfigError(
+            f"{len(invalid)} sampled parameter combinations were invalid, e.g. trial "
+            f"{invalid[-1].number}: {invalid[-1].user_attrs['skipped']}"
+        )
+
+
+def _announcer(sweep: Sweep):
+    def announce(study: optuna.Study, t: FrozenTrial) -> None:
+        if t.user_attrs.get("skipped") == "surplus":
+            return
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if t.state == TrialState.COMPLETE:
+            what = f"val_accuracy {t.value:.4f}, test_accuracy {t.user_attrs['test_accuracy']:.4f}"
+        elif t.state == TrialState.PRUNED:
+            what = f"at step {t.user_attrs.get('steps')}"
+        else:
+            what = t.user_attrs.get("skipped") or t.user_attrs.get("error", "")
+        retry = f" (retry of {origin(t)})" if origin(t) != t.number else ""
+        print(
+            f"worker {sweep.worker}: trial {t.number}{retry} {t.state.name.lower()}: {what}; "
+            f"{finished}/{sweep.n_trials} finished",
+            flush=True,
+        )
+
+    return announce
+
+
+def work(sweep: Sweep) -> None:
+    """Run trials until the study holds n_trials finished ones. While all places are taken
+    the worker waits: a place whose worker died comes back as a queued retry."""
+    objective, announce = Objective(sweep), _announcer(sweep)
+    while True:
+        optuna.storages.fail_stale_trials(sweep.study)
+        trials = sweep.study.get_trials(deepcopy=False)
+        if sum(t.state in FINISHED for t in trials) >= sweep.n_trials:
+            return
+        _check_invalid(trials, sweep.n_trials)
+        queued = any(t.state == TrialState.WAITING for t in trials)
+        if queued or len(place_holders(trials, sweep.grace_s)) < sweep.n_trials:
+            sweep.study.optimize(objective, n_trials=1, catch=(SkippedTrial,), callbacks=[announce])
+        else:
+            time.sleep(POLL_S)
+
+
+def _launch(argv: list[str], jobs: int, first_worker: int) -> None:
+    """Start `jobs` worker processes running `sandbox sweep ARGV --jobs 1 --worker-index i`."""
+    cmd = [sys.executable, "-m", "sandbox.cli", "sweep", *argv, "--jobs", "1", "--no-report"]
+    # Own sessions: a terminal's Ctrl-C reaches this process only, which passes exactly one
+    # SIGINT on to each worker (a second one could cut short the queueing of its trial).
+    procs = [
+        subprocess.Popen([*cmd, "--worker-index", str(first_worker + i)], start_new_session=True)
+        for i in range(jobs)
+    ]
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+    if failed:
+        i, code = failed[0]
+        raise SweepError(f"worker {first_worker + i} exited with status {code}")
+
+
+def _claim_out_dir(out: Path, url: str, study_name: str) -> None:
+    """OUT/trials/<n> belongs to one study: refuse to mix another study's runs into it."""
+    owner = {"storage": _safe_url(url), "study": study_name}
+    path = out / "sweep.json"
+    if not path.exists():
+        atomic_write_text(path, json.dumps(owner, indent=2) + "\n")
+    elif json.loads(path.read_text()) != owner:
+        raise ConfigError(f"--out {out} holds the trials of another study ({path}); use another")
+
+
+def run_sweep(
+    space_path: str | None,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    jobs: int = 1,
+    out: str | Path | None = None,
+    worker: int = 0,
+    heartbeat_s: int = 30,
+    report: bool = True,
+) -> tuple[optuna.Study, Path]:
+    """Create or join the study and work on it (in `jobs` processes) until it holds its
+    trials; then write the report into `out`. Returns the study and `out`."""
+    if space_path is None and study_name is None:
+        raise ConfigError("give a SPACE file, or --study (and --storage) to join a study")
+    if jobs < 1 or heartbeat_s < 1 or (n_trials is not None and n_trials < 1):
+        raise ConfigError("--trials, --jobs and --heartbeat must be >= 1")
+    space = load_space(space_path) if space_path else None
+    study_name = study_name or Path(space_path).stem
+    out = Path(out) if out else Path("runs") / "sweeps" / study_name
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage or default_storage(out)
+    _claim_out_dir(out, url, study_name)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # workers print their own lines
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study, space = open_study(make_storage(url, heartbeat_s), study_name, space, worker)
+        n = n_trials or space.trials
+        if jobs > 1:
+            argv = ["--storage", url, "--study", study_name, "--out", str(out)]
+            argv += ["--trials", str(n), "--heartbeat", str(heartbeat_s)]
+            _launch(argv, jobs, worker)
+        else:
+            work(Sweep(space, study, n, out, GRACE_FACTOR * heartbeat_s, worker))
+    if report:
+        from sweeps.report import write_report
+
+        write_report(study, out)
+    return study, out

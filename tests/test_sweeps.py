@@ -1,0 +1,384 @@
+"""Optuna sweeps: spaces, worker processes sharing a study (SQLite and PostgreSQL), crash
+recovery with a real SIGKILL, the report, and re-training the exported best config."""
+
+import datetime
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from sandbox.cli import main
+from sandbox.config import load_config
+from sweeps.runner import FINISHED, default_storage, is_surplus, make_storage, origin
+from sweeps.space import load_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPACE = {
+    "base": {
+        "seed": 1,
+        "threads": 1,
+        "task": {"name": "associative_recall", "num_train": 128, "num_valid": 64, "num_test": 64},
+        "model": {"mixer": "h3", "d_model": 16, "mixer_params": {"d_state": 8}},
+        "train": {"batch_size": 32, "epochs": 3, "eval_every": 4},
+    },
+    "trials": 6,
+    "sampler": "tpe",
+    "seed": 0,
+    "pruner": "median",
+    "pruner_options": {"n_startup_trials": 2},
+    "params": {
+        "model.mixer_params.first_ssm": {"type": "categorical", "choices": ["shift", "diag"]},
+        "train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True},
+    },
+}
+
+
+def write_space(path: Path, **changes) -> Path:
+    data = json.loads(json.dumps(SPACE))
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sweep_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "sandbox.cli", "sweep", *map(str, args)]
+
+
+def load(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=make_storage(storage))
+
+
+def check_exact(study: optuna.Study, n: int) -> list[FrozenTrial]:
+    """n finished trials, one per place (no trial repeated), numbers 0..M-1, and every failed
+    trial either a surplus one (never run) or one whose retry finished."""
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(finished) == n
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert len({origin(t) for t in finished}) == n
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("skipped") != "surplus":
+            assert t.number in {origin(f) for f in finished}, f"trial {t.number} was lost"
+        assert t.state != TrialState.RUNNING and t.state != TrialState.WAITING
+    return finished
+
+
+@pytest.fixture(scope="module")
+def sqlite_sweep(tmp_path_factory):
+    """The tiny space swept end to end by `sandbox sweep --jobs 2` (two worker processes)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    space = write_space(tmp / "tiny.yaml")
+    out = tmp / "out"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        sweep_cmd(space, "--jobs", 2, "--out", out), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"two-worker SQLite sweep: {time.perf_counter() - t0:.1f} s")
+    return {"space": space, "out": out, "stdout": proc.stdout, "storage": default_storage(out)}
+
+
+def test_two_workers_share_a_sqlite_study_with_exact_count(sqlite_sweep):
+    out = sqlite_sweep["out"]
+    study = load(sqlite_sweep["storage"], "tiny")
+    finished = check_exact(study, SPACE["trials"])
+    assert "worker 0:" in sqlite_sweep["stdout"] and "worker 1:" in sqlite_sweep["stdout"]
+    for t in finished:
+        run = Path(t.user_attrs["run_dir"])
+        assert run == (out / "trials" / str(origin(t))).resolve()
+        assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        # Every evaluation was reported to Optuna: the pruner saw the validation curve.
+        assert t.intermediate_values == {r["step"]: r["val_accuracy"] for r in records}
+        if t.state == TrialState.COMPLETE:
+            result = json.loads((run / "result.json").read_text())
+            assert t.value == result["val_accuracy"]  # the objective: validation, not test
+            assert t.user_attrs["test_accuracy"] == result["test_accuracy"]
+    for name in ("trials.csv", "best_config.yaml", "history.png", "variants.png"):
+        assert (out / name).stat().st_size > 0
+    lines = (out / "trials.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(study.trials)
+    assert "train.lr" in lines[0] and "test_accuracy" in lines[0]
+
+
+def test_best_config_retrains_to_the_same_validation_accuracy(sqlite_sweep, tmp_path):
+    best = load(sqlite_sweep["storage"], "tiny").best_trial
+    path = sqlite_sweep["out"] / "best_config.yaml"
+    config = load_config(path)  # what `sandbox train` reads, unchanged
+    assert config.train.lr == best.params["train.lr"]
+    assert main(["train", str(path), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "again" / "result.json").read_text())
+    assert result["val_accuracy"] == best.value
+    assert result["test_accuracy"] == best.user_attrs["test_accuracy"]
+
+
+def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys):
+    out, storage = sqlite_sweep["out"], sqlite_sweep["storage"]
+    report = tmp_path / "report"
+    assert main(["sweep-report", "--storage", storage, "--out", str(report)]) == 0
+    assert {p.name for p in report.iterdir()} >= {"trials.csv", "best_config.yaml", "history.png"}
+    # The study is full: a worker joining it (no SPACE needed) has nothing to do.
+    args = ["--storage", storage, "--study", "tiny", "--out", str(out), "--no-report"]
+    assert main(["sweep", *args]) == 0
+    # A worker with a different space may not join the study.
+    other = write_space(tmp_path / "other.yaml", trials=9)
+    capsys.readouterr()
+    assert main(["sweep", str(other), *args]) == 2
+    assert "another space" in capsys.readouterr().err
+    assert main(["sweep-report", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no study database" in capsys.readouterr().err
+    # OUT/trials/<n> belongs to one study.
+    assert main(["sweep", str(sqlite_sweep["space"]), "--study", "other", "--out", str(out)]) == 2
+    assert "another study" in capsys.readouterr().err
+
+
+def test_killed_worker_trial_is_retried_and_study_completes(tmp_path, capsys):
+    # Longer trials (80 steps, an evaluation every 4) so the kill lands mid-trial.
+    base = json.loads(json.dumps(SPACE["base"]))
+    base["train"]["epochs"] = 20
+    space = write_space(
+        tmp_path / "kill.yaml", base=base, trials=3, pruner="none", pruner_options={}
+    )
+    out = tmp_path / "out"
+    args = [space, "--out", out, "--heartbeat", 1, "--no-report"]
+    proc = subprocess.Popen(sweep_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "trials" / "0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "trials" / "0" / "result.json").exists(), "trial 0 ended before the kill"
+    storage = default_storage(out)
+    killed = load(storage, "kill").trials[0]
+    assert killed.state == TrialState.RUNNING  # the dead worker could not say anything
+
+    t0 = time.perf_counter()
+    assert main(["sweep", *map(str, args)]) == 0
+    print(f"restart after SIGKILL: {time.perf_counter() - t0:.1f} s")
+    study = load(storage, "kill")
+    finished = check_exact(study, 3)
+    assert [t.number for t in study.trials if t.state == TrialState.FAIL] == [0]
+    (retry,) = [t for t in finished if origin(t) == 0]
+    assert retry.number > 0 and retry.params == killed.params
+    # The retry resumed the killed run from its checkpoint, in the same run directory.
+    assert retry.user_attrs["run_dir"] == str((out / "trials" / "0").resolve())
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(4, 81, 4))
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert retry.intermediate_values == {r["step"]: r["val_accuracy"] for r in records}
+
+
+def _trial(number, state, *, failed=None, user=None, ago=0.0, history=()):
+    now = datetime.datetime.now()
+    system = {} if failed is None else {"failed_trial": failed, "retry_history": list(history)}
+    done = None if state in (TrialState.RUNNING, TrialState.WAITING) else now
+    if done is not None:
+        done -= datetime.timedelta(seconds=ago)
+    value = 0.5 if state in FINISHED else None
+    return FrozenTrial(number, state, value, now, done, {}, {}, user or {}, system, {}, number)
+
+
+def test_places_ordering_decides_surplus_trials():
+    C, R, F, W = TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING
+    # Two workers start trials 1 and 2 for the last place: only the earlier one runs.
+    trials = [_trial(0, C), _trial(1, R), _trial(2, R)]
+    assert not is_surplus(trials, 1, 2, grace_s=5) and is_surplus(trials, 2, 2, grace_s=5)
+    # Trial 1 just failed by the heartbeat check: its place waits for its retry.
+    trials = [_trial(0, C), _trial(1, F), _trial(2, R)]
+    assert is_surplus(trials, 2, 2, grace_s=5)
+    # The retry (trial 3, repeating 1) ranks as trial 1 did, ahead of newer trials.
+    skipped = {"skipped": "surplus"}
+    trials = [_trial(0, C), _trial(1, F), _trial(2, F, user=skipped), _trial(3, R, failed=1)]
+    trials[3].system_attrs["retry_history"] = [1]
+    assert not is_surplus(trials, 3, 2, grace_s=5)
+    trials.append(_trial(4, R))
+    assert is_surplus(trials, 4, 2, grace_s=5)
+    # A failure that was not followed by a retry in time (or failed by us) frees its place.
+    trials = [_trial(0, C), _trial(1, F, ago=60), _trial(2, R)]
+    assert not is_surplus(trials, 2, 2, grace_s=5)
+    trials = [_trial(0, C), _trial(1, F, user={"error": "ValueError: x"}), _trial(2, W)]
+    assert not is_surplus(trials, 2, 2, grace_s=5)
+
+
+BAD_ENTRIES = [
+    ({"params": {"train.lrr": {"type": "float", "low": 0.1, "high": 1}}}, "params['train.lrr']"),
+    (
+        {"params": {"model.mixer_params.head_dimm": {"type": "int", "low": 1, "high": 2}}},
+        "params['model.mixer_params.head_dimm']",
+    ),
+    ({"params": {"train.lr": {"type": "float", "low": 1, "high": 0.1}}}, "params['train.lr']"),
+    (
+        {"params": {"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}},
+        "params['train.lr']",
+    ),
+    (
+        {"params": {"train.lr": {"type": "float", "low": 0.1, "high": 1, "lgo": True}}},
+        "params['train.lr'] field 'lgo'",
+    ),
+    ({"params": {"train.lr": {"type": "uniform", "low": 0.1}}}, "params['train.lr']"),
+    (
+        {"params": {"model.mixer_params.init": {"type": "categorical", "choices": ["lin", "x"]}}},
+        "params['model.mixer_params.init'] = 'x'",
+    ),
+    (
+        {
+            "params": {
+                "train.lr": {
+                    "type": "float",
+                    "low": 0.001,
+                    "high": 0.01,
+                    "condition": {"model.mixer": "h3"},
+                }
+            }
+        },
+        "params['train.lr']: condition on 'model.mixer'",
+    ),
+    ({"trails": 5}, "field 'trails': unknown key"),
+    ({"pruner": "asha"}, "field 'pruner'"),
+    ({"pruner": "none"}, "pruner_options: NopPruner"),
+    ({"base": {"model": {"d_modle": 8}}}, "base: config field 'model.d_modle'"),
+]
+
+
+@pytest.mark.parametrize("changes, entry", BAD_ENTRIES)
+def test_bad_space_entries_exit_2_naming_the_entry(tmp_path, capsys, changes, entry):
+    space = write_space(tmp_path / "bad.yaml", **changes)
+    assert main(["sweep", str(space), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert entry in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "study.db").exists()
+
+
+def test_shipped_spaces_load():
+    smoke = load_space(REPO / "sweeps" / "smoke.yaml")
+    assert len(smoke.params) == 2 and smoke.base["model"]["d_model"] <= 32
+    ablation = load_space(REPO / "sweeps" / "h3_ablation.yaml")
+    assert set(ablation.params["task"].choices) == {"associative_recall", "induction_head"}
+    assert ablation.base["task"]["num_train"] == 5000  # from configs/h3_ar.yaml
+    config = ablation.config_for({"task": "induction_head", "model.mixer_params.head_dim": 8})
+    assert config.task.name == "induction_head" and config.task.params["vocab_size"] == 20
+    assert config.task.num_train == 5000 and config.model.mixer_params["head_dim"] == 8
+
+
+# --- PostgreSQL: a private server on 127.0.0.1, started and stopped by the test -----------
+
+
+def _pg_bin() -> Path | None:
+    dirs = [os.environ.get("PG_BIN", "")]
+    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))[
+        ::-1
+    ]
+    if shutil.which("initdb"):
+        dirs.append(str(Path(shutil.which("initdb")).parent))
+    for d in dirs:
+        if d and (Path(d) / "initdb").exists() and (Path(d) / "postgres").exists():
+            return Path(d)
+    return None
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """PostgreSQL refuses to run as root: use the `postgres` account (made by the Debian
+    package), or make a system account for the purpose."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "sandbox-pg"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "sandbox-pg"],
+        check=True,
+    )
+    return pwd.getpwnam("sandbox-pg")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+    psycopg2 = pytest.importorskip("psycopg2")
+    user = _server_user()
+    as_user = (
+        {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    )
+    # Outside pytest's tmp_path: its parent is private to root, and the server runs as `user`.
+    root = Path(tempfile.mkdtemp(prefix="sandbox-pg-"))
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
+    data, port = root / "data", _free_port()
+    subprocess.run(
+        [bin_dir / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-locale"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        **as_user,
+    )
+    log = open(root / "server.log", "wb")
+    server = subprocess.Popen(
+        [bin_dir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", root]
+        + ["-c", "fsync=off", "-c", "synchronous_commit=off"],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        **as_user,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+                break
+            except psycopg2.OperationalError:
+                assert time.time() < deadline, "PostgreSQL did not start in 60 s"
+                time.sleep(0.2)
+        # The server is ours: the pid it wrote is the process we started.
+        assert int((data / "postmaster.pid").read_text().split()[0]) == server.pid
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        server.send_signal(signal.SIGINT)  # "fast" shutdown, by its own pid
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgres_study(postgres_url, tmp_path):
+    space = write_space(tmp_path / "pg.yaml", trials=4)
+    out = tmp_path / "out"
+    args = ["--storage", postgres_url, "--study", "pg-tiny", "--jobs", 2, "--out", out]
+    proc = subprocess.run(sweep_cmd(space, *args), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker 0:" in proc.stdout and "worker 1:" in proc.stdout
+    check_exact(load(postgres_url, "pg-tiny"), 4)
+    assert not (out / "study.db").exists()
+    for name in ("trials.csv", "best_config.yaml", "history.png"):
+        assert (out / name).exists()
+    load_config(out / "best_config.yaml")
