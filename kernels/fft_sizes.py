@@ -1,6 +1,12 @@
-"""FFT length selection."""
+"""FFT length selection, and the size limit of the fused (Triton) kernel."""
 
 from functools import cache
+
+# Largest FFT the fused Triton kernel holds (kernels.fft_triton): L + K - 1 <= 16384.
+MAX_FUSED_FFT = 16384
+# Longest sequence with a full-length filter (K = L) that fits it; layers pass SSM state
+# between chunks of this length beyond it (kernels.state_passing).
+FUSED_MAX_LEN = MAX_FUSED_FFT // 2
 
 
 @cache

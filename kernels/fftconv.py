@@ -1,26 +1,77 @@
-"""Causal long convolution ``y = postgate * (k * (u * pregate) + D * (u * pregate))``.
+"""Causal long convolution ``y = postgate * (k * (u * pregate) + D * (u * pregate))``: dispatch.
 
 Shapes: u, pregate, postgate [B, H, L]; k [H, K]; D [H]. Taps of k beyond L can never
 reach an output position, so K > L is accepted and truncated to L.
 
-The torch backend does the convolution with real FFTs of a size n >= L + K - 1 (so the
-circular wrap-around never reaches the first L outputs) in fp32 (fp64 for fp64 inputs).
-Its backward is written out by hand: the gradients of a convolution are correlations,
-which are again one FFT product each, so nothing of the forward FFT graph is stored.
+The torch backend has three exact methods (fp32 math, fp64 for fp64 inputs), picked by shape
+from crossovers measured on CPU by benchmarks/fftconv.py (its crossover sweep):
+- "toeplitz": matmuls with Toeplitz blocks (kernels.direct) - tiny L with a batch;
+- "conv1d": grouped conv1d (kernels.direct) - a handful of taps;
+- "fft": blocked rfft with a hand-written backward (kernels.fft_torch) - everything else.
+The skip term D is the filter's tap 0, so it is folded into k and every method gets it free.
+
+The triton backend (kernels.fft_triton) is one fused kernel per direction; it is chosen for
+CUDA tensors when triton is installed and L + K - 1 fits its fused FFT size (16K), and runs
+fp32/fp16/bf16 inputs (fp32 math).
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+import torch.nn.functional as F
 
-from kernels.fft_sizes import next_fast_len
+from kernels.direct import conv1d_conv, toeplitz_conv
+from kernels.fft_sizes import MAX_FUSED_FFT
+from kernels.fft_torch import FFTConv
 
-_BACKENDS = ("torch",)
+# Triton is optional (the "gpu" extra): imported only when used, so that the interpreter
+# switch TRITON_INTERPRET=1 may be set any time before the first triton call.
+_BACKENDS = ("torch", "triton") if importlib.util.find_spec("triton") else ("torch",)
+METHODS = ("fft", "toeplitz", "conv1d")
+_DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
+
+# Crossovers, measured fwd+bwd (min of 5, methods timed in turn) on this project's 2-core x86
+# CPU, 1 thread, while other jobs shared the machine, by benchmarks/fftconv.py; the rows are in
+# benchmarks/results/fftconv_cpu.json ("crossover"; three earlier runs agreed within noise).
+# Times in ms.
+# - One [L, L] Toeplitz matmul beats the FFT at the synthetic tasks' lengths once a batch
+#   amortises building the matrix and its backward. B=32, H=64, K=L, toeplitz vs fft:
+#   L=16 0.75 vs 1.26, L=32 1.20 vs 1.96, L=48 1.67 vs 2.18, L=64 3.48 vs 4.13, L=96 6.19 vs
+#   6.25 (an earlier run: 2.05 vs 2.16 at 64, 3.79 vs 3.05 at 96). H=256, L=32 by batch: B=1
+#   1.76 vs 0.74, B=4 1.89 vs 1.44, B=8 2.83 vs 2.40 (1.65 vs 2.01 in an earlier run: a tie),
+#   B=32 3.74 vs 6.29.
+TOEPLITZ_MAX_LEN = 48
+TOEPLITZ_MIN_BATCH = 16
+# - Grouped conv1d wins for a handful of taps. B=4, H=64, conv1d vs fft, K=4: L=1024 3.56 vs
+#   4.81, L=4096 15.1 vs 27.8, L=16384 66 vs 120. K=8 won here too but lost in an earlier run
+#   (L=4096: 32 vs 19), so the threshold stays at 4.
+CONV1D_MAX_TAPS = 4
+# - Block Toeplitz at long L (kernels.direct) lost to the FFT for K >= 64 (L=4096, K=128: 40 vs
+#   27) and won only at K=16, L >= 4096 (L=16384: 98 vs 112), where conv1d is as good and the
+#   margin is within this machine's noise; it is not chosen automatically. method="toeplitz"
+#   runs it at any shape.
 
 
 def backends() -> tuple[str, ...]:
     """Names of the available fftconv backends."""
     return _BACKENDS
+
+
+def choose_method(B: int, L: int, K: int) -> str:
+    """The fastest torch method for batch B, length L and K <= L taps (crossovers above)."""
+    if L <= TOEPLITZ_MAX_LEN and B >= TOEPLITZ_MIN_BATCH:
+        return "toeplitz"
+    if K <= CONV1D_MAX_TAPS:
+        return "conv1d"
+    return "fft"
+
+
+def _default_backend(u: torch.Tensor, L: int, K: int) -> str:
+    fused = L + K - 1 <= MAX_FUSED_FFT
+    triton_ok = "triton" in _BACKENDS and u.is_cuda and u.dtype != torch.float64 and fused
+    return "triton" if triton_ok else "torch"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,71 +94,6 @@ def _check_shapes(u, k, D, pregate, postgate) -> None:
             )
 
 
-def _causal_conv(v_f: torch.Tensor, k_f: torch.Tensor, n: int, L: int) -> torch.Tensor:
-    """irfft of a spectrum product, cut to the first L (causal) outputs."""
-    return torch.fft.irfft(v_f * k_f, n=n)[..., :L]
-
-
-class _FFTConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, k, D, pregate, postgate):
-        dtype = _compute_dtype(u.dtype)
-        L = u.shape[-1]
-        n = next_fast_len(L + k.shape[-1] - 1)
-        uc = u.to(dtype)
-        v = uc * pregate.to(dtype) if pregate is not None else uc
-        k_f = torch.fft.rfft(k.to(dtype), n=n)  # [H, n//2+1]: shared by the whole batch
-        z = _causal_conv(torch.fft.rfft(v, n=n), k_f, n, L)
-        if D is not None:
-            z = z + D.to(dtype)[:, None] * v
-        y = z * postgate.to(dtype) if postgate is not None else z
-        ctx.save_for_backward(u, k, D, pregate, postgate)
-        ctx.n = n
-        return y.to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, gy):
-        u, k, D, pregate, postgate = ctx.saved_tensors
-        n = ctx.n
-        dtype = _compute_dtype(u.dtype)
-        L, K = u.shape[-1], k.shape[-1]
-        uc = u.to(dtype)
-        v = uc * pregate.to(dtype) if pregate is not None else uc
-        gy = gy.to(dtype)
-        v_f = torch.fft.rfft(v, n=n)
-        k_f = torch.fft.rfft(k.to(dtype), n=n)
-
-        g_post = None
-        if postgate is not None:
-            # z is recomputed (one irfft) rather than kept from the forward pass.
-            if ctx.needs_input_grad[4]:
-                z = _causal_conv(v_f, k_f, n, L)
-                if D is not None:
-                    z = z + D.to(dtype)[:, None] * v
-                g_post = (gy * z).to(postgate.dtype)
-            gz = gy * postgate.to(dtype)
-        else:
-            gz = gy
-
-        gz_f = torch.fft.rfft(gz, n=n)
-        g_k = g_D = g_u = g_pre = None
-        if ctx.needs_input_grad[1]:
-            # dk[j] = sum_{b,t} gz[b,t] v[b,t-j]: a correlation, summed over the batch.
-            g_k = torch.fft.irfft((gz_f * v_f.conj()).sum(0), n=n)[..., :K].to(k.dtype)
-        if D is not None and ctx.needs_input_grad[2]:
-            g_D = (gz * v).sum(dim=(0, 2)).to(D.dtype)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            # dv[s] = sum_{t>=s} k[t-s] gz[t]: correlation of gz with k.
-            gv = _causal_conv(gz_f, k_f.conj(), n, L)
-            if D is not None:
-                gv = gv + D.to(dtype)[:, None] * gz
-            if ctx.needs_input_grad[0]:
-                g_u = (gv * pregate.to(dtype) if pregate is not None else gv).to(u.dtype)
-            if pregate is not None and ctx.needs_input_grad[3]:
-                g_pre = (gv * uc).to(pregate.dtype)
-        return g_u, g_k, g_D, g_pre, g_post
-
-
 def fftconv(
     u: torch.Tensor,
     k: torch.Tensor,
@@ -115,6 +101,7 @@ def fftconv(
     pregate: torch.Tensor | None = None,
     postgate: torch.Tensor | None = None,
     backend: str | None = None,
+    method: str | None = None,
 ) -> torch.Tensor:
     """Causal convolution of each channel of ``u`` with its filter, plus skip and gates.
 
@@ -125,15 +112,37 @@ def fftconv(
         k: [H, K] filters; taps past L are ignored.
         D: [H] skip weights, or None.
         pregate, postgate: [B, H, L] multiplicative gates, or None.
-        backend: "torch" (default everywhere for now), or None to choose automatically.
+        backend: "torch" or "triton", or None: triton for CUDA tensors that fit its fused
+            length (when installed), torch otherwise.
+        method: torch backend only: "fft", "toeplitz" or "conv1d", or None for the fastest
+            by shape (:func:`choose_method`). All are exact; this exists to force one.
 
     Returns:
         [B, H, L] in u's dtype; the math inside is fp32 (fp64 for fp64 inputs).
     """
     _check_shapes(u, k, D, pregate, postgate)
-    backend = backend or "torch"
+    L = u.shape[-1]
+    K = min(k.shape[-1], L)
+    backend = backend or _default_backend(u, L, K)
     if backend not in _BACKENDS:
         raise ValueError(f"fftconv: unknown backend {backend!r}; available: {list(_BACKENDS)}")
-    if k.shape[-1] > u.shape[-1]:
-        k = k[:, : u.shape[-1]]
-    return _FFTConv.apply(u, k, D, pregate, postgate)
+    if backend == "triton" and u.dtype == torch.float64:
+        raise ValueError("fftconv: the triton backend computes in fp32; use torch for float64")
+    method = method or choose_method(u.shape[0], L, K)
+    if method not in METHODS:
+        raise ValueError(f"fftconv: unknown method {method!r}; available: {list(METHODS)}")
+    dtype = _compute_dtype(u.dtype)
+    k = k[:, :K].to(dtype)
+    if D is not None:
+        k = k + F.pad(D.to(dtype)[:, None], (0, K - 1))
+    if backend == "triton":
+        from kernels.fft_triton import TritonFFTConv
+
+        return TritonFFTConv.apply(u, k, pregate, postgate)
+    if method == "fft":
+        return FFTConv.apply(u, k, pregate, postgate)
+    v = u.to(dtype)
+    if pregate is not None:
+        v = v * pregate
+    z = _DIRECT[method](v, k)
+    return (z * postgate if postgate is not None else z).to(u.dtype)

@@ -17,7 +17,14 @@ import torch
 from einops import repeat
 from torch import nn
 
-from kernels import fftconv, s4d_discretize, s4d_kernel, shift_kernel
+from kernels import (
+    FUSED_MAX_LEN,
+    fftconv,
+    s4d_discretize,
+    s4d_kernel,
+    shift_kernel,
+    ssm_chunked_conv,
+)
 from kernels.ssm import DISCRETIZATIONS
 from layers.base import check_choice, check_float, check_int, mark_ssm
 
@@ -98,11 +105,20 @@ class DiagonalSSM(nn.Module):
         return torch.exp(self.log_dt), A, B, C
 
     def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
-        """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L]."""
+        """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L].
+
+        Beyond kernels.FUSED_MAX_LEN the convolution runs in chunks with the state passed
+        between them (exact, linear in L, no length-L kernel).
+        """
         dt, A, B, C = self._continuous()
-        k = s4d_kernel(dt, A, B, C, u.shape[-1], self.discretization)
-        channels = u.shape[1]
+        channels, L = u.shape[1], u.shape[-1]
         D = _per_channel(self.D, channels)
+        if L > FUSED_MAX_LEN:
+            dt, A, B, C = (_per_channel(p, channels) for p in (dt, A, B, C))
+            return ssm_chunked_conv(
+                u, dt, A, B, C, D, FUSED_MAX_LEN, self.discretization, pregate, postgate
+            )
+        k = s4d_kernel(dt, A, B, C, L, self.discretization)
         return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
 
     def init_state(self, batch_size: int, copies: int = 1) -> torch.Tensor:

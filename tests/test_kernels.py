@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from kernels import fftconv, s4d_discretize, s4d_kernel, shift_kernel
 from kernels.fft_sizes import next_fast_len
+from kernels.fftconv import METHODS, choose_method
 
 
 def direct_conv(u, k, D=None, pregate=None, postgate=None):
@@ -51,12 +52,49 @@ def test_forward_and_grads_float64(L, K, gates, skip):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+METHOD_SHAPES = [
+    (L, K)
+    for L in (1, 2, 3, 17, 64, 255, 256, 1000, 1024, 4096)
+    for K in sorted({1, 3, 64, L})
+    if K <= L
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("L, K", METHOD_SHAPES)
+def test_every_method_float64(method, L, K):
+    """Each torch method, forced, against the oracle: values and all five gradients."""
+    for gates, skip in [(True, True), (False, False), (False, True)]:
+        args = make_inputs(2, 2, L, K, torch.float64, gates, skip, seed=L + K)
+        y = fftconv(*args, method=method)
+        ref = direct_conv(*args)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        gy = torch.randn_like(y)
+        present = [a for a in args if a is not None]
+        got = torch.autograd.grad(y, present, gy)
+        want = torch.autograd.grad(ref, present, gy)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_method_choice():
+    assert choose_method(32, 20, 20) == choose_method(32, 30, 30) == "toeplitz"  # training
+    assert choose_method(1, 30, 30) == choose_method(8, 30, 30) == "fft"
+    assert choose_method(4, 4096, 3) == "conv1d"
+    assert choose_method(4, 4096, 4096) == "fft"
+    with pytest.raises(ValueError, match="method"):
+        fftconv(torch.randn(1, 1, 4), torch.randn(1, 2), method="winograd")
+
+
+# Tolerances relative to the output's scale. fp32 inputs: fp32 rounding of the math; fp16 and
+# bf16: dominated by the final cast of the output (~2^-11 and ~2^-8 relative) and of the gates.
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)]
 )
-def test_low_precision_inputs(dtype, tol):
+def test_low_precision_inputs(dtype, tol, method):
     args = make_inputs(2, 4, 256, 64, dtype)
-    y = fftconv(*args)
+    y = fftconv(*args, method=method)
     assert y.dtype == dtype
     ref = direct_conv(*args)
     # Relative to the output's scale: low-precision inputs are exact in float64, so the error
@@ -136,6 +174,23 @@ def test_s4d_kernel_equals_recurrence(method):
     for t in range(L):
         x = dA * x + (dB if t == 0 else 0)
         torch.testing.assert_close(K[:, t], 2 * (C * x).sum(-1).real)
+
+
+@pytest.mark.parametrize("L", [1, 2, 17, 1000])
+def test_s4d_kernel_factorised_equals_vandermonde_sum(L):
+    """s4d_kernel splits lags as a + P b (a matmul); the plain sum over all L lags agrees."""
+    g = torch.Generator().manual_seed(L)
+    H, N = 2, 5
+    dt = torch.rand(H, generator=g, dtype=torch.float64) * 0.1 + 0.001
+    A = torch.complex(
+        -torch.rand(H, N, generator=g, dtype=torch.float64),
+        torch.randn(H, N, generator=g, dtype=torch.float64) * 10,
+    )
+    B, C = (torch.randn(H, N, generator=g, dtype=torch.complex128) for _ in range(2))
+    dA, dB = s4d_discretize(dt, A, B, "bilinear")
+    lags = torch.arange(L, dtype=torch.float64)
+    want = 2 * (C * dB)[..., None].mul(dA[..., None] ** lags).sum(1).real
+    torch.testing.assert_close(s4d_kernel(dt, A, B, C, L, "bilinear"), want)
 
 
 def test_s4d_bad_method():

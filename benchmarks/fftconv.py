@@ -1,0 +1,344 @@
+"""fftconv speed side by side: ours vs the naive torch FFT convolution vs causal SDPA.
+
+    python3 -m benchmarks.fftconv [--threads 1] [--repeats 5] [--quick]   # CPU, ~5 minutes
+    python3 -m benchmarks.fftconv --device cuda                            # GPU figures
+
+Every case is timed after one warm-up call, the implementations being compared in turn
+within each repeat (a shared machine's slow spells then hit all alike); the table shows
+medians of ``--repeats`` runs (the JSON also keeps the minimum). The thread count is fixed
+(default 1: on a shared 2-core machine a second thread mostly measures the neighbours).
+
+- "ours": kernels.fftconv(u, k, D, pregate, postgate), method chosen by shape.
+- "naive": rfft/irfft at n = 2L of u * pregate and of k, recomputed on every call, plus D and
+  the postgate, differentiated by autograd.
+- "sdpa": causal scaled_dot_product_attention over the same B, H, L, as H / 64 heads of 64.
+Cases: K = L filters (the SSM case) at L = 256 .. 16K with B, H small enough for a CPU
+(B = 1, H = 128 on CPU; B = 16, H = 768 in bf16 on CUDA); the tiny training shapes of the
+synthetic tasks (B = 32, H = 64 and 256, L = 20 and 30); and, on CPU, the crossover sweeps
+that set the thresholds in kernels/fftconv.py (each torch method forced).
+
+Peak memory (CPU): the growth of the peak resident set size of a fresh subprocess over one
+forward + backward, after its inputs are allocated (VmHWM - VmRSS from /proc/self/status; the
+allocator returns large blocks to the OS, so this tracks the peak of live tensors).
+On CUDA: max_memory_allocated.
+JSON (machine info + all rows) goes to benchmarks/results/fftconv_{cpu,cuda}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from kernels import fft_torch, fftconv
+from kernels.fftconv import METHODS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def naive_fftconv(u, k, D, pregate, postgate):
+    """The textbook version: everything recomputed per call at n = 2L, autograd through it."""
+    L = u.shape[-1]
+    v = u * pregate
+    z = torch.fft.irfft(torch.fft.rfft(v, n=2 * L) * torch.fft.rfft(k, n=2 * L), n=2 * L)
+    return (z[..., :L] + D[:, None] * v) * postgate
+
+
+def sdpa(q, k, v):
+    """Causal attention with heads of 64 over [B, H, L] tensors (H a multiple of 64)."""
+    B, H, L = q.shape
+    heads = [x.reshape(B, H // 64, 64, L).transpose(-1, -2) for x in (q, k, v)]
+    return F.scaled_dot_product_attention(*heads, is_causal=True)
+
+
+def make_case(impl: str, B: int, H: int, L: int, K: int, dtype, device, **options):
+    """A zero-argument callable running one forward of ``impl``, its inputs requiring grad.
+
+    ``options`` (backend, method) go to kernels.fftconv for impl "ours".
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device, dtype).requires_grad_()
+
+    u, pre, post = r(B, H, L), r(B, H, L), r(B, H, L)
+    filt, D = r(H, K, scale=0.1), r(H)
+    if impl == "ours":
+        return lambda: fftconv(u, filt, D, pre, post, **options)
+    if impl == "naive":
+        return lambda: naive_fftconv(u, filt, D, pre, post)
+    if impl == "sdpa":
+        return lambda: sdpa(u, pre, post)
+    raise ValueError(impl)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(fns: dict, backward: bool, repeats: int, device: str) -> dict[str, dict]:
+    """Median and min ms of each callable, timed in turn repeat by repeat, so that a slow spell
+    of a shared machine hits all of them alike (one warm-up call each first)."""
+
+    def once(fn):
+        _sync(device)
+        start = time.perf_counter()
+        y = fn()
+        if backward:
+            y.float().sum().backward()
+        _sync(device)
+        return time.perf_counter() - start
+
+    for fn in fns.values():
+        once(fn)  # first-call allocation, FFT plans, dispatch caches
+    seconds = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds[name].append(once(fn))
+    return {
+        name: {"median_ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s)}
+        for name, s in seconds.items()
+    }
+
+
+def time_case(fn, backward: bool, repeats: int, device: str) -> dict:
+    return time_round_robin({"case": fn}, backward, repeats, device)["case"]
+
+
+def peak_memory_mb(impl: str, B: int, H: int, L: int, threads: int) -> float:
+    """Peak RSS growth (MB) of a fresh process over one forward + backward (see module doc)."""
+    cmd = [sys.executable, "-m", "benchmarks.fftconv", "--peak-child", impl, str(B), str(H)]
+    cmd += [str(L), "--threads", str(threads)]
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(impl: str, B: int, H: int, L: int) -> None:
+    fn = make_case(impl, B, H, L, L, torch.float32, "cpu")
+    before = _proc_status_kb("VmRSS")
+    fn().sum().backward()
+    print((_proc_status_kb("VmHWM") - before) / 1024)
+
+
+def _proc_status_kb(field: str) -> int:
+    # VmHWM is this process's own high-water mark. Not ru_maxrss: Linux carries that across
+    # fork + exec, so a child would report at least its parent's size.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def run_side_by_side(args, device: str, dtype) -> list[dict]:
+    B, H = (1, 128) if device == "cpu" else (16, 768)
+    lengths = [256, 1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384]
+    # On CUDA "ours" is the triton backend up to its fused length; "ours[torch]" forces torch.
+    impls = [("ours", {}), ("naive", {}), ("sdpa", {})]
+    if device == "cuda":
+        impls.insert(1, ("ours[torch]", {"backend": "torch"}))
+    rows = []
+    for L in lengths:
+        fns = {
+            name: make_case(name.split("[")[0], B, H, L, L, dtype, device, **options)
+            for name, options in impls
+        }
+        # Attention is O(L^2): at L >= 8K on a CPU one call takes seconds, so it is timed on
+        # its own with fewer repeats; the convolutions are timed in turn with each other.
+        slow = {"sdpa"} if device == "cpu" and L >= 8192 else set()
+        groups = [({n: f for n, f in fns.items() if n not in slow}, args.repeats)]
+        groups += [({n: fns[n]}, 2) for n in slow]
+        times = {}
+        for group, repeats in groups:
+            forward_only = {n: (lambda fn=f: fn().detach()) for n, f in group.items()}
+            fwd = time_round_robin(forward_only, False, repeats, device)
+            fwd_bwd = time_round_robin(group, True, repeats, device)
+            times.update({n: (fwd[n], fwd_bwd[n]) for n in group})
+        for name, fn in fns.items():
+            row = {"case": "K=L", "impl": name, "B": B, "H": H, "L": L, "K": L}
+            row["fwd"], row["fwd_bwd"] = times[name]
+            if device == "cpu":
+                row["peak_mb"] = peak_memory_mb(name, B, H, L, args.threads)
+            else:
+                torch.cuda.reset_peak_memory_stats()
+                fn().float().sum().backward()
+                row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                row["bandwidth_frac"] = bandwidth_fraction(B, H, L, dtype, row["fwd"]["median_ms"])
+            rows.append(row)
+    return rows
+
+
+def run_training_shapes(args, device: str, dtype) -> list[dict]:
+    rows = []
+    for H in (64, 256):
+        for L in (20, 30):
+            cases = {"ours": {}, "ours[fft]": {"method": "fft"}, "naive": {}}
+            fns = {
+                name: make_case(name.split("[")[0], 32, H, L, L, dtype, device, **options)
+                for name, options in cases.items()
+            }
+            times = time_round_robin(fns, True, 4 * args.repeats, device)
+            for name in fns:
+                row = {"case": "training", "impl": name, "B": 32, "H": H, "L": L, "K": L}
+                row["fwd_bwd"] = times[name]
+                rows.append(row)
+    return rows
+
+
+def run_crossovers(args) -> list[dict]:
+    """Each torch method forced, fwd + bwd: the data behind kernels/fftconv.py's thresholds."""
+    grid = [(B, 64, L, L) for B in (4, 32) for L in (16, 24, 32, 48, 64, 96)]
+    grid += [(B, 256, 32, 32) for B in (1, 4, 8, 32)]
+    for L in (1024, 4096) if args.quick else (1024, 4096, 16384):
+        grid += [(4, 64, L, K) for K in (3, 4, 8, 16, 64, 128, 256, 512)]
+    rows = []
+    for B, H, L, K in grid:
+        row = {"case": "crossover", "B": B, "H": H, "L": L, "K": K}
+        fns = {m: make_case("ours", B, H, L, K, torch.float32, "cpu", method=m) for m in METHODS}
+        times = time_round_robin(fns, True, args.repeats, "cpu")
+        row.update({m: times[m]["min_ms"] for m in METHODS})
+        row["fastest"] = min(METHODS, key=lambda m: row[m])
+        rows.append(row)
+    return rows
+
+
+def run_block_sweep(args) -> list[dict]:
+    """The fft method's row-block size (kernels.fft_torch.BLOCK_ELEMS), fwd + bwd, K = L."""
+    default, rows = fft_torch.BLOCK_ELEMS, []
+    for L in (1024, 4096) if args.quick else (1024, 4096, 16384):
+        row = {"case": "block", "B": 4, "H": 64, "L": L, "K": L}
+        fn = make_case("ours", 4, 64, L, L, torch.float32, "cpu", method="fft")
+
+        def with_block(log2, fn=fn):
+            def run():
+                fft_torch.BLOCK_ELEMS = 2**log2
+                return fn()
+
+            return run
+
+        fns = {f"2^{log2}": with_block(log2) for log2 in (15, 17, 19, 21, 40)}
+        times = time_round_robin(fns, True, args.repeats, "cpu")
+        fft_torch.BLOCK_ELEMS = default
+        row.update({name: t["min_ms"] for name, t in times.items()})
+        rows.append(row)
+    return rows
+
+
+def bandwidth_fraction(B, H, L, dtype, fwd_ms) -> float:
+    """Forward bytes (u, both gates read, y written) / time, over a measured device copy."""
+    x = torch.empty(B * H * L * 4, dtype=dtype, device="cuda")
+    y = torch.empty_like(x)
+    t = time_case(lambda: y.copy_(x), False, 20, "cuda")["median_ms"]
+    copy_bw = 2 * x.nbytes / t
+    return (4 * B * H * L * x.element_size() / fwd_ms) / copy_bw
+
+
+def print_tables(rows: list[dict], console: Console) -> None:
+    table = Table(title="fftconv vs naive FFT conv vs causal SDPA (median ms; peak MB)")
+    for col in ("B", "H", "L", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "speedup vs naive"):
+        table.add_column(col, justify="right")
+    naive = {(r["case"], r["H"], r["L"]): r for r in rows if r.get("impl") == "naive"}
+    for r in (r for r in rows if r["case"] in ("K=L", "training")):
+        base = naive[(r["case"], r["H"], r["L"])]["fwd_bwd"]["median_ms"]
+        fwd = f"{r['fwd']['median_ms']:.2f}" if "fwd" in r else "-"
+        peak = f"{r['peak_mb']:.1f}" if "peak_mb" in r else "-"
+        ratio = base / r["fwd_bwd"]["median_ms"]
+        table.add_row(
+            *map(str, (r["B"], r["H"], r["L"], r["impl"])),
+            fwd,
+            f"{r['fwd_bwd']['median_ms']:.2f}",
+            peak,
+            f"{ratio:.2f}x",
+        )
+    console.print(table)
+    cross = [r for r in rows if r["case"] == "crossover"]
+    if cross:
+        table = Table(title="torch methods forced, fwd+bwd min ms (crossovers)")
+        for col in ("B", "H", "L", "K", *METHODS, "fastest"):
+            table.add_column(col, justify="right")
+        for r in cross:
+            table.add_row(
+                *(
+                    str(r[c]) if isinstance(r[c], (int, str)) else f"{r[c]:.2f}"
+                    for c in ("B", "H", "L", "K", *METHODS, "fastest")
+                )
+            )
+        console.print(table)
+    blocks = [r for r in rows if r["case"] == "block"]
+    if blocks:
+        sizes = [c for c in blocks[0] if c.startswith("2^")]
+        table = Table(title="fft method, fwd+bwd min ms by row-block size (samples)")
+        for col in ("B", "H", "L", *sizes):
+            table.add_column(col, justify="right")
+        for r in blocks:
+            table.add_row(str(r["B"]), str(r["H"]), str(r["L"]), *(f"{r[c]:.2f}" for c in sizes))
+        console.print(table)
+
+
+def write_json(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(payload, f, indent=1)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
+    os.replace(f.name, path)
+
+
+def machine_info(device: str, threads: int) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="fewer lengths (a smoke run)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--peak-child", nargs=4, metavar=("IMPL", "B", "H", "L"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.peak_child:
+        impl, *sizes = args.peak_child
+        return _peak_child(impl, *map(int, sizes))
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    start = time.perf_counter()
+    rows = run_side_by_side(args, args.device, dtype) + run_training_shapes(
+        args, args.device, dtype
+    )
+    if args.device == "cpu":
+        rows += run_crossovers(args) + run_block_sweep(args)
+    print_tables(rows, Console())
+    payload = {
+        "machine": machine_info(args.device, args.threads),
+        "dtype": str(dtype),
+        "repeats": args.repeats,
+        "wall_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+    write_json(payload, args.out or RESULTS / f"fftconv_{args.device}.json")
+
+
+if __name__ == "__main__":
+    main()

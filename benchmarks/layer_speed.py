@@ -1,0 +1,69 @@
+"""H3 vs attention layer of the same width: forward + backward time against sequence length.
+
+    python3 -m benchmarks.layer_speed [--threads 1] [--repeats 5] [--width 256] [--batch 1]
+
+Both layers come from layers.build ("h3" with its defaults: shift SSM then diagonal SSM, head
+dim 1; "attention" with heads of 64). Each length is timed after one warm-up, the two layers in
+turn within each repeat; medians of ``--repeats``. H3 is O(L log L) (O(L) beyond
+kernels.FUSED_MAX_LEN), attention O(L^2), so the ratio column shows where H3 overtakes.
+JSON to benchmarks/results/layer_speed_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import layers
+from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
+
+LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=LENGTHS[-1])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    mixers = {name: layers.build(name, d_model=args.width) for name in ("h3", "attention")}
+    start, rows = time.perf_counter(), []
+    for L in (L for L in LENGTHS if L <= args.max_len):
+        x = torch.randn(args.batch, L, args.width, requires_grad=True)
+        fns = {name: (lambda m=mixer, x=x: m(x)) for name, mixer in mixers.items()}
+        row = {"L": L, **time_round_robin(fns, True, args.repeats, "cpu")}
+        row["attention_over_h3"] = row["attention"]["median_ms"] / row["h3"]["median_ms"]
+        rows.append(row)
+
+    table = Table(title=f"fwd+bwd median ms, B={args.batch}, width {args.width}")
+    for col in ("L", "h3", "attention", "attention / h3"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["L"]),
+            f"{r['h3']['median_ms']:.2f}",
+            f"{r['attention']['median_ms']:.2f}",
+            f"{r['attention_over_h3']:.2f}",
+        )
+    Console().print(table)
+    payload = {
+        "machine": machine_info("cpu", args.threads),
+        "batch": args.batch,
+        "width": args.width,
+        "repeats": args.repeats,
+        "wall_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+    write_json(payload, RESULTS / "layer_speed_cpu.json")
+
+
+if __name__ == "__main__":
+    main()

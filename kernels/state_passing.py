@@ -1,0 +1,87 @@
+"""Diagonal-SSM convolution in chunks with the state carried between them: exact, O(L).
+
+For y = K * v + D v with K[l] = 2 Re sum_n C_n dB_n dA_n^l (kernels.s4d_kernel), split v into
+chunks of T samples. With x the complex SSM state [B, H, N] after the previous chunk,
+
+    y_c = conv_T(v_c) + D v_c + 2 Re(M_xy x_{c-1}),   M_xy[j, n] = C_n dA_n^(j+1)
+    x_c = dA^T x_{c-1} + M_ux v_c,                    M_ux[n, i] = dB_n dA_n^(T-1-i)
+
+where conv_T uses the filter truncated to T taps (kernels.fftconv, so the fastest method for a
+chunk). M_xy and M_ux are Vandermonde matrices; they are applied as real matmuls (real and
+imaginary parts stacked), so the work is O(L (log T + N)) and the memory O(B H T) per chunk
+instead of an FFT of the whole sequence. Differentiable by autograd in every argument.
+Layers use it beyond kernels.FUSED_MAX_LEN, with chunks of that length, so each chunk's
+convolution fits the fused GPU kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from kernels.fftconv import fftconv
+from kernels.ssm import dA_powers, s4d_discretize
+
+
+def ssm_chunked_conv(
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor | None,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    chunk: int,
+    method: str = "zoh",
+    pregate: torch.Tensor | None = None,
+    postgate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``fftconv(u, s4d_kernel(dt, A, B, C, L, method), D, pregate, postgate)``, chunk by chunk.
+
+    Args:
+        u: [B, H, L] real input; pregate, postgate: [B, H, L] or None.
+        dt: [H]; A, C: [H, N] complex; B: [H, N] complex or None (ones); D: [H] or None.
+        chunk: samples per chunk T >= 1; the last chunk may be shorter.
+        method: discretisation, as in kernels.s4d_discretize.
+
+    Returns:
+        [B, H, L] in u's dtype.
+    """
+    if chunk < 1:
+        raise ValueError(f"ssm_chunked_conv: chunk must be >= 1, got {chunk}")
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    L = u.shape[-1]
+    T = min(chunk, L)
+    chunks = -(-L // T)
+    v = u.to(dtype) if pregate is None else u.to(dtype) * pregate
+    dA, dB = s4d_discretize(dt, A, B, method)
+    power_re, power_im = dA_powers(dt, A, dA, method, T + 1)  # dA^0 .. dA^T, [H, N, T+1]
+    power = torch.complex(power_re, power_im)
+    w = C * dB
+    k = 2 * (w[..., None] * power[..., :T]).real.sum(1)  # the filter's first T taps
+    to_y = C[..., None] * power[..., 1:]  # M_xy transposed: [H, N, T]
+    to_x = dB[..., None] * power[..., :T].flip(-1)  # M_ux: [H, N, T]
+    decay = power[..., T]  # dA^T: [H, N]
+
+    # Zeros appended at the end change no earlier output (causality); cut off at the end.
+    v = rearrange(F.pad(v, (0, chunks * T - L)), "b h (c t) -> b h c t", t=T)
+    local = fftconv(rearrange(v, "b h c t -> (b c) h t"), k.to(dtype), D)
+    local = rearrange(local, "(b c) h t -> b h c t", c=chunks)
+    # State added by each chunk on its own, for all chunks at once: [B, H, c, N].
+    pushed = torch.complex(
+        torch.einsum("bhct,hnt->bhcn", v, to_x.real.to(dtype)),
+        torch.einsum("bhct,hnt->bhcn", v, to_x.imag.to(dtype)),
+    )
+    # The sequential part is only over chunks, on [B, H, N] states.
+    state = torch.zeros_like(pushed[:, :, 0])
+    before = []  # state entering each chunk
+    for c in range(chunks):
+        before.append(state)
+        state = decay * state + pushed[:, :, c]
+    before = torch.stack(before, dim=2)
+    from_state = 2 * (
+        torch.einsum("bhcn,hnt->bhct", before.real, to_y.real.to(dtype))
+        - torch.einsum("bhcn,hnt->bhct", before.imag, to_y.imag.to(dtype))
+    )
+    y = rearrange(local + from_state, "b h c t -> b h (c t)")[..., :L]
+    return (y * postgate if postgate is not None else y).to(u.dtype)
