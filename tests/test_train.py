@@ -173,3 +173,13 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run(["sandbox", "train", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "sandbox: error: config field 'model.n_layer': unknown key"
+
+
+def test_atomic_writes_have_ordinary_permissions(tmp_path):
+    from sandbox.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    plain = tmp_path / "b.txt"
+    plain.write_text("x")
+    assert (tmp_path / "a.txt").stat().st_mode == plain.stat().st_mode
+    assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob(".*tmp"))
