@@ -15,6 +15,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sandbox: error: {message}\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _cmd_train(args) -> int:
     from sandbox.train import train
 
@@ -99,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train a grid of mixers on tasks; print the gap table")
     p.add_argument("--preset", default="h3-table2", help="name in configs/compare/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="a.b=value overrides applied to every run")
-    p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
+    p.add_argument("--seeds", type=_positive_int, help="number of seeds (default: the preset's)")
     p.add_argument("--out", help="output directory (default runs/compare/<preset>)")
-    p.add_argument("--workers", type=int, help="parallel runs (default: CPU count)")
+    p.add_argument("--workers", type=_positive_int, help="parallel runs (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 

@@ -201,3 +201,10 @@ def test_extends_replaces_fields_and_merges_base(tmp_path):
     loop.write_text(yaml.safe_dump({"extends": str(loop), "tasks": {}, "variants": {}}))
     with pytest.raises(ConfigError, match="cycle"):
         load_preset(str(loop))
+
+
+@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--workers", "-1"], ["--seeds", "two"]])
+def test_cli_compare_bad_counts_exit_2(flag):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", *flag])
+    assert e.value.code == 2
