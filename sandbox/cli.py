@@ -94,6 +94,35 @@ def _cmd_sweep_report(args) -> int:
     return 0
 
 
+def _cmd_prepare_data(args) -> int:
+    from sandbox.data.prepare import prepare_data
+
+    try:
+        index = prepare_data(
+            args.inputs,
+            args.out,
+            tokenizer=args.tokenizer,
+            val_fraction=args.val_fraction,
+            val_files=args.val_files or (),
+            workers=args.workers,
+            seed=args.seed,
+            chunk_docs=args.chunk_docs,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"sandbox: interrupted; rerun the same command to continue in {args.out}",
+            file=sys.stderr,
+        )
+        return 130
+    counts = ", ".join(
+        f"{s}: {v['tokens']:,} tokens in {v['documents']:,} documents"
+        for s, v in index["splits"].items()
+    )
+    print(f"{counts}; {index['malformed']['count']} malformed lines; written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sandbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -144,6 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///OUT/study.db)")
     p.add_argument("--study", help="study name (default: the only study in the storage)")
     p.set_defaults(func=_cmd_sweep_report)
+
+    p = sub.add_parser(
+        "prepare-data",
+        help="tokenize Pile-format JSON lines (.jsonl, .jsonl.zst) into uint16 token files",
+        description="Tokenize JSON-lines shards with a 'text' field into OUT/train.bin and "
+        "OUT/val.bin (uint16, EOS after each document) and OUT/index.json. Rerun the same "
+        "command to resume after a kill.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl or .jsonl.zst shards")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default="gpt2", help="default gpt2")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument(
+        "--val-fraction",
+        type=float,
+        help="fraction of documents for val, chosen by a hash of the text (default 0.01)",
+    )
+    split.add_argument(
+        "--val-files", nargs="+", metavar="FILE", help="files whose documents are the val split"
+    )
+    p.add_argument("--workers", type=_positive_int, help="tokenizer processes (default: CPUs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val hash (default 0)")
+    p.add_argument(
+        "--chunk-docs", type=_positive_int, default=1024, help="lines per work unit (default 1024)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare_data)
     return parser
 
 
