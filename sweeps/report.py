@@ -164,9 +164,8 @@ def _variants(df, study: optuna.Study, path: Path) -> bool:
 
 def write_report(study: optuna.Study, out: str | Path) -> list[Path]:
     """Write trials.csv, best_config.yaml and the figures into `out`; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # No matplotlib.use("Agg"): headless matplotlib picks Agg by itself, and forcing it would
+    # switch off inline figures for a notebook that calls this.
     import pandas as pd
 
     out = Path(out)
