@@ -6,6 +6,14 @@ the paper's numbers. The learning rate of each (task, variant, seed) is chosen o
 validation split; the test split is only read for the chosen run.
 Runs are independent processes; finished runs are skipped when the same --out is reused, and
 interrupted runs resume from their last checkpoint.
+
+Two optional preset fields serve the difficulty grids (configs/compare/mqar.yaml, ...):
+`figures` picks the figures written beside the table (see sandbox.report.FIGURES), and
+`test_params` gives a task row a test split drawn from a variant of its task (other task
+parameters, same vocabulary and length): fuzzy recall is trained on keys of mixed length and
+tested on its longest keys. The run itself is untouched (its result.json keeps the test
+accuracy on its own split); compare evaluates the saved weights on the other split once and
+caches the figures in the run directory as heldout.json.
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
 
+import tasks
 from sandbox.config import (
     ConfigError,
     RunConfig,
@@ -31,7 +41,8 @@ from sandbox.config import (
     build_config,
     deep_merge,
 )
-from sandbox.train import total_steps
+from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights
+from sandbox.train import WEIGHTS, build_model, build_task, evaluate, total_steps
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "compare"
 
@@ -46,6 +57,12 @@ class ComparePreset(Strict):
     lr_grid: list[float] = Field(default_factory=list)  # empty: base train.lr only
     paper: dict[str, dict[str, float]] = Field(default_factory=dict)  # task -> variant -> %
     paper_note: str = ""
+    # Figures written beside table.md, each as out/<kind>.png (sandbox.report.FIGURES).
+    figures: list[Literal["gaps", "width", "heatmap", "length"]] = Field(
+        default_factory=lambda: ["gaps"]
+    )
+    # task row -> task params that replace the row's for its test split only.
+    test_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,9 @@ def load_preset(name_or_path: str) -> ComparePreset:
 
 def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None = None) -> list[Run]:
     """Every run of the preset, each with its fully validated RunConfig."""
+    unknown = set(preset.test_params) - set(preset.tasks)
+    if unknown:
+        raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
     runs = []
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
@@ -133,13 +153,20 @@ def _execute(job: tuple[dict, str]) -> dict:
     return train(RunConfig.model_validate(config_data), out, resume=True, progress=False)
 
 
+def _budget_tokens(config: RunConfig) -> int:
+    """Tokens a run may train on, a proxy of its cost: steps x batch size x seq_len."""
+    seq_len = build_task(config).seq_len
+    return total_steps(config) * config.train.batch_size * seq_len
+
+
 def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> int:
     """Run what is not finished under out/runs/; returns how many runs were executed."""
     todo = [r for r in runs if not (out / "runs" / r.run_id / "result.json").exists()]
     if not todo:
         return 0
-    # Long-budget runs first, so no worker is left with one long run at the end.
-    todo.sort(key=lambda r: -total_steps(r.config))
+    # Long-budget runs first (the most tokens to train on: steps x batch x seq_len), so no
+    # worker is left with one long run at the end.
+    todo.sort(key=lambda r: -_budget_tokens(r.config))
     jobs = [(r.config.model_dump(mode="json"), str(out / "runs" / r.run_id)) for r in todo]
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="runs", disable=not progress)
     if workers <= 1:
@@ -161,15 +188,93 @@ def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> 
     return len(todo)
 
 
+def _examples(batch: tasks.Batch) -> list[bytes]:
+    """Each example (inputs, targets, answer mask) as bytes, to test examples for equality."""
+    keys = torch.cat([batch.inputs, batch.targets, batch.answer_mask.long()], dim=1)
+    return [row.numpy().tobytes() for row in keys]
+
+
+def heldout_test(run: Run, run_dir: Path, params: dict[str, Any]) -> dict:
+    """Test figures of a finished run's weights on a split of its task with `params` on top.
+
+    The split is the test stream (seed, "test") of the changed task, less any example equal
+    to one of the run's training or validation examples. Cached in run_dir/heldout.json.
+    """
+    cache = run_dir / "heldout.json"
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached["params"] == params:
+            return cached
+    config = run.config
+    task = build_task(config)
+    try:
+        test_task = tasks.build(config.task.name, **{**config.task.params, **params})
+    except ValueError as e:
+        raise ConfigError(f"test_params of {run.task!r}: {e}") from None
+    if (test_task.vocab_size, test_task.seq_len) != (task.vocab_size, task.seq_len):
+        raise ConfigError(
+            f"test_params of {run.task!r} change the vocabulary or length the model was built for"
+        )
+    n = config.task.num_test
+    test = tasks.make_splits(test_task, 0, 0, n, seed=config.seed).test
+    seen = tasks.make_splits(task, config.task.num_train, config.task.num_valid, 0, config.seed)
+    seen_examples = set(_examples(seen.train)) | set(_examples(seen.valid))
+    fresh = torch.tensor([example not in seen_examples for example in _examples(test)])
+    if not fresh.any():
+        raise ConfigError(f"test_params of {run.task!r}: every test example is a training one")
+    model = build_model(config, task)
+    load_model_weights(model, load_checkpoint(run_dir / WEIGHTS)["model"])
+    figures = evaluate(model, test[fresh], config.train.eval_batch_size)
+    result = {
+        "params": params,
+        "test_accuracy": figures["accuracy"],
+        "test_exact": figures["exact"],
+        "num_test": int(fresh.sum()),
+    }
+    atomic_write_text(cache, json.dumps(result, indent=2))
+    return result
+
+
 def collect(runs: list[Run], out: Path) -> list[dict]:
-    """One row per finished run: its result plus task/variant/seed/lr."""
+    """One row per finished run: its result plus task/variant/seed/lr and, for the figures,
+    the run's layer (model.mixer), d_model and seq_len."""
     rows = []
     for r in runs:
         path = out / "runs" / r.run_id / "result.json"
         if path.exists():
             result = json.loads(path.read_text())
-            rows.append({**result, "task": r.task, "mixer": r.variant, "seed": r.seed, "lr": r.lr})
+            rows.append(
+                {
+                    **result,
+                    "task": r.task,
+                    "mixer": r.variant,
+                    "seed": r.seed,
+                    "lr": r.lr,
+                    "layer": r.config.model.mixer,
+                    "d_model": r.config.model.d_model,
+                    "seq_len": build_task(r.config).seq_len,
+                }
+            )
     return rows
+
+
+def apply_test_params(
+    rows: list[dict], runs: list[Run], out: Path, test_params: dict[str, dict]
+) -> list[dict]:
+    """Rows of the task rows in test_params get the test figures of their held-out split
+    (heldout_test) as test_accuracy and test_exact; the run's own are kept as
+    run_test_accuracy and run_test_exact. Other rows are returned as they are."""
+    by_key = {(r.task, r.variant, r.seed, r.lr): r for r in runs}
+    updated = []
+    for row in rows:
+        if row["task"] in test_params:
+            run = by_key[(row["task"], row["mixer"], row["seed"], row["lr"])]
+            held = heldout_test(run, out / "runs" / run.run_id, test_params[run.task])
+            row = dict(row)
+            for key in ("test_accuracy", "test_exact"):
+                row[f"run_{key}"], row[key] = row[key], held[key]
+        updated.append(row)
+    return updated
 
 
 def select_lr(rows: list[dict]) -> list[dict]:
@@ -192,12 +297,14 @@ def compare(
     overrides: list[str] = (),
     progress: bool = True,
 ) -> list[dict]:
-    """Run the preset (skipping finished runs) and write results.csv, table.md, gaps.png."""
+    """Run the preset (skipping finished runs) and write results.csv, table.md and the
+    preset's figures (gaps.png by default)."""
     from sandbox import report
 
     runs = expand(preset, overrides, seeds)
     out.mkdir(parents=True, exist_ok=True)
     run_all(runs, out, workers or os.cpu_count() or 1, progress)
-    chosen = select_lr(collect(runs, out))
+    # Held-out splits are read for the chosen runs only, as the test split is.
+    chosen = apply_test_params(select_lr(collect(runs, out)), runs, out, preset.test_params)
     report.write_all(chosen, preset, runs, out)
     return chosen

@@ -1,7 +1,11 @@
-"""Writers for `sandbox compare`: results.csv, table.md, the terminal table and gaps.png.
+"""Writers for `sandbox compare`: results.csv, table.md, the terminal table and figures.
 
 Rows are the per-run results chosen by `compare.select_lr`; a summary groups them by
 (task, mixer) over seeds. Accuracies are fractions in the CSV and percentages in tables.
+A preset's `figures` names the figures written (FIGURES below), each as out/<kind>.png:
+gaps (the default; bars per mixer, one panel per task), width (accuracy vs d_model, one
+line per layer, one panel per task ordered by seq_len), heatmap (task x mixer mean test
+accuracy) and length (accuracy and wall time vs seq_len, one line per mixer).
 """
 
 from __future__ import annotations
@@ -75,22 +79,27 @@ def _fmt(stat: dict | None) -> str:
 
 
 def table_rows(summary, preset, chance) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per task, our accuracy (%), the paper's, and median steps."""
+    """Header and rows: per task, our accuracy (%), the paper's, and median steps.
+    A preset without paper numbers gets no paper columns."""
     task_names = list(preset.tasks)
+    with_paper = bool(preset.paper)
     header = ["mixer"]
     for t in task_names:
-        header += [f"{t} (ours)", f"{t} (paper)", f"{t} steps"]
+        header += [f"{t} (ours)", f"{t} (paper)", f"{t} steps"] if with_paper else [t, f"{t} steps"]
+
+    def paper(t, column):
+        value = preset.paper.get(t, {}).get(column)
+        return [f"{value:.1f}" if value is not None else "-"] if with_paper else []
+
     rows = [["random"]]
     for t in task_names:
-        paper = preset.paper.get(t, {}).get("random")
-        rows[0] += [f"{chance[t]:.1f}", f"{paper:.1f}" if paper is not None else "-", "-"]
+        rows[0] += [f"{chance[t]:.1f}", *paper(t, "random"), "-"]
     for mixer in preset.variants:
         row = [mixer]
         for t in task_names:
             stat = summary.get((t, mixer))
-            paper = preset.paper.get(t, {}).get(mixer)
             steps = f"{stat['steps']:.0f}" if stat else "-"
-            row += [_fmt(stat), f"{paper:.1f}" if paper is not None else "-", steps]
+            row += [_fmt(stat), *paper(t, mixer), steps]
         rows.append(row)
     return header, rows
 
@@ -113,12 +122,45 @@ def print_table(header, rows, title: str) -> None:
     Console().print(table)
 
 
+def _pyplot():
+    """matplotlib.pyplot, imported on first use. The backend is left alone: headless
+    matplotlib picks Agg by itself, and forcing it would stop inline figures in notebooks."""
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Write a matplotlib figure to path atomically as PNG, then free it."""
+
+    def save(tmp):
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+    atomic_write(path, save)
+    _pyplot().close(fig)
+
+
+def _accuracy_frame(rows: list[dict]):
+    """One record per run: task, mixer (the variant), layer, d_model, seq_len, accuracy (%),
+    wall_s."""
+    import pandas as pd
+
+    keys = ("task", "mixer", "layer", "d_model", "seq_len", "wall_s")
+    return pd.DataFrame(
+        [{**{k: r[k] for k in keys}, "accuracy": 100 * r["test_accuracy"]} for r in rows]
+    )
+
+
+def _tasks_by_length(rows: list[dict], preset) -> list[str]:
+    """The task rows that have results, shortest seq_len first (preset order breaks ties)."""
+    length = {r["task"]: r["seq_len"] for r in rows}
+    return sorted((t for t in preset.tasks if t in length), key=lambda t: length[t])
+
+
 def figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
     """Bar chart of test accuracy per mixer (ours with sd over seeds, paper beside it),
     one panel per task, chance as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    _pyplot()
     import pandas as pd
     import seaborn as sns
 
@@ -151,18 +193,123 @@ def figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> No
         ax.set_ylim(0, 105)
         ax.tick_params(axis="x", rotation=30)
     grid.set_axis_labels("", "test accuracy (%)")
+    _save_png(grid.figure, path)
 
-    def save(tmp):
-        grid.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
-    atomic_write(path, save)
-    import matplotlib.pyplot as plt
+def width_figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
+    """Test accuracy vs model width (d_model), one line per layer (model.mixer; mean and sd
+    over seeds), one panel per task ordered by seq_len, chance dashed."""
+    _pyplot()
+    import seaborn as sns
 
-    plt.close(grid.figure)
+    frame = _accuracy_frame(rows)
+    order = _tasks_by_length(rows, preset)
+    grid = sns.relplot(
+        frame,
+        kind="line",
+        x="d_model",
+        y="accuracy",
+        hue="layer",
+        style="layer",
+        markers=True,
+        dashes=False,
+        col="task",
+        col_order=order,
+        errorbar="sd",
+        height=3.2,
+        aspect=1.1,
+    )
+    widths = sorted(set(frame["d_model"]))
+    length = dict(zip(frame["task"], frame["seq_len"], strict=True))
+    for task, ax in grid.axes_dict.items():
+        ax.axhline(chance[task], ls="--", color="gray", lw=1)
+        ax.set_ylim(-2, 105)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.minorticks_off()
+        ax.set_title(f"{task} (seq_len {length[task]})")
+    grid.set_axis_labels("model width (d_model)", "test accuracy (%)")
+    _save_png(grid.figure, path)
+
+
+def heatmap_figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
+    """Mean test accuracy (%) over seeds, tasks down, mixers across, chance in the row label;
+    a cell without a finished run is blank."""
+    plt = _pyplot()
+    import seaborn as sns
+
+    frame = _accuracy_frame(rows)
+    table = frame.pivot_table(index="task", columns="mixer", values="accuracy", aggfunc="mean")
+    table = table.reindex(index=list(preset.tasks), columns=list(preset.variants))
+    table.index = [f"{t} (chance {chance[t]:.1f})" for t in table.index]
+    fig, ax = plt.subplots(figsize=(1.1 * len(table.columns) + 3, 0.5 * len(table) + 1.2))
+    sns.heatmap(
+        table,
+        annot=True,
+        fmt=".0f",
+        vmin=0,
+        vmax=100,
+        cmap="viridis",
+        ax=ax,
+        cbar_kws={"label": "test accuracy (%)"},
+    )
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.tick_params(axis="x", rotation=30)
+    _save_png(fig, path)
+
+
+def length_figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
+    """Two panels against seq_len (log 2), one line per mixer: test accuracy with chance
+    dashed, and the run's training wall time (to the early stop or the step cap)."""
+    plt = _pyplot()
+    import seaborn as sns
+
+    frame = _accuracy_frame(rows)
+    order = [m for m in preset.variants if m in set(frame["mixer"])]
+    lengths = sorted(set(frame["seq_len"]))
+    fig, (acc_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, y in ((acc_ax, "accuracy"), (time_ax, "wall_s")):
+        sns.lineplot(
+            frame,
+            x="seq_len",
+            y=y,
+            hue="mixer",
+            hue_order=order,
+            style="mixer",
+            style_order=order,
+            markers=True,
+            dashes=False,
+            errorbar="sd",
+            ax=ax,
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("sequence length")
+    by_length = {r["seq_len"]: chance[r["task"]] for r in rows}
+    acc_ax.plot(lengths, [by_length[n] for n in lengths], ls="--", color="gray", lw=1)
+    acc_ax.set_ylim(-2, 105)
+    acc_ax.set_ylabel("test accuracy (%)")
+    time_ax.set_yscale("log")
+    time_ax.set_ylabel("training wall time (s)")
+    acc_ax.get_legend().remove()  # one legend, where the time curves leave room
+    sns.move_legend(time_ax, "upper left", title="mixer")
+    _save_png(fig, path)
+
+
+# Figure kind (a preset's `figures`) -> writer of out/<kind>.png.
+FIGURES = {
+    "gaps": figure,
+    "width": width_figure,
+    "heatmap": heatmap_figure,
+    "length": length_figure,
+}
 
 
 def write_all(chosen: list[dict], preset, runs, out: Path, show: bool = True) -> None:
-    """results.csv, table.md and gaps.png under out; the table printed to the terminal."""
+    """results.csv, table.md and the preset's figures (<kind>.png) under out; the table
+    printed to the terminal."""
     order = {(r.task, r.variant, r.seed): i for i, r in enumerate(runs)}
     chosen = sorted(chosen, key=lambda r: order[(r["task"], r["mixer"], r["seed"])])
     chance = random_accuracy(runs)
@@ -171,6 +318,7 @@ def write_all(chosen: list[dict], preset, runs, out: Path, show: bool = True) ->
     note = f"\n{preset.paper_note}\n" if preset.paper_note else ""
     atomic_write_text(out / "table.md", markdown(header, rows) + note)
     if chosen:
-        figure(chosen, preset, chance, out / "gaps.png")
+        for kind in preset.figures:
+            FIGURES[kind](chosen, preset, chance, out / f"{kind}.png")
     if show:
         print_table(header, rows, preset.description or "sandbox compare")

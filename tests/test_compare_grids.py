@@ -1,0 +1,192 @@
+"""The difficulty-grid presets (mqar, recall-suite, length-scaling): their grids, the figure
+kinds, and test_params (a task row tested on a variant of its task), without full training."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from sandbox import report
+from sandbox.compare import compare, expand, heldout_test, load_preset
+from sandbox.config import ConfigError
+
+PNG = b"\x89PNG"
+
+
+def _by_key(runs):
+    return {(r.task, r.variant): r.config for r in runs}
+
+
+def test_mqar_grid():
+    preset = load_preset("mqar")
+    runs = expand(preset)
+    assert len(runs) == 3 * 10  # (seq_len, pairs) x (5 mixers x 2 widths), one seed
+    assert preset.figures == ["gaps", "width"]
+    configs = _by_key(runs)
+    h3 = configs[("L256-kv16", "h3-128")]
+    assert (h3.model.mixer, h3.model.d_model, h3.model.mixer_params) == ("h3", 128, {"head_dim": 8})
+    assert h3.task.params == {"vocab_size": 256, "seq_len": 256, "num_kv_pairs": 16}
+    assert h3.train.loss_on == "answers" and h3.train.target_accuracy == 0.99
+    attn = configs[("L64-kv4", "attention-64")]
+    assert (attn.model.mixer, attn.model.d_model) == ("attention", 64)
+    assert {c.model.d_model for c in configs.values()} == {64, 128}
+    assert {c.model.mixer for c in configs.values()} == {"attention", "h3", "hyena", "s4d", "gss"}
+    assert {c.task.params["num_kv_pairs"] for c in configs.values()} == {4, 8, 16}
+
+
+def test_recall_suite_grid():
+    preset = load_preset("recall-suite")
+    runs = expand(preset)
+    assert len(runs) == 8 * 5
+    assert preset.figures == ["gaps", "heatmap"]
+    configs = _by_key(runs)
+    assert {c.task.name for c in configs.values()} == {
+        "associative_recall",
+        "induction_head",
+        "mqar",
+        "selective_copying",
+        "noisy_recall",
+        "fuzzy_recall",
+        "memorization",
+        "compression",
+    }
+    assert configs[("associative_recall", "h3")].train.loss_on == "all"  # the paper's loss
+    assert configs[("compression", "gss")].train.loss_on == "answers"
+    assert configs[("induction_head", "h3")].model.mixer_params == {"head_dim": 8}
+    assert preset.test_params == {"fuzzy_recall": {"key_len": 3}}
+
+
+def test_length_scaling_grid():
+    preset = load_preset("length-scaling")
+    runs = expand(preset)
+    assert len(runs) == 5 * 3
+    assert preset.figures == ["gaps", "length"]
+    configs = _by_key(runs)
+    lengths = sorted({c.task.params["seq_len"] for c in configs.values()})
+    assert lengths == [64, 128, 256, 512, 1024]
+    assert {c.task.params["vocab_size"] for c in configs.values()} == {130}
+    assert configs[("L1024", "hyena")].model.mixer == "hyena"
+    assert {v for _, v in configs} == {"attention", "h3", "hyena"}
+
+
+def _synthetic_rows(preset):
+    """A made-up result for every run of the preset, as compare.collect shapes them."""
+    rows = []
+    for i, r in enumerate(expand(preset)):
+        seq_len = r.config.task.params["seq_len"]
+        rows.append(
+            {
+                "task": r.task,
+                "mixer": r.variant,
+                "seed": r.seed,
+                "lr": r.lr,
+                "layer": r.config.model.mixer,
+                "d_model": r.config.model.d_model,
+                "seq_len": seq_len,
+                "test_accuracy": (i % 7) / 6,
+                "wall_s": seq_len / 10 + i,
+            }
+        )
+    return rows
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("mqar", "width"), ("recall-suite", "heatmap"), ("length-scaling", "length")]
+)
+def test_figure_kinds_render(tmp_path, name, kind):
+    preset = load_preset(name)
+    chance = report.random_accuracy(expand(preset))
+    rows = _synthetic_rows(preset)
+    path = tmp_path / f"{kind}.png"
+    report.FIGURES[kind](rows[:-1], preset, chance, path)  # a missing run leaves a gap
+    assert path.read_bytes()[:4] == PNG
+    assert list(tmp_path.iterdir()) == [path]  # written atomically: no temp file left
+
+
+def test_unknown_figure_and_test_params_rows_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": {"t": {}}, "variants": {"v": {}}, "figures": ["pie"]}))
+    with pytest.raises(ConfigError, match="'figures.0'"):
+        load_preset(str(bad))
+    preset = load_preset("recall-suite").model_copy(update={"test_params": {"nope": {}}})
+    with pytest.raises(ConfigError, match=r"test_params: \['nope'\] are not task rows"):
+        expand(preset)
+
+
+def _tiny_grid(tmp_path):
+    preset = {
+        "description": "tiny grid",
+        "base": {
+            "threads": 1,
+            "task": {"num_train": 64, "num_valid": 32, "num_test": 32},
+            "model": {"n_layers": 1, "mlp_ratio": 1},
+            "train": {"max_steps": 3, "eval_every": 3, "batch_size": 16, "loss_on": "answers"},
+        },
+        "tasks": {
+            "ar": {"task": {"name": "associative_recall", "params": {"seq_len": 12}}},
+            "fuzzy": {
+                "task": {
+                    "name": "fuzzy_recall",
+                    "params": {
+                        "vocab_size": 12,
+                        "seq_len": 16,
+                        "num_kv_pairs": 2,
+                        "max_key_len": 2,
+                        "max_value_len": 2,
+                    },
+                }
+            },
+        },
+        "variants": {
+            "attention-16": {"model": {"mixer": "attention", "d_model": 16}},
+            "attention-32": {"model": {"mixer": "attention", "d_model": 32}},
+            "s4d-16": {"model": {"mixer": "s4d", "d_model": 16, "mixer_params": {"d_state": 4}}},
+        },
+        "test_params": {"fuzzy": {"key_len": 2}},
+        "figures": ["width", "heatmap", "length"],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(preset, sort_keys=False))
+    return load_preset(str(path))
+
+
+def test_tiny_grid_end_to_end(tmp_path):
+    preset = _tiny_grid(tmp_path)
+    out = tmp_path / "out"
+    chosen = compare(preset, out, workers=1, progress=False)
+    assert len(chosen) == 6
+    for kind in ("width", "heatmap", "length"):
+        assert (out / f"{kind}.png").read_bytes()[:4] == PNG
+    assert not (out / "gaps.png").exists()  # only the figures the preset names
+
+    parsed = list(csv.DictReader((out / "results.csv").open()))
+    assert list(parsed[0]) == report.CSV_COLUMNS
+    assert [(r["task"], r["mixer"]) for r in parsed][:3] == [
+        ("ar", "attention-16"),
+        ("ar", "attention-32"),
+        ("ar", "s4d-16"),
+    ]
+    rows = {(r["task"], r["mixer"]): r for r in chosen}
+    assert rows[("ar", "attention-32")]["d_model"] == 32
+    assert rows[("fuzzy", "s4d-16")]["layer"] == "s4d"
+    assert rows[("fuzzy", "s4d-16")]["seq_len"] == 16
+    # The fuzzy row's test accuracy is the longest-key split's; the run's own is kept.
+    for variant in preset.variants:
+        row = rows[("fuzzy", variant)]
+        held = json.loads(next(out.glob(f"runs/fuzzy__{variant}__*/heldout.json")).read_text())
+        assert held["params"] == {"key_len": 2} and 0 < held["num_test"] <= 32
+        assert row["test_accuracy"] == held["test_accuracy"]
+        own = json.loads(next(out.glob(f"runs/fuzzy__{variant}__*/result.json")).read_text())
+        assert row["run_test_accuracy"] == own["test_accuracy"]
+    assert "run_test_accuracy" not in rows[("ar", "s4d-16")]
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0] == "| mixer | ar | ar steps | fuzzy | fuzzy steps |"  # no paper
+
+    # test_params must keep the vocabulary and length the model was built for.
+    run = next(r for r in expand(preset) if r.task == "fuzzy")
+    run_dir = out / "runs" / run.run_id
+    with pytest.raises(ConfigError, match="change the vocabulary or length"):
+        heldout_test(run, run_dir, {"seq_len": 18})
+    with pytest.raises(ConfigError, match="key_len must be <= 2"):
+        heldout_test(run, run_dir, {"key_len": 3})
