@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
@@ -188,12 +187,6 @@ def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> 
     return len(todo)
 
 
-def _examples(batch: tasks.Batch) -> list[bytes]:
-    """Each example (inputs, targets, answer mask) as bytes, to test examples for equality."""
-    keys = torch.cat([batch.inputs, batch.targets, batch.answer_mask.long()], dim=1)
-    return [row.numpy().tobytes() for row in keys]
-
-
 def heldout_test(run: Run, run_dir: Path, params: dict[str, Any]) -> dict:
     """Test figures of a finished run's weights on a split of its task with `params` on top.
 
@@ -218,8 +211,7 @@ def heldout_test(run: Run, run_dir: Path, params: dict[str, Any]) -> dict:
     n = config.task.num_test
     test = tasks.make_splits(test_task, 0, 0, n, seed=config.seed).test
     seen = tasks.make_splits(task, config.task.num_train, config.task.num_valid, 0, config.seed)
-    seen_examples = set(_examples(seen.train)) | set(_examples(seen.valid))
-    fresh = torch.tensor([example not in seen_examples for example in _examples(test)])
+    fresh = tasks.not_in(test, tasks.Batch.cat([seen.train, seen.valid]))
     if not fresh.any():
         raise ConfigError(f"test_params of {run.task!r}: every test example is a training one")
     model = build_model(config, task)

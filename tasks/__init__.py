@@ -21,6 +21,7 @@ from .base import (
     build,
     make_splits,
     names,
+    not_in,
     register,
 )
 from .copying import Compression, SelectiveCopying
@@ -50,5 +51,6 @@ __all__ = [
     "build",
     "make_splits",
     "names",
+    "not_in",
     "register",
 ]

@@ -245,7 +245,7 @@ def _row_hashes(batch: Batch) -> torch.Tensor:
     return sum(part @ w for part, w in zip(parts, weights, strict=True))
 
 
-def _not_in(candidates: Batch, excluded: Batch) -> torch.Tensor:
+def not_in(candidates: Batch, excluded: Batch) -> torch.Tensor:
     """bool [N]: examples of candidates that equal no example of excluded (whole rows)."""
     # Only hash matches can be duplicates; those few rows are compared exactly.
     cand_hash, excl_hash = _row_hashes(candidates), _row_hashes(excluded)
@@ -267,7 +267,7 @@ def _held_out(task: Task, count: int, split: str, seed: int, excluded: Batch) ->
         # that spaces where most draws collide still fill up in a few rounds.
         oversample = 2 * 4**round_
         candidates = task.generate(oversample * (count - found), split_seed(seed, split, round_))
-        fresh = candidates[_not_in(candidates, excluded)][: count - found]
+        fresh = candidates[not_in(candidates, excluded)][: count - found]
         kept.append(fresh)
         found += len(fresh)
         if found == count:
