@@ -59,9 +59,7 @@ class Mixer(nn.Module, ABC):
         return check_choice(self.name, param, value, choices)
 
     def _bool(self, param: str, value) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{self.name}: {param} must be true or false, got {value!r}")
-        return value
+        return check_bool(self.name, param, value)
 
     def _divides(self, param: str, divisor: int, what: str) -> None:
         if self.d_model % divisor:
@@ -159,6 +157,12 @@ def check_float(owner: str, param: str, value, low: float, high: float) -> float
     if not low <= value < high:  # also rejects NaN
         raise ValueError(f"{owner}: {param} must be in [{low}, {high}), got {value}")
     return float(value)
+
+
+def check_bool(owner: str, param: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {param} must be true or false, got {value!r}")
+    return value
 
 
 def check_choice(owner: str, param: str, value, choices: Sequence[str]) -> str:

@@ -16,6 +16,7 @@ Ablation knobs:
                 product - the layer keeps every projection and its parameter count but loses
                 the multiplicative k-v interaction (linear in x up to the q gate).
     q_gate      False: no q projection; out[h, j] = sum_i y[h, i, j].
+    learn_shift_b  True: the shift SSMs learn B (from e1), as in H3's released checkpoints.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from layers.ssm import SSM_KINDS, check_diagonal_args, make_ssm
 @register("h3")
 class H3(Mixer):
     """Args: d_model D; d_state (taps of a shift SSM, real state size of a diagonal one);
-    head_dim (must divide D); first_ssm, second_ssm, kv_gate, q_gate (see the module
+    head_dim (must divide D); first_ssm, second_ssm, kv_gate, q_gate, learn_shift_b (see the module
     docstring); init ("lin" | "inv"), discretization ("bilinear" | "zoh"), dt_min, dt_max for
     the diagonal SSMs.
 
@@ -48,6 +49,7 @@ class H3(Mixer):
         second_ssm: str = "diag",
         kv_gate: bool = True,
         q_gate: bool = True,
+        learn_shift_b: bool = False,
         init: str = "lin",
         discretization: str = "bilinear",
         dt_min: float = 1e-3,
@@ -63,13 +65,14 @@ class H3(Mixer):
         self.q_gate = self._bool("q_gate", q_gate)
         # Checked here although a shift-only variant never uses them: a typo must not pass.
         diagonal_args = check_diagonal_args(self.name, init, discretization, dt_min, dt_max)
+        ssm_args = (d_state, *diagonal_args, self._bool("learn_shift_b", learn_shift_b))
 
         self.q_proj = nn.Linear(d, d) if self.q_gate else None
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         no_ssm = first_ssm == "none"
-        self.k_ssm = None if no_ssm else make_ssm(first_ssm, d, d_state, *diagonal_args)
-        self.kv_ssm = make_ssm(second_ssm, d // self.head_dim, d_state, *diagonal_args)
+        self.k_ssm = None if no_ssm else make_ssm(first_ssm, d, *ssm_args)
+        self.kv_ssm = make_ssm(second_ssm, d // self.head_dim, *ssm_args)
         self.output_linear = nn.Linear(d, d)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

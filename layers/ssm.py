@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import repeat
 from torch import nn
 
@@ -26,7 +27,7 @@ from kernels import (
     ssm_chunked_conv,
 )
 from kernels.ssm import DISCRETIZATIONS
-from layers.base import check_choice, check_float, check_int, mark_ssm
+from layers.base import check_bool, check_choice, check_float, check_int, mark_ssm
 
 INITS = ("lin", "inv")
 SSM_KINDS = ("diag", "shift")
@@ -140,37 +141,49 @@ class DiagonalSSM(nn.Module):
 class ShiftSSM(nn.Module):
     """H3's shift SSM over H channels: a learned causal FIR filter of N taps plus a skip.
 
-    A is the N x N shift matrix and B = e1, so the state is the last N inputs (newest first)
-    and the kernel is C itself. Parameters: taps C [H, N] ~ normal / sqrt(N) (so the filter
-    roughly keeps the input's variance) and skip D [H] ~ normal. Nothing here is an SSM
-    parameter in the optimizer's sense: there is no dt, A or B to learn.
+    A is the N x N shift matrix. With B = e1 (the paper; ``learn_b=False``) the state is the
+    last N inputs, newest first, and the kernel is C itself. With ``learn_b=True`` (H3's
+    released checkpoints) B [H, N] starts at e1 and trains as an SSM parameter; the kernel is
+    then K[l] = sum_j C[j + l] B[j] and the state x_t = shift(x_{t-1}) + B u_t. Parameters:
+    taps C [H, N] ~ normal / sqrt(N) (so the filter roughly keeps the input's variance) and
+    skip D [H] ~ normal.
     """
 
-    def __init__(self, channels: int, d_state: int = 64):
+    def __init__(self, channels: int, d_state: int = 64, learn_b: bool = False):
         super().__init__()
         owner = type(self).__name__
         channels = check_int(owner, "channels", channels)
         d_state = check_int(owner, "d_state", d_state)
         self.C = nn.Parameter(torch.randn(channels, d_state) / math.sqrt(d_state))
         self.D = nn.Parameter(torch.randn(channels))
+        self.B = None
+        if check_bool(owner, "learn_b", learn_b):
+            e1 = torch.zeros(channels, d_state)
+            e1[:, 0] = 1.0
+            self.B = nn.Parameter(e1)
+            mark_ssm(self.B)
 
     def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
-        """u, gates [B, C, L] -> postgate * (C * v + D v) with v = u * pregate; [B, C, L]."""
-        k = shift_kernel(self.C, L=u.shape[-1])
+        """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L]."""
+        k = shift_kernel(self.C, self.B, L=u.shape[-1])
         channels = u.shape[1]
         D = _per_channel(self.D, channels)
         return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
 
     def init_state(self, batch_size: int, copies: int = 1) -> torch.Tensor:
-        """Zeros [B, H * copies, N]: the last N inputs, newest first."""
+        """Zeros [B, H * copies, N] (with B = e1: the last N inputs, newest first)."""
         shape = (batch_size, self.C.shape[0] * copies, self.C.shape[1])
         return torch.zeros(shape, dtype=self.C.dtype, device=self.C.device)
 
     def step(self, u_t, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shift u_t into the register; y_t = C . register + D u_t.  u_t [B, C] -> [B, C]."""
+        """x_t = shift(x_{t-1}) + B u_t; y_t = C . x_t + D u_t.  u_t [B, C] -> [B, C]."""
         channels = u_t.shape[1]
         C, D = _per_channel(self.C, channels), _per_channel(self.D, channels)
-        state = torch.cat([u_t[..., None], state[..., :-1]], dim=-1)
+        if self.B is None:  # B = e1: push u_t into the register
+            state = torch.cat([u_t[..., None], state[..., :-1]], dim=-1)
+        else:
+            B = _per_channel(self.B, channels)
+            state = F.pad(state[..., :-1], (1, 0)) + B * u_t[..., None]
         return (C * state).sum(-1) + D * u_t, state
 
 
@@ -182,8 +195,10 @@ def make_ssm(
     discretization: str,
     dt_min: float,
     dt_max: float,
+    learn_shift_b: bool = False,
 ) -> DiagonalSSM | ShiftSSM:
-    """A DiagonalSSM ("diag") or ShiftSSM ("shift"; ignores the diagonal-only arguments)."""
+    """A DiagonalSSM ("diag") or ShiftSSM ("shift"; ignores the diagonal-only arguments,
+    and a diagonal SSM ignores ``learn_shift_b``)."""
     if check_choice("make_ssm", "kind", kind, SSM_KINDS) == "shift":
-        return ShiftSSM(channels, d_state)
+        return ShiftSSM(channels, d_state, learn_shift_b)
     return DiagonalSSM(channels, d_state, init, discretization, dt_min, dt_max)

@@ -36,6 +36,8 @@ H3_VARIANTS = [
     {"kv_gate": False, "q_gate": False, "head_dim": 2},
     {"init": "inv"},
     {"discretization": "zoh"},
+    {"learn_shift_b": True},
+    {"learn_shift_b": True, "second_ssm": "shift", "head_dim": 2},
 ]
 CONFIGS = (
     [(name, {}) for name in layers.names()]
@@ -167,16 +169,21 @@ def diagonal_loop(ssm: DiagonalSSM, u: torch.Tensor) -> torch.Tensor:
 
 
 def shift_loop(ssm: ShiftSSM, u: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_l C[l] u_{t-l} + D u_t per channel; u [B, H * R, L]."""
+    """The state-space recurrence with an explicit N x N shift matrix A, per channel:
+    x_t = A x_{t-1} + B u_t, y_t = C x_t + D u_t (B = e1 unless the SSM learns B).
+    u [B, H * R, L]."""
     C, D = ssm.C.detach().double(), ssm.D.detach().double()
-    copies = u.shape[1] // C.shape[0]
+    H, N = C.shape
+    B = torch.eye(N, dtype=torch.float64)[0].expand(H, N) if ssm.B is None else ssm.B.detach()
+    A = torch.diag(torch.ones(N - 1, dtype=torch.float64), -1)
+    copies = u.shape[1] // H
     y = torch.zeros_like(u)
     for c in range(u.shape[1]):
         h = c // copies
+        x = torch.zeros(u.shape[0], N, dtype=torch.float64)
         for t in range(u.shape[2]):
-            y[:, c, t] = D[h] * u[:, c, t]
-            for lag in range(min(C.shape[1], t + 1)):
-                y[:, c, t] += C[h, lag] * u[:, c, t - lag]
+            x = x @ A.T + B[h].double() * u[:, c, t, None]
+            y[:, c, t] = x @ C[h] + D[h] * u[:, c, t]
     return y
 
 
@@ -198,9 +205,10 @@ def test_diagonal_ssm_matches_recurrence(init, discretization):
     torch.testing.assert_close(ssm(u, pregate=pre, postgate=post), gated, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("learn_b", [False, True])
 @pytest.mark.parametrize("d_state", [5, 16])  # fewer taps than positions, and more
-def test_shift_ssm_matches_direct_loop(d_state):
-    ssm = ShiftSSM(3, d_state).double()
+def test_shift_ssm_matches_recurrence(d_state, learn_b):
+    ssm = ShiftSSM(3, d_state, learn_b).double()
     randomise(ssm)
     u, pre, post = ssm_inputs(6)
     torch.testing.assert_close(ssm(u), shift_loop(ssm, u), rtol=1e-10, atol=1e-10)
@@ -266,6 +274,7 @@ SSM_NAMES = {"log_dt", "log_A_real", "A_imag", "B"}
         ("h3", {}, {f"kv_ssm.{p}" for p in SSM_NAMES}),
         ("h3", {"first_ssm": "diag"}, {f"{m}.{p}" for m in ("k_ssm", "kv_ssm") for p in SSM_NAMES}),
         ("h3", {"second_ssm": "shift"}, set()),
+        ("h3", {"learn_shift_b": True}, {"k_ssm.B"} | {f"kv_ssm.{p}" for p in SSM_NAMES}),
     ],
 )
 def test_ssm_parameters_are_flagged(name, params, flagged):
