@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 DISCRETIZATIONS = ("zoh", "bilinear")
 
@@ -72,6 +74,38 @@ def s4d_kernel(
     x_im = w.real[..., None] * low_im + w.imag[..., None] * low_re
     k = 2 * (x_re.mT @ high_re - x_im.mT @ high_im)  # [H, P, Q]: entry [a, b] is K[a + P b]
     return k.mT.reshape(k.shape[0], P * Q)[:, :L]
+
+
+def s4d_state(
+    u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor | None, method: str = "zoh"
+) -> torch.Tensor:
+    """State after a diagonal SSM has read u from the zero state: x_L = sum_s dA^(L-1-s) dB u_s.
+
+    The transpose of :func:`s4d_kernel` (the same Vandermonde matrix, applied to the input
+    reversed in time), computed in parallel with the same split of the lags.
+
+    Args: u [batch, H, L] real, L >= 1; dt [H]; A, B [H, N] complex (B may be None); method.
+    Returns: complex [batch, H, N], in the precision of dt.
+    """
+    dA, dB = s4d_discretize(dt, A, B, method)
+    L = u.shape[-1]
+    # Lag l = L-1-s = a + P b with P ~ sqrt(L): x = dB sum_b (dA^P)^b sum_a dA^a u_{L-1-a-Pb},
+    # an [L/P, P] x [P, N] matmul per channel, then a sum over the L/P blocks.
+    P = math.isqrt(L - 1) + 1
+    Q = -(-L // P)
+    low_re, low_im = dA_powers(dt, A, dA, method, P)  # dA^a, a < P
+    high_re, high_im = dA_powers(dt, A, dA, method, Q, step=P)  # dA^(P b), b < Q
+    newest_first = F.pad(u.flip(-1).to(low_re.dtype), (0, P * Q - L))  # zeros: lags >= L
+    lagged = rearrange(newest_first, "x h (q p) -> x h q p", p=P)
+    part_re = torch.einsum("xhqp,hnp->xhqn", lagged, low_re)
+    part_im = torch.einsum("xhqp,hnp->xhqn", lagged, low_im)
+    x_re = torch.einsum("xhqn,hnq->xhn", part_re, high_re) - torch.einsum(
+        "xhqn,hnq->xhn", part_im, high_im
+    )
+    x_im = torch.einsum("xhqn,hnq->xhn", part_re, high_im) + torch.einsum(
+        "xhqn,hnq->xhn", part_im, high_re
+    )
+    return dB * torch.complex(x_re, x_im)
 
 
 def dA_powers(

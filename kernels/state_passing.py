@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from kernels.fftconv import fftconv
-from kernels.ssm import dA_powers, s4d_discretize
+from kernels.ssm import dA_powers, s4d_discretize, s4d_state
 
 
 def ssm_chunked_conv(
@@ -60,18 +60,15 @@ def ssm_chunked_conv(
     w = C * dB
     k = 2 * (w[..., None] * power[..., :T]).real.sum(1)  # the filter's first T taps
     to_y = C[..., None] * power[..., 1:]  # M_xy transposed: [H, N, T]
-    to_x = dB[..., None] * power[..., :T].flip(-1)  # M_ux: [H, N, T]
     decay = power[..., T]  # dA^T: [H, N]
 
     # Zeros appended at the end change no earlier output (causality); cut off at the end.
     v = rearrange(F.pad(v, (0, chunks * T - L)), "b h (c t) -> b h c t", t=T)
     local = fftconv(rearrange(v, "b h c t -> (b c) h t"), k.to(dtype), D)
     local = rearrange(local, "(b c) h t -> b h c t", c=chunks)
-    # State added by each chunk on its own, for all chunks at once: [B, H, c, N].
-    pushed = torch.complex(
-        torch.einsum("bhct,hnt->bhcn", v, to_x.real.to(dtype)),
-        torch.einsum("bhct,hnt->bhcn", v, to_x.imag.to(dtype)),
-    )
+    # State added by each chunk on its own (M_ux v_c), for all chunks at once: [B, H, c, N].
+    pushed = s4d_state(rearrange(v, "b h c t -> (b c) h t"), dt, A, B, method)
+    pushed = rearrange(pushed, "(b c) h n -> b h c n", c=chunks)
     # The sequential part is only over chunks, on [B, H, N] states.
     state = torch.zeros_like(pushed[:, :, 0])
     before = []  # state entering each chunk

@@ -4,6 +4,7 @@
     y = mixer(x)                              # [B, L, D] -> [B, L, D], strictly causal
     state = mixer.init_state(batch_size=B)    # on the mixer's device and dtype
     y_t, state = mixer.step(x_t, state)       # x_t [B, D]; equals forward position by position
+    y, state = mixer.prefill(x)               # forward(x) and, in parallel, the state step reaches
     layers.names()                            # ["attention", "gss", "h3", "hyena", "s4d"]
     layers.ssm_parameters(model)              # dt, A, B of SSM kernels: lr <= 1e-3, no decay
 

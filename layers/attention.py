@@ -23,7 +23,9 @@ class Attention(Mixer):
         dropout: attention-probability dropout, applied in training mode only.
 
     State for ``step``: the KV cache {"k", "v"}: [B, heads, T, D / heads] for the T positions
-    seen so far (T = 0 after ``init_state``); each step appends one position.
+    seen so far (T = 0 after ``init_state``); each step appends one position (see
+    :func:`_append`: in place into spare capacity when that is safe, so a decoded token does
+    not copy the whole cache).
     """
 
     def __init__(self, d_model: int, num_heads: int | None = None, dropout: float = 0.0):
@@ -47,8 +49,12 @@ class Attention(Mixer):
         return self.out_proj(rearrange(y, "b h l e -> b l (h e)"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefill(x)[0]
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """``forward`` and the KV cache of x's positions (free: forward computes k and v)."""
         q, k, v = self._qkv(x)
-        return self._attend(q, k, v, causal=True)
+        return self._attend(q, k, v, causal=True), {"k": k, "v": v}
 
     def init_state(self, batch_size: int) -> State:
         empty = torch.zeros(
@@ -58,7 +64,34 @@ class Attention(Mixer):
 
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         q, k, v = self._qkv(x_t[:, None])
-        k = torch.cat([state["k"], k], dim=2)
-        v = torch.cat([state["v"], v], dim=2)
+        k, v = _append(state["k"], k), _append(state["v"], v)
         # The newest query may see every cached position, so no mask is needed.
         return self._attend(q, k, v, causal=False)[:, 0], {"k": k, "v": v}
+
+
+def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """cache [B, heads, T, E] followed by new [B, heads, 1, E]: [B, heads, T + 1, E].
+
+    The result is a prefix view of a buffer with spare positions. When ``cache`` is the longest
+    prefix written into its buffer so far (no step has been taken from this state yet) and no
+    gradient flows, position T is written in place: the T positions the given state sees stay
+    untouched, so ``step`` still leaves its input state valid, and decoding costs O(1) copies per
+    token instead of O(T). Otherwise (a second step from the same state, autograd, a cache
+    that is not ours, a full buffer) the cache moves to a new buffer of twice the length.
+    """
+    T = cache.shape[2]
+    buffer = cache._base  # the tensor a view was cut from (None for a non-view)
+    in_place = (
+        buffer is not None
+        and getattr(buffer, "_filled", None) == T
+        and buffer.shape[2] > T
+        and cache.data_ptr() == buffer.data_ptr()
+        and not (torch.is_grad_enabled() and (cache.requires_grad or new.requires_grad))
+    )
+    if not in_place:
+        B, heads, _, E = cache.shape
+        buffer = cache.new_empty(B, heads, max(2 * (T + 1), 16), E)
+        buffer[:, :, :T] = cache
+    buffer[:, :, T] = new[:, :, 0]
+    buffer._filled = T + 1  # positions written so far, shared by every view of the buffer
+    return buffer[:, :, : T + 1]

@@ -2,9 +2,11 @@
 argument checks every mixer shares.
 
 A mixer maps x [B, L, D] -> y [B, L, D] causally (``forward``) and also runs one position at
-a time (``init_state`` / ``step``), the two agreeing position by position. A recurrent state
-is a dict of tensors; ``step`` returns a new dict and never modifies the one it was given, so
-a caller may keep old states (beam search, rollback).
+a time (``init_state`` / ``step``), the two agreeing position by position; ``prefill`` runs
+the parallel pass and also returns the state after its last position, so that generation
+reads a prompt in parallel and then steps. A recurrent state is a dict of tensors; ``step``
+returns a new dict and never modifies the one it was given, so a caller may keep old states
+(beam search, rollback).
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ class Mixer(nn.Module, ABC):
     @abstractmethod
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x_t [B, D] -> (y_t [B, D], next state); equals ``forward`` at that position."""
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """x [B, L, D] -> (``forward(x)``, the state ``step`` reaches after x[:, L - 1]).
+
+        Generation reads a prompt with it, then steps. Every shipped mixer computes the state
+        in parallel; this fallback for a new mixer steps through x, L calls.
+        """
+        state = self.init_state(x.shape[0])
+        for t in range(x.shape[1]):
+            _, state = self.step(x[:, t], state)
+        return self(x), state
 
     def _int(self, param: str, value, minimum: int = 1) -> int:
         return check_int(self.name, param, value, minimum)

@@ -60,6 +60,11 @@ class GSS(Mixer):
         y = self.ssm(rearrange(v, "b l h -> b h l"))
         return self._output(u, rearrange(y, "b h l -> b l h"))
 
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        u, v = self._branches(x)
+        y, ssm_state = self.ssm.prefill(rearrange(v, "b l h -> b h l"))
+        return self._output(u, rearrange(y, "b h l -> b l h")), {"ssm": ssm_state}
+
     def init_state(self, batch_size: int) -> State:
         return {"ssm": self.ssm.init_state(batch_size)}
 

@@ -95,20 +95,37 @@ class H3(Mixer):
         return rearrange(y.sum(2), "b h j ... -> b (h j) ...")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mix(x, prefill=False)[0]
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """``forward`` and the state after the last position (each SSM's prefill)."""
+        return self._mix(x, prefill=True)
+
+    def _mix(self, x: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, State]:
+        """The parallel pass x [B, L, D] -> [B, L, D]; with ``prefill``, also the state."""
+        state = {}
+
+        def ssm(name: str, u: torch.Tensor, **gates) -> torch.Tensor:
+            module = getattr(self, f"{name}_ssm")
+            if not prefill:
+                return module(u, **gates)
+            y, state[name] = module.prefill(u, **gates)
+            return y
+
         # Channels first for the convolutions: [B, D, L].
         q, k, v = (None if t is None else rearrange(t, "b l d -> b d l") for t in self._qkv(x))
         if self.k_ssm is not None:
-            k = self.k_ssm(k)
+            k = ssm("k", k)
         if self.head_dim == 1:
             # One channel per head: the gates go into the convolution itself (fused in fftconv),
             # y = q * (ssm(k' * v) + D k' * v).
             if self.kv_gate:
-                y = self.kv_ssm(k, pregate=v, postgate=q)
+                y = ssm("kv", k, pregate=v, postgate=q)
             else:
-                y = self.kv_ssm(k + v, postgate=q)
+                y = ssm("kv", k + v, postgate=q)
         else:
-            y = self._heads_out(q, self.kv_ssm(self._heads_in(k, v)))
-        return self.output_linear(rearrange(y, "b d l -> b l d"))
+            y = self._heads_out(q, ssm("kv", self._heads_in(k, v)))
+        return self.output_linear(rearrange(y, "b d l -> b l d")), state
 
     def init_state(self, batch_size: int) -> State:
         state = {"kv": self.kv_ssm.init_state(batch_size, copies=self.head_dim**2)}

@@ -173,14 +173,21 @@ class Hyena(Mixer):
         return self.out_proj(self.dropout(u))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefill(x)[0]
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """``forward`` and the state after the last position; the state is views of tensors
+        the forward pass computes anyway (the projections' tail, each convolution's input)."""
         L = x.shape[1]
         self._check_length(L)
-        z = rearrange(self.in_proj(x), "b l c -> b c l")
-        u, gates = self._short_conv(F.pad(z, (self.short_filter - 1, 0)))
+        z = F.pad(rearrange(self.in_proj(x), "b l c -> b c l"), (self.short_filter - 1, 0))
+        u, gates = self._short_conv(z)
+        state = {"proj": z[..., L:]}  # the last short_filter - 1 projections
         # The gate and the skip go into the convolution itself (fused in fftconv).
-        for h_i, b_i, x_i in zip(self.filters(L), self.bias, gates):
+        for i, (h_i, b_i, x_i) in enumerate(zip(self.filters(L), self.bias, gates), start=1):
+            state[f"conv{i}"] = u
             u = fftconv(u, h_i, b_i, postgate=x_i)
-        return self._output(rearrange(u, "b d l -> b l d"))
+        return self._output(rearrange(u, "b d l -> b l d")), state
 
     def init_state(self, batch_size: int) -> State:
         fk = factory_kwargs(self)

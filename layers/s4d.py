@@ -46,6 +46,10 @@ class S4D(Mixer):
         y = self.ssm(rearrange(x, "b l d -> b d l"))
         return self._output(rearrange(y, "b d l -> b l d"))
 
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        y, ssm_state = self.ssm.prefill(rearrange(x, "b l d -> b d l"))
+        return self._output(rearrange(y, "b d l -> b l d")), {"ssm": ssm_state}
+
     def init_state(self, batch_size: int) -> State:
         return {"ssm": self.ssm.init_state(batch_size)}
 

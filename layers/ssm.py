@@ -1,9 +1,11 @@
 """The SSM submodules the mixers share: :class:`DiagonalSSM` (S4D) and :class:`ShiftSSM` (H3).
 
 Both map u [B, C, L] -> y [B, C, L] (``forward``) and u_t [B, C] -> y_t [B, C] (``step``),
-with the skip term D u included. An SSM with H heads of parameters accepts any C = H * R
-channels: channels h*R .. h*R + R - 1 share head h's parameters. R = 1 everywhere except in
-multi-head H3, where the hd x hd outer-product channels of a head share one SSM.
+with the skip term D u included; ``prefill`` is ``forward`` plus the state after the last
+position, computed in parallel (what ``step`` would reach from ``init_state``).
+An SSM with H heads of parameters accepts any C = H * R channels: channels h*R .. h*R + R - 1
+share head h's parameters. R = 1 everywhere except in multi-head H3, where the hd x hd
+outer-product channels of a head share one SSM.
 
 All parameters are real tensors (complex ones are stored as real views [..., 2]) so that
 optimizers, safetensors and DDP handle them like any other weight.
@@ -26,7 +28,7 @@ from kernels import (
     shift_kernel,
     ssm_chunked_conv,
 )
-from kernels.ssm import DISCRETIZATIONS
+from kernels.ssm import DISCRETIZATIONS, s4d_state
 from layers.base import check_bool, check_choice, check_float, check_int, mark_ssm
 
 INITS = ("lin", "inv")
@@ -122,6 +124,15 @@ class DiagonalSSM(nn.Module):
         k = s4d_kernel(dt, A, B, C, L, self.discretization)
         return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
 
+    def prefill(self, u, pregate=None, postgate=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and the state after the last position: x_L = sum_s dA^(L-1-s) dB v_s
+        with v = u * pregate (kernels.s4d_state). u, gates [B, C, L] -> ([B, C, L], complex
+        [B, C, N/2])."""
+        dt, A, B, _ = self._continuous()
+        v = u if pregate is None else u * pregate
+        dt, A, B = (_per_channel(p, u.shape[1]) for p in (dt, A, B))
+        return self(u, pregate, postgate), s4d_state(v, dt, A, B, self.discretization)
+
     def init_state(self, batch_size: int, copies: int = 1) -> torch.Tensor:
         """Complex zeros [B, H * copies, N/2] (complex128 for float64 parameters)."""
         dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
@@ -134,8 +145,11 @@ class DiagonalSSM(nn.Module):
         dA, dB = s4d_discretize(dt, A, B, self.discretization)
         channels = u_t.shape[1]
         dA, dB, C, D = (_per_channel(p, channels) for p in (dA, dB, C, self.D))
-        state = dA * state + dB * u_t[..., None]
-        return 2 * (C * state).sum(-1).real + D * u_t, state
+        # One new [B, C, N/2] tensor, updated in place (the given state is left as it is):
+        # decoding is bound by such full-state passes.
+        state = dA * state
+        state.addcmul_(dB, u_t[..., None].to(state.dtype))
+        return 2 * torch.einsum("bcn,cn->bc", state, C).real + D * u_t, state
 
 
 class ShiftSSM(nn.Module):
@@ -170,6 +184,22 @@ class ShiftSSM(nn.Module):
         D = _per_channel(self.D, channels)
         return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
 
+    def prefill(self, u, pregate=None, postgate=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and the state after the last position. u, gates [B, C, L] -> ([B, C, L],
+        [B, C, N]).
+
+        With r the last N inputs v = u * pregate newest first (zeros before the start), the
+        state is r itself for B = e1, else x[n] = sum_{m <= n} B[n - m] r[m]: the causal
+        convolution of r with B over the N state slots.
+        """
+        N = self.C.shape[1]
+        v = u if pregate is None else u * pregate
+        recent = v.flip(-1)[..., :N]
+        recent = F.pad(recent, (0, N - recent.shape[-1]))
+        if self.B is not None:
+            recent = fftconv(recent, _per_channel(self.B, u.shape[1]))
+        return self(u, pregate, postgate), recent
+
     def init_state(self, batch_size: int, copies: int = 1) -> torch.Tensor:
         """Zeros [B, H * copies, N] (with B = e1: the last N inputs, newest first)."""
         shape = (batch_size, self.C.shape[0] * copies, self.C.shape[1])
@@ -181,10 +211,10 @@ class ShiftSSM(nn.Module):
         C, D = _per_channel(self.C, channels), _per_channel(self.D, channels)
         if self.B is None:  # B = e1: push u_t into the register
             state = torch.cat([u_t[..., None], state[..., :-1]], dim=-1)
-        else:
-            B = _per_channel(self.B, channels)
-            state = F.pad(state[..., :-1], (1, 0)) + B * u_t[..., None]
-        return (C * state).sum(-1) + D * u_t, state
+        else:  # one new tensor, updated in place, as in DiagonalSSM.step
+            state = F.pad(state[..., :-1], (1, 0))
+            state.addcmul_(_per_channel(self.B, channels), u_t[..., None])
+        return torch.einsum("bcn,cn->bc", state, C) + D * u_t, state
 
 
 def make_ssm(

@@ -1,6 +1,7 @@
 """Tests of layers/: the mixer contract for every registered mixer and the H3 variants
-(shapes, causality, step == forward, float32 vs float64, gradients), plain-loop float64
-oracles for the SSM submodules and for H3, SSM-parameter flags and build validation.
+(shapes, causality, step == forward, prefill + step == forward, float32 vs float64,
+gradients), plain-loop float64 oracles for the SSM submodules and for H3, SSM-parameter flags
+and build validation.
 
 The oracles discretise the SSMs themselves from the raw parameters and run the recurrences
 with Python loops; they share no code with layers/ or kernels/.
@@ -89,6 +90,64 @@ def test_step_matches_forward(config):
         torch.testing.assert_close(y_t, y[:, t], rtol=1e-10, atol=1e-10)
     # step must not modify the state it was given: the initial state still gives position 0.
     torch.testing.assert_close(mixer.step(x[:, 0], start)[0], y[:, 0], rtol=1e-10, atol=1e-10)
+
+
+def stepped_state(mixer: layers.Mixer, x: torch.Tensor) -> layers.State:
+    state = mixer.init_state(batch_size=x.shape[0])
+    for t in range(x.shape[1]):
+        state = mixer.step(x[:, t], state)[1]
+    return state
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_prefill_then_step_matches_forward(config):
+    mixer = make(*config)
+    x = inputs()
+    y = mixer(x)
+    # One position, fewer positions than a shift SSM's taps (D_STATE), and more.
+    for split in (1, D_STATE - 3, SEQ_LEN - 2):
+        y_prefix, state = mixer.prefill(x[:, :split])
+        torch.testing.assert_close(y_prefix, y[:, :split], rtol=1e-10, atol=1e-10)
+        expected = stepped_state(mixer, x[:, :split])
+        assert state.keys() == expected.keys()
+        for key in state:
+            torch.testing.assert_close(state[key], expected[key], rtol=1e-10, atol=1e-10)
+        for t in range(split, SEQ_LEN):
+            y_t, state = mixer.step(x[:, t], state)
+            torch.testing.assert_close(y_t, y[:, t], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_branching_steps_without_autograd(config):
+    # Without autograd a step may write in place (attention appends to spare cache capacity):
+    # two steps from one state must still both be right, and so must continuing either.
+    mixer = make(*config)
+    x = inputs()
+    branch = torch.cat([x[:, :4], inputs(seed=2)[:, 4:]], dim=1)
+    with torch.no_grad():
+        y, y_branch = mixer(x), mixer(branch)
+        state = mixer.step(x[:, 3], mixer.prefill(x[:, :3])[1])[1]
+        y_4, after_x = mixer.step(x[:, 4], state)
+        y_branch_4, after_branch = mixer.step(branch[:, 4], state)
+        pairs = [
+            (y_4, y[:, 4]),
+            (y_branch_4, y_branch[:, 4]),
+            (mixer.step(x[:, 5], after_x)[0], y[:, 5]),
+            (mixer.step(branch[:, 5], after_branch)[0], y_branch[:, 5]),
+            (mixer.step(x[:, 4], state)[0], y[:, 4]),
+        ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_prefill_fallback_steps():
+    # The Mixer base's prefill (for mixers without a parallel one) on a mixer that has one.
+    mixer = make("s4d", {})
+    x = inputs()
+    y, state = layers.Mixer.prefill(mixer, x)
+    y_parallel, state_parallel = mixer.prefill(x)
+    torch.testing.assert_close(y, y_parallel, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state["ssm"], state_parallel["ssm"], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)

@@ -1,0 +1,184 @@
+"""Text generation: read the prompt in parallel, then one recurrent step per new token.
+
+    result = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.95,
+                      generator=torch.Generator().manual_seed(0))
+    result.tokens              # [B, T + n]: the prompt, then n <= max_new_tokens new tokens
+    result.prefill_s, result.decode_s, result.tokens_per_s
+
+``LanguageModel.prefill`` computes the prompt's logits and every layer's state in one parallel
+pass; each new token then costs one ``step``: constant time for H3/S4D/GSS layers (fixed-size
+SSM states), time growing with the position for attention (its KV cache) and Hyena.
+
+Sampling: logits / temperature, then top-k (the k largest logits; ties with the k-th are
+kept), then top-p on what is left (the smallest set of most likely tokens whose probability
+reaches p), then a draw from ``generator``. temperature 0 is greedy (argmax).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layers.base import check_float, check_int
+from sandbox.model import LanguageModel
+
+OWNER = "generate"
+RELEASED_SUFFIXES = (".bin", ".pt")  # torch.save files, as the H3 release ships its weights
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Tokens and the timing split of one :func:`generate` call."""
+
+    tokens: torch.Tensor  # [B, T + n] int64
+    prompt_len: int  # T
+    prefill_s: float  # the parallel pass over the prompt
+    decode_s: float  # everything after it: n draws and n - 1 steps
+
+    @property
+    def new_tokens(self) -> int:
+        return self.tokens.shape[1] - self.prompt_len
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / max(self.new_tokens, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens over all sequences per second, the prompt's reading included."""
+        return self.tokens.shape[0] * self.new_tokens / (self.prefill_s + self.decode_s)
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """logits [B, V] with the tokens that top-k, then top-p, remove set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1:
+        ranked, order = torch.sort(logits, dim=-1, descending=True)
+        probs = ranked.softmax(-1)
+        # A token goes when the more likely ones before it already reach top_p (so the most
+        # likely token always stays).
+        drop_ranked = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked)
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next-token logits [B, V] -> token ids [B] (argmax when temperature is 0)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(
+    model: LanguageModel,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+) -> Generation:
+    """Continue each prompt of ``prompt_ids`` [B, T] (T >= 1) by up to ``max_new_tokens``.
+
+    ``generator`` (on the model's device) makes sampling reproducible. With ``eos_id``, a
+    sequence that has produced it continues with eos_id, and generation stops once every
+    sequence has. With ``vocab_size``, only ids below it are drawn (a model's vocabulary may be
+    padded beyond its tokenizer's). The model runs in eval mode (restored afterwards).
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"{OWNER}: prompt_ids must be [B, T] with T >= 1, got {prompt_ids.shape}")
+    max_new_tokens = check_int(OWNER, "max_new_tokens", max_new_tokens)
+    temperature = check_float(OWNER, "temperature", temperature, 0.0, math.inf)
+    if top_k is not None:
+        check_int(OWNER, "top_k", top_k)
+    if top_p is not None and not 0 < check_float(OWNER, "top_p", top_p, 0.0, math.inf) <= 1:
+        raise ValueError(f"{OWNER}: top_p must be in (0, 1], got {top_p}")
+    T = prompt_ids.shape[1]
+    # The last new token is never fed back, so positions reach T + max_new_tokens - 2.
+    if model.pos_embedding is not None and T + max_new_tokens - 1 > model.max_seq_len:
+        raise ValueError(
+            f"{OWNER}: prompt length {T} + max_new_tokens {max_new_tokens} - 1 exceeds the "
+            f"model's max_seq_len {model.max_seq_len} (learned positions)"
+        )
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = prompt_ids.device
+        _sync(device)
+        start = time.perf_counter()
+        logits, state = model.prefill(prompt_ids, last_only=True)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        logits = logits[:, -1]
+        new, done = [], torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+        while True:
+            token = sample(logits[:, :vocab_size], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done = done | (token == eos_id)
+            new.append(token)
+            if len(new) == max_new_tokens or (eos_id is not None and bool(done.all())):
+                break
+            logits, state = model.step(token, state)
+        tokens = torch.cat([prompt_ids, torch.stack(new, dim=1)], dim=1)
+        _sync(device)
+        decode_s = time.perf_counter() - start - prefill_s
+    finally:
+        model.train(was_training)
+    return Generation(tokens, T, prefill_s, decode_s)
+
+
+def load_for_generation(checkpoint: str | Path, config: str | Path | None = None):
+    """(LanguageModel on the CPU, tokenizer) from a pretrain run directory or checkpoint file
+    (``config`` None), or from a released H3 checkpoint (.bin/.pt) with the pretrain ``config``
+    YAML that describes its model (e.g. configs/pretrain/h3-125m.yaml)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} not found")
+    if config is None:
+        if path.suffix in RELEASED_SUFFIXES:
+            raise ValueError(f"{str(path)!r} is a released checkpoint: it needs --config")
+        from sandbox.pretrain import load_pretrained
+
+        return load_pretrained(path, device="cpu")
+
+    from sandbox.data.tokenizer import get_tokenizer
+    from sandbox.pretrain import build_model
+    from sandbox.pretrain_config import load_pretrain_config
+    from sandbox.released import load_released
+
+    cfg = load_pretrain_config(config)
+    model = build_model(cfg)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: one line, exit 2
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read by torch.load: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict")
+    load_released(model, state)
+    return model, get_tokenizer(cfg.data.tokenizer)
