@@ -96,10 +96,14 @@ def _cmd_sweep_report(args) -> int:
 
 def _cmd_prepare_data(args) -> int:
     from sandbox.data.prepare import prepare_data
+    from sandbox.data.tiny_corpus import TINY_CORPUS
 
+    inputs = [*args.inputs, *([str(TINY_CORPUS)] if args.tiny_corpus else [])]
+    if not inputs:
+        raise ValueError("prepare-data: give INPUT files or --tiny-corpus")
     try:
         index = prepare_data(
-            args.inputs,
+            inputs,
             args.out,
             tokenizer=args.tokenizer,
             val_fraction=args.val_fraction,
@@ -120,6 +124,72 @@ def _cmd_prepare_data(args) -> int:
         for s, v in index["splits"].items()
     )
     print(f"{counts}; {index['malformed']['count']} malformed lines; written to {args.out}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from sandbox.generate import generate, load_for_generation
+
+    model, tokenizer = load_for_generation(args.checkpoint, args.config)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt is empty")
+    result = generate(
+        model,
+        torch.tensor([ids]),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+        eos_id=tokenizer.eot_token,
+        vocab_size=tokenizer.vocab_size,
+    )
+    print(tokenizer.decode(result.tokens[0].tolist()))
+    print(
+        f"{result.new_tokens} new tokens: prompt read in {result.prefill_s:.3f} s, "
+        f"{result.decode_ms_per_token:.1f} ms per new token",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    import os
+
+    from sandbox.pretrain import pretrain
+    from sandbox.pretrain_config import load_pretrain_config
+
+    config = load_pretrain_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / "pretrain" / Path(args.config).stem
+    result = pretrain(config, out, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+        print(json.dumps(result, indent=2))
+        print(f"run written to {out}")
+    return 0
+
+
+def _cmd_params(args) -> int:
+    import torch
+
+    from sandbox.model import LanguageModel
+    from sandbox.pretrain_config import PretrainConfig, load_any_config, vocab_size
+    from sandbox.train import build_task
+
+    config = load_any_config(args.config, args.overrides)
+    if isinstance(config, PretrainConfig):
+        vocab, seq_len = vocab_size(config.data), config.data.seq_len
+    else:
+        task = build_task(config)
+        vocab, seq_len = task.vocab_size, task.seq_len
+    with torch.device("meta"):  # shapes only: a 2.7B model costs no memory
+        model = LanguageModel(config.model, vocab_size=vocab, max_seq_len=seq_len)
+    total = model.num_params()
+    print(f"{args.config}: {total:,} parameters (tied LM head counted once; vocab {vocab:,})")
+    for part, n in sorted(model.param_counts().items(), key=lambda kv: -kv[1]):
+        print(f"  {part:<18} {n:>15,}  {n / total:6.1%}")
     return 0
 
 
@@ -181,8 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/val.bin (uint16, EOS after each document) and OUT/index.json. Rerun the same "
         "command to resume after a kill.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl or .jsonl.zst shards")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help=".jsonl or .jsonl.zst shards")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--tiny-corpus",
+        action="store_true",
+        help="add the small generated corpus shipped with the package (quick start, tests)",
+    )
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default="gpt2", help="default gpt2")
     split = p.add_mutually_exclusive_group()
     split.add_argument(
@@ -200,6 +275,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare_data)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a language model on prepare-data output (one process or torchrun)",
+        description="Pretrain a language model (see configs/pretrain/ and docs/pretraining.md). "
+        "Under `torchrun --nproc_per_node N` each process trains on its slice of every batch.",
+    )
+    p.add_argument("config", help="pretrain config YAML (see configs/pretrain/)")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--out", help="run directory (default runs/pretrain/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("params", help="parameter count of a run or pretrain config, by part")
+    p.add_argument("config", help="run config or pretrain config YAML")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. model.n_layers=24")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a pretrained model",
+        description="Sample a continuation of --prompt: the prompt is read in parallel, then one "
+        "recurrent step per new token. CHECKPOINT is a `sandbox pretrain` run directory or "
+        "checkpoint file, or a released H3 checkpoint (.bin/.pt) together with --config.",
+    )
+    p.add_argument("checkpoint", help="run directory or checkpoint file")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=64, help="tokens to add (default 64)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="0 for greedy decoding (default 1.0)"
+    )
+    p.add_argument("--top-k", type=_positive_int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep probability mass p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--config",
+        help="the pretrain config of a released H3 checkpoint, e.g. configs/pretrain/h3-125m.yaml",
+    )
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

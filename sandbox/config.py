@@ -8,7 +8,7 @@ Every problem becomes a :class:`ConfigError` with one line naming the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,6 +20,9 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+S = TypeVar("S", bound=BaseModel)
 
 
 class TaskConfig(Strict):
@@ -43,6 +46,9 @@ class ModelConfig(Strict):
     attn_params: dict[str, Any] = Field(default_factory=dict)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_eps: float = Field(1e-5, gt=0.0)
+    # "gpt2": the H3 release's init (every Linear and embedding N(0, 0.02), zero biases, residual
+    # output projections scaled by 1/sqrt(2 n_layers)); "default" keeps the mixers' own inits.
+    init: Literal["default", "gpt2"] = "default"
 
 
 class TrainConfig(Strict):
@@ -116,19 +122,24 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
-def build_config(data: dict | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Validate a nested dict (plus overrides) into a RunConfig, or raise ConfigError."""
+def validate(schema: type[S], data: dict | None = None, overrides: list[str] = ()) -> S:
+    """Validate a nested dict (plus overrides) into ``schema``, or raise ConfigError."""
     data = dict(data or {})
     for override in overrides:
         apply_override(data, override)
     try:
-        return RunConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file (safe_load) into a RunConfig."""
+def build_config(data: dict | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Validate a nested dict (plus overrides) into a RunConfig, or raise ConfigError."""
+    return validate(RunConfig, data, overrides)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping (safe_load), or ConfigError."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -139,9 +150,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {line}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
-    return build_config(data, overrides)
+    return data
 
 
-def dump_config(config: RunConfig) -> str:
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (safe_load) into a RunConfig."""
+    return build_config(read_yaml(path), overrides)
+
+
+def dump_config(config: BaseModel) -> str:
     """The fully resolved config as YAML (round-trips through load_config)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

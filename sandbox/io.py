@@ -80,15 +80,28 @@ def save_checkpoint(
 ) -> None:
     """Write model (+ optimizer, extra tensors, JSON info) to one safetensors file, atomically."""
     # Tied weights are stored once; load_model_weights restores the tie via load_state_dict.
-    seen, tensors = set(), {}
+    seen, state = set(), {}
     for name, t in model.state_dict().items():
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        tensors[f"model.{name}"] = t.detach().contiguous()
+        state[name] = t
+    optim = optimizer.state_dict() if optimizer is not None else None
+    save_state(path, state, optim, extra_tensors, info)
+
+
+def save_state(
+    path: str | Path,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    info: dict | None = None,
+) -> None:
+    """:func:`save_checkpoint` from state dicts (as gathered from a sharded model)."""
+    tensors = {f"model.{name}": t.detach().contiguous() for name, t in model_state.items()}
     meta: dict[str, Any] = {"info": info or {}}
-    if optimizer is not None:
-        opt_tensors, meta["optim"] = _split_optimizer_state(optimizer.state_dict())
+    if optimizer_state is not None:
+        opt_tensors, meta["optim"] = _split_optimizer_state(optimizer_state)
         tensors.update(opt_tensors)
     for name, t in (extra_tensors or {}).items():
         tensors[f"extra.{name}"] = t.detach().contiguous()

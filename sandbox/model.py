@@ -41,18 +41,20 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio, dropout) if mlp_ratio else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.mixer(self.norm1(x)))
-        if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x))
-        return x
+        return self._add_mlp(x + self.dropout(self.mixer(self.norm1(x))))
+
+    def prefill(self, x: torch.Tensor):
+        """``forward`` and the mixer's state after the last position: ([B, L, D], state)."""
+        y, state = self.mixer.prefill(self.norm1(x))
+        return self._add_mlp(x + self.dropout(y)), state
 
     def step(self, x: torch.Tensor, state):
         """One position: x [B, D] -> ([B, D], state)."""
         y, state = self.mixer.step(self.norm1(x), state)
-        x = x + y
-        if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x))
-        return x, state
+        return self._add_mlp(x + y), state
+
+    def _add_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
 
 class LanguageModel(nn.Module):
@@ -103,6 +105,9 @@ class LanguageModel(nn.Module):
         # scaled by 1/sqrt(2 n_layer) so the residual stream's variance does not grow with
         # depth. Mixers keep their own initialisation (SSM parameters have specific inits).
         std = 0.02
+        if self.config.init == "gpt2":
+            self._init_gpt2(std)
+            return
         nn.init.normal_(self.embedding.weight, std=std)
         if self.pos_embedding is not None:
             nn.init.normal_(self.pos_embedding.weight, std=std)
@@ -113,9 +118,39 @@ class LanguageModel(nn.Module):
                 nn.init.zeros_(block.mlp.fc1.bias)
                 nn.init.zeros_(block.mlp.fc2.bias)
 
+    def _init_gpt2(self, std: float) -> None:
+        # The H3 release: every Linear (mixer projections included) and embedding N(0, std),
+        # zero biases; residual output projections get std / sqrt(2 n_layer), picked by name as
+        # the release does (attention's out_proj, the MLP's fc2). SSM parameters are not Linear
+        # weights and keep their own init.
+        residual_std = std / math.sqrt(2 * len(self.blocks))
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module is not self.head:  # head = embedding
+                scaled = name.rsplit(".", 1)[-1] in ("out_proj", "fc2")
+                nn.init.normal_(module.weight, std=residual_std if scaled else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+
     def num_params(self) -> int:
         """Parameter count, the tied head counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by part: "embeddings", "mixer <kind>" per mixer kind, "mlp", "norms"."""
+        counts: dict[str, int] = {}
+        for name, p in self.named_parameters():  # the tied head is the embedding: listed once
+            parts = name.split(".")  # blocks.<i>.<norm1|mixer|norm2|mlp>... or a top-level module
+            part = parts[2] if parts[0] == "blocks" else parts[0]
+            if part == "mixer":
+                part = f"mixer {self.blocks[int(parts[1])].mixer.name}"
+            elif part.endswith("embedding"):
+                part = "embeddings"
+            elif part.startswith("norm"):
+                part = "norms"
+            counts[part] = counts.get(part, 0) + p.numel()
+        return counts
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embedding(input_ids)
@@ -123,16 +158,38 @@ class LanguageModel(nn.Module):
             x = x + self.pos_embedding(positions)
         return self.dropout(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed_sequence(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] (checked) -> embedded positions 0 .. T-1 [B, T, D]."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         if self.pos_embedding is not None and T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len}")
-        x = self._embed(input_ids, torch.arange(T, device=input_ids.device))
+        return self._embed(input_ids, torch.arange(T, device=input_ids.device))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self._embed_sequence(input_ids)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm_f(x))
+
+    def prefill(
+        self, input_ids: torch.Tensor, last_only: bool = False
+    ) -> tuple[torch.Tensor, dict]:
+        """Read a prompt in parallel: ids [B, T] -> (``forward``'s logits [B, T, vocab_size],
+        the :meth:`step` state after position T-1, every mixer's computed in parallel).
+
+        ``last_only``: logits of position T-1 only, [B, 1, vocab_size] - all generation needs,
+        where the full logits of a long prompt can outweigh the model.
+        """
+        x = self._embed_sequence(input_ids)
+        states = []
+        for block in self.blocks:
+            x, layer_state = block.prefill(x)
+            states.append(layer_state)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm_f(x)), {"pos": input_ids.shape[1], "layers": states}
 
     def init_state(self, batch_size: int) -> dict:
         """Recurrent state for :meth:`step`: each mixer's state plus the position."""

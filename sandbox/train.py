@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+import yaml
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 import layers
@@ -29,6 +32,11 @@ from sandbox.io import (
     save_checkpoint,
 )
 from sandbox.model import LanguageModel
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from sandbox.pretrain_config import PretrainTrainConfig
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
@@ -59,7 +67,9 @@ def build_model(config: RunConfig, task: tasks.Task) -> LanguageModel:
     return LanguageModel(config.model, vocab_size=task.vocab_size, max_seq_len=task.seq_len)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig | PretrainTrainConfig
+) -> torch.optim.AdamW:
     """AdamW with three groups: decayed weight matrices; biases, norms and embeddings without
     decay; SSM parameters (dt, A, B) at lr min(ssm_lr, lr) without decay (the S4/H3 recipe)."""
     # Embeddings are excluded from decay as in Safari's parameter grouping: the tied table is
@@ -85,7 +95,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.betas)
 
 
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, total: int, cfg: TrainConfig | PretrainTrainConfig) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then decay."""
     warmup = int(cfg.warmup_frac * total)
     if step < warmup:
@@ -149,18 +159,24 @@ class _Progress:
     best_step: int = 0
 
 
-def _check_run_dir(out: Path, config: RunConfig, resume: bool) -> None:
+def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
     """Refuse to overwrite a run, and refuse to resume a run made with another config."""
     saved_config = out / "config.yaml"
     if not saved_config.exists():
         return
     if not resume:
         raise RunDirError(f"--out {out} already holds a run; pass --resume or choose another --out")
-    if saved_config.read_text() != dump_config(config):
+    # Compared as validated configs, not as text: a field added to the schema since the run
+    # was saved takes its default on both sides, so older runs still resume.
+    try:
+        saved = type(config).model_validate(yaml.safe_load(saved_config.read_text()))
+    except (ValidationError, yaml.YAMLError):
+        saved = None
+    if saved != config:
         raise RunDirError(f"--resume: the config differs from the one saved in {saved_config}")
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop evaluations logged after the checkpoint we resume from (they will be redone)."""
     if not path.exists():
         return
@@ -183,7 +199,7 @@ def train(
     that step again rather than never); an exception it raises (optuna.TrialPruned) ends the
     run there and propagates."""
     out = Path(out)
-    _check_run_dir(out, config, resume)
+    check_run_dir(out, config, resume)
     if resume and (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())  # finished already
     if config.threads:
@@ -213,7 +229,7 @@ def train(
         optimizer.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["extra"]["torch_rng"])
         state = _Progress(**ckpt["info"]["progress"])
-        _truncate_metrics(metrics_path, state.step)
+        truncate_metrics(metrics_path, state.step)
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(config))

@@ -183,3 +183,17 @@ def test_atomic_writes_have_ordinary_permissions(tmp_path):
     plain.write_text("x")
     assert (tmp_path / "a.txt").stat().st_mode == plain.stat().st_mode
     assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob(".*tmp"))
+
+
+def test_resume_accepts_an_older_saved_config_and_refuses_a_different_one(tmp_path):
+    from sandbox.train import RunDirError, check_run_dir
+
+    config = tiny()
+    old = config.model_dump(mode="json")
+    del old["model"]["init"]  # a run saved before the field existed: it takes the default
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_run_dir(tmp_path, config, resume=True)
+    with pytest.raises(RunDirError, match="config differs"):
+        check_run_dir(tmp_path, tiny(lr=1e-2), resume=True)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        check_run_dir(tmp_path, config, resume=False)

@@ -1,0 +1,363 @@
+"""``sandbox pretrain``: language-model pretraining on the token files of ``sandbox prepare-data``.
+
+One process, or one per device under ``torchrun`` (DDP, or FSDP2 with ``train.fsdp``). Step s
+trains on a global batch of ``global_batch_tokens / seq_len`` windows of seq_len + 1 tokens whose
+start offsets are drawn from a generator seeded by (seed, s); row block (rank, micro-step) of it
+goes to that process and gradient-accumulation step. So the data depend only on the step, a
+resumed run sees exactly the batches an uninterrupted one would, and W processes x A micro-steps
+train on the same batch as one process x W*A micro-steps. Dropout's RNG is reseeded from
+(seed, step, rank) every step for the same reason.
+
+A run directory holds config.yaml (fully resolved), metrics.jsonl (one JSON object per logged
+step: train_loss, lr, tokens_per_s, mfu; val_loss and val_ppl at evaluations),
+checkpoint.safetensors (weights, optimizer, step; written atomically by rank 0), and at the end
+model.safetensors (weights and config: what :func:`load_pretrained` reads) and result.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import layers
+from sandbox import distributed
+from sandbox.config import ConfigError, dump_config
+from sandbox.data.dataset import TokenFile
+from sandbox.data.prepare import DataError
+from sandbox.data.tokenizer import get_tokenizer
+from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights, save_state
+from sandbox.model import LanguageModel
+from sandbox.pretrain_config import PretrainConfig, total_steps, vocab_size
+from sandbox.train import (
+    CHECKPOINT,
+    WEIGHTS,
+    check_run_dir,
+    lr_factor,
+    make_optimizer,
+    truncate_metrics,
+)
+
+
+def build_model(config: PretrainConfig) -> LanguageModel:
+    torch.manual_seed(config.seed)  # initialisation is part of what the seed fixes
+    return LanguageModel(config.model, vocab_size(config.data), max_seq_len=config.data.seq_len)
+
+
+def accumulation_steps(config: PretrainConfig, world: int) -> int:
+    """Micro-steps per optimizer step so that every step trains on global_batch_tokens."""
+    seq, micro = config.data.seq_len, config.train.micro_batch_size
+    per_pass = seq * micro * world
+    if config.train.global_batch_tokens % per_pass:
+        raise ConfigError(
+            f"config field 'train.global_batch_tokens': {config.train.global_batch_tokens} is not "
+            f"a multiple of data.seq_len x train.micro_batch_size x processes = {seq} x {micro} "
+            f"x {world} = {per_pass}"
+        )
+    return config.train.global_batch_tokens // per_pass
+
+
+def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
+    """The train and val token files of data.dir, checked against the config."""
+    root, seq = Path(config.data.dir), config.data.seq_len
+    if not root.is_dir():
+        raise DataError(
+            f"data.dir {str(root)!r} does not exist; make it with "
+            f"`sandbox prepare-data FILES --out {root}`"
+        )
+    if not (root / "index.json").is_file():
+        raise DataError(f"data.dir {str(root)!r} has no index.json: prepare-data has not finished")
+    index = json.loads((root / "index.json").read_text())
+    tokenizer = index["tokenizer"]
+    if tokenizer["name"] != config.data.tokenizer:
+        raise DataError(
+            f"data.tokenizer is {config.data.tokenizer!r} but {root} was prepared with "
+            f"{tokenizer['name']!r}"
+        )
+    if tokenizer["vocab_size"] > vocab_size(config.data):
+        raise DataError(
+            f"data.dir {str(root)!r}: token ids up to {tokenizer['vocab_size'] - 1} do not fit "
+            f"the model's vocabulary of {vocab_size(config.data)}"
+        )
+    splits = {s: TokenFile(root / index["splits"][s]["file"]) for s in ("train", "val")}
+    if len(splits["train"]) <= seq:
+        raise DataError(
+            f"data.dir {str(root)!r}: the train split has {len(splits['train'])} tokens, "
+            f"fewer than data.seq_len + 1 = {seq + 1}"
+        )
+    if config.train.eval_every and _eval_starts(config, splits["val"], 0, world).size == 0:
+        raise DataError(
+            f"data.dir {str(root)!r}: the val split ({len(splits['val'])} tokens) has no window "
+            f"of data.seq_len + 1 = {seq + 1} tokens per process; set train.eval_every=null "
+            "or prepare a val split"
+        )
+    return splits
+
+
+def _windows(tokens: TokenFile, starts: np.ndarray, seq_len: int, vocab: int) -> torch.Tensor:
+    """int64 [len(starts), seq_len + 1]: the windows starting at ``starts``."""
+    rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    if rows.max() >= vocab:  # a clear error here rather than an index error (or CUDA assert)
+        raise DataError(f"{tokens.path}: token id {rows.max()} exceeds the model's vocab {vocab}")
+    return torch.from_numpy(rows)
+
+
+def train_starts(seed: int, step: int, n_tokens: int, seq_len: int, rows: int) -> np.ndarray:
+    """Start offsets of step ``step``'s global batch: ``rows`` windows of seq_len + 1 tokens
+    drawn uniformly from a file of ``n_tokens``."""
+    return np.random.default_rng([seed, step]).integers(0, n_tokens - seq_len, size=rows)
+
+
+def _eval_starts(config: PretrainConfig, val: TokenFile, rank: int, world: int) -> np.ndarray:
+    """This process's share of the fixed validation windows: consecutive, non-overlapping
+    windows from the start of val, as many per process on every process (FSDP's forward is a
+    collective), eval_tokens in all at most."""
+    seq = config.data.seq_len
+    n = min(config.train.eval_tokens // seq, max(0, len(val) - 1) // seq) // world
+    return np.arange(rank * n, (rank + 1) * n) * seq
+
+
+def flops_per_token(model: LanguageModel, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's convention: 6 N plus 12 x d_model x seq_len per
+    attention layer (scores and values, forward and backward). Convolutions are not counted."""
+    n_attn = sum(isinstance(b.mixer, layers.Attention) for b in model.blocks)
+    return 6 * model.num_params() + 12 * n_attn * model.config.d_model * seq_len
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: time what has finished
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def evaluate(model, val: TokenFile, config: PretrainConfig, d: distributed.Dist, autocast) -> dict:
+    """Mean next-token loss (and perplexity) over the fixed validation windows, all processes."""
+    seq, micro, vocab = config.data.seq_len, config.train.micro_batch_size, vocab_size(config.data)
+    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
+    model.eval()
+    starts = _eval_starts(config, val, d.rank, d.world)
+    for i in range(0, len(starts), micro):
+        w = _windows(val, starts[i : i + micro], seq, vocab).to(d.device)
+        with autocast:
+            logits = model(w[:, :-1])
+        totals[0] += F.cross_entropy(
+            logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum"
+        )
+        totals[1] += w[:, 1:].numel()
+    model.train()
+    loss = float(distributed.all_sum(totals, d)[0] / totals[1])
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}  # no OverflowError
+
+
+def _save(path: Path, model, optimizer, d: distributed.Dist, info: dict) -> None:
+    """Write full weights (+ optimizer state) from rank 0; under FSDP every process gathers."""
+    if d.main or distributed.is_sharded(model):
+        state = distributed.model_state(model)
+        optim = distributed.optimizer_state(optimizer) if optimizer is not None else None
+        if d.main:
+            save_state(path, state, optim, info=info)
+
+
+def _tensorboard(out: Path, d: distributed.Dist):
+    """A SummaryWriter on rank 0 when tensorboard is installed, else None."""
+    if not d.main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+class _Throughput:
+    """Training time between logs, evaluations and checkpoints left out."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mark, self.paused = device, _now(device), 0.0
+        self.tokens, self.seconds = 0, 0.0  # this session's totals
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = _now(self.device)
+        yield
+        self.paused += _now(self.device) - t
+
+    def lap(self, tokens: int) -> float:
+        """Tokens per second since the last lap."""
+        now = _now(self.device)
+        seconds = now - self.mark - self.paused
+        self.mark, self.paused = now, 0.0
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        return tokens / seconds
+
+
+def _train_step(model, optimizer, starts, train_tokens, config, d, accumulation, autocast):
+    """One optimizer step on this process's rows of the global batch; returns the sum of the
+    micro-batch mean losses (a tensor, not synchronised)."""
+    seq, micro, vocab = config.data.seq_len, config.train.micro_batch_size, vocab_size(config.data)
+    loss_sum = torch.zeros((), device=d.device)
+    for m in range(accumulation):
+        first = (d.rank * accumulation + m) * micro
+        w = _windows(train_tokens, starts[first : first + micro], seq, vocab).to(d.device)
+        with distributed.no_sync(model, sync=m == accumulation - 1):
+            with autocast:
+                logits = model(w[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten())
+            (loss / accumulation).backward()
+        loss_sum += loss.detach()
+    if config.train.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def pretrain(
+    config: PretrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Pretrain under ``out`` (see the module docstring); returns result.json's content.
+
+    Under torchrun every process calls this with the same arguments. ``on_step(step)`` is for
+    tests: called after each optimizer step once its log, evaluation and checkpoint are written.
+    """
+    d = distributed.setup(config.device)
+    try:
+        return _pretrain(config, Path(out), resume, progress, on_step, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> dict:
+    cfg = config.train
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accumulation = accumulation_steps(config, d.world)
+    splits = open_data(config, d.world)
+    check_run_dir(out, config, resume)
+    if resume and (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())  # finished already
+    distributed.barrier(d)  # every process has checked the directory before rank 0 writes to it
+
+    model = build_model(config)
+    fpt = flops_per_token(model, config.data.seq_len)
+    metrics_path, ckpt_path = out / "metrics.jsonl", out / CHECKPOINT
+    step, wall_s, ckpt = 0, 0.0, None
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        load_model_weights(model, ckpt["model"])
+        step, wall_s = ckpt["info"]["step"], ckpt["info"]["wall_s"]
+        if d.main:
+            truncate_metrics(metrics_path, step)
+    elif d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
+        atomic_write_text(metrics_path, "")
+    model = distributed.wrap(model.to(d.device), d, cfg.fsdp)
+    optimizer = make_optimizer(model, cfg)
+    if ckpt is not None:
+        distributed.load_optimizer_state(optimizer, ckpt["optim"])
+        del ckpt
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
+    tensorboard = _tensorboard(out, d)
+
+    total, rows = total_steps(cfg), cfg.micro_batch_size * accumulation * d.world
+    peak_flops = cfg.peak_tflops * 1e12 * d.world if cfg.peak_tflops else None
+    info = {"config": config.model_dump(mode="json")}
+    meter, t_start = _Throughput(d.device), time.perf_counter() - wall_s
+    loss_sum, last_log, record = torch.zeros((), device=d.device), step, {}
+    bar = tqdm(total=total, initial=step, disable=not (progress and d.main), desc="pretrain")
+    model.train()
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, total, cfg)
+        # Dropout's RNG from (seed, step, rank): a resumed run draws what an uninterrupted one does.
+        torch.manual_seed(
+            int(np.random.SeedSequence([config.seed, step, d.rank]).generate_state(1)[0])
+        )
+        starts = train_starts(config.seed, step, len(splits["train"]), config.data.seq_len, rows)
+        loss_sum += _train_step(
+            model, optimizer, starts, splits["train"], config, d, accumulation, autocast
+        )
+        step += 1
+        bar.update(1)
+
+        record = {}
+        if step % cfg.log_every == 0 or step == total:
+            steps = step - last_log
+            mean = float(distributed.all_sum(loss_sum, d)) / (steps * accumulation * d.world)
+            tokens_per_s = meter.lap(steps * cfg.global_batch_tokens)
+            record.update(
+                train_loss=mean,
+                lr=optimizer.param_groups[0]["lr"],
+                tokens_per_s=tokens_per_s,
+                mfu=fpt * tokens_per_s / peak_flops if peak_flops else None,
+            )
+            loss_sum.zero_()
+            last_log = step
+            bar.set_postfix(loss=f"{mean:.3f}")
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+            with meter.pause():
+                record.update(evaluate(model, splits["val"], config, d, autocast))
+        if record and d.main:
+            record = {"step": step, "tokens": step * cfg.global_batch_tokens, **record}
+            record["wall_s"] = time.perf_counter() - t_start
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if tensorboard is not None:
+                for key, value in record.items():
+                    if key != "step" and value is not None:
+                        tensorboard.add_scalar(key, value, step)
+        if step % cfg.checkpoint_every == 0 or step == total:
+            with meter.pause():
+                progress_info = {"step": step, "wall_s": time.perf_counter() - t_start}
+                _save(ckpt_path, model, optimizer, d, {**info, **progress_info})
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+
+    _save(out / WEIGHTS, model, None, d, {**info, "step": step})
+    result = {
+        "steps": step,
+        "tokens": step * cfg.global_batch_tokens,
+        "params": distributed.unwrap(model).num_params(),
+        "train_loss": record.get("train_loss"),
+        "val_loss": record.get("val_loss"),
+        "val_ppl": record.get("val_ppl"),
+        "tokens_per_s": meter.tokens / meter.seconds if meter.seconds else None,
+        "wall_s": time.perf_counter() - t_start,
+        "processes": d.world,
+    }
+    if d.main:
+        atomic_write_text(out / "result.json", json.dumps(result, indent=2))
+        if tensorboard is not None:
+            tensorboard.close()
+    return result
+
+
+def load_pretrained(path: str | Path, device: str = "cpu") -> tuple[LanguageModel, object]:
+    """A trained model (eval mode) and its tokenizer, from a pretrain run directory or a
+    checkpoint file in one (model.safetensors once finished, else checkpoint.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS if (path / WEIGHTS).exists() else path / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"no pretrain checkpoint at {str(path)!r}")
+    ckpt = load_checkpoint(path)
+    config = PretrainConfig.model_validate(ckpt["info"]["config"])
+    model = build_model(config)
+    load_model_weights(model, ckpt["model"])
+    return model.to(device).eval(), get_tokenizer(config.data.tokenizer)
