@@ -6,8 +6,8 @@
 
 Models (sandbox.model.LanguageModel, same d_model, n_layers, MLP, vocabulary):
 - "hybrid": H3 layers as released (learn_shift_b, d_state 64, head_dim 1, no positional
-  embedding) with attention at the given layers (default: at 1/3 and 2/3 of the depth, as the
-  paper's 355M-2.7B models have it at layers 8 and 16 of 24);
+  embedding) with attention at the given layers (the released sizes' layers; the CPU default
+  has one attention layer in 12, the share of the 125M model and of the 1.3B's 2 in 24);
 - "transformer": attention in every layer, learned positions;
 - "h3": H3 in every layer, to show whether an H3 step's cost is flat in the prompt length.
 Generation (sandbox.generate, greedy): ``--batch`` random prompts of each ``--prompts``
@@ -17,8 +17,8 @@ end-to-end tokens/s (prefill included), medians of ``--repeats``, the models tim
 within each repeat so a shared machine's slow spells hit them alike (one warm-up first).
 Training: tokens/s of one forward + backward + AdamW step at ``--train-seq-len``.
 
-The CPU default is small (d_model 256, 6 layers with attention at 2 and 4, vocab 4096) so a
-run takes minutes: the vocabulary projection is then about a fifth of a decode step's
+The CPU default is small (d_model 256, 12 layers with attention at 6, vocab 4096) so a run
+takes minutes: the vocabulary projection is then about a fifth of a decode step's
 multiply-adds (a tenth in the paper's 1.3B model with GPT-2's vocabulary); GPT-2's vocabulary
 on this width would make every model mostly that projection. ``--size`` takes the released
 models' shapes (125m, 355m, 1.3b, 2.7b) for a GPU; CUDA runs in float32.
@@ -43,7 +43,7 @@ from sandbox.model import LanguageModel
 
 # d_model, n_layers, attention heads, attention layers: the released H3 models (REFERENCE).
 SIZES = {
-    "small": (256, 6, 4, [2, 4]),
+    "small": (256, 12, 4, [6]),
     "125m": (768, 12, 12, [6]),
     "355m": (1024, 24, 16, [8, 16]),
     "1.3b": (2048, 24, 16, [8, 16]),

@@ -43,6 +43,26 @@ def _per_channel(p: torch.Tensor, channels: int) -> torch.Tensor:
     return repeat(p, "h ... -> (h r) ...", r=channels // heads)
 
 
+def _step_params(ssm: nn.Module, channels: int, compute):
+    """``compute(channels)``, reused across ``step`` calls while the parameters are unchanged.
+
+    Decoding calls ``step`` once per token with the same weights; re-deriving the discretised
+    per-channel parameters each time costs as much as the state update itself. The cache key
+    is every parameter's version counter and storage (bumped by optimizer steps, in-place
+    edits, load_state_dict and .to()), so a change is never missed. While autograd records
+    through the parameters nothing is cached: each step needs its own graph.
+    """
+    params = list(ssm.parameters(recurse=False))
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return compute(channels)
+    key = (channels, *((p._version, p.data_ptr(), p.dtype) for p in params))
+    cached = getattr(ssm, "_step_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, compute(channels))
+        ssm._step_cache = cached
+    return cached[1]
+
+
 def check_diagonal_args(owner: str, init, discretization, dt_min, dt_max) -> tuple:
     """Validate the DiagonalSSM arguments other than sizes; returns them normalised."""
     init = check_choice(owner, "init", init, INITS)
@@ -139,12 +159,15 @@ class DiagonalSSM(nn.Module):
         shape = (batch_size, self.D.shape[0] * copies, self.B.shape[1])
         return torch.zeros(shape, dtype=dtype, device=self.D.device)
 
-    def step(self, u_t, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """x <- dA x + dB u_t;  y_t = 2 Re(C x) + D u_t.  u_t [B, C] -> y_t [B, C]."""
+    def _discrete(self, channels: int) -> tuple[torch.Tensor, ...]:
+        """dA, dB, C [channels, N/2] complex and D [channels], for ``step``."""
         dt, A, B, C = self._continuous()
         dA, dB = s4d_discretize(dt, A, B, self.discretization)
-        channels = u_t.shape[1]
-        dA, dB, C, D = (_per_channel(p, channels) for p in (dA, dB, C, self.D))
+        return tuple(_per_channel(p, channels) for p in (dA, dB, C, self.D))
+
+    def step(self, u_t, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """x <- dA x + dB u_t;  y_t = 2 Re(C x) + D u_t.  u_t [B, C] -> y_t [B, C]."""
+        dA, dB, C, D = _step_params(self, u_t.shape[1], self._discrete)
         # One new [B, C, N/2] tensor, updated in place (the given state is left as it is):
         # decoding is bound by such full-state passes.
         state = dA * state
