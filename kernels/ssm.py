@@ -96,15 +96,18 @@ def s4d_state(
     low_re, low_im = dA_powers(dt, A, dA, method, P)  # dA^a, a < P
     high_re, high_im = dA_powers(dt, A, dA, method, Q, step=P)  # dA^(P b), b < Q
     newest_first = F.pad(u.flip(-1).to(low_re.dtype), (0, P * Q - L))  # zeros: lags >= L
-    lagged = rearrange(newest_first, "x h (q p) -> x h q p", p=P)
-    part_re = torch.einsum("xhqp,hnp->xhqn", lagged, low_re)
-    part_im = torch.einsum("xhqp,hnp->xhqn", lagged, low_im)
-    x_re = torch.einsum("xhqn,hnq->xhn", part_re, high_re) - torch.einsum(
-        "xhqn,hnq->xhn", part_im, high_im
-    )
-    x_im = torch.einsum("xhqn,hnq->xhn", part_re, high_im) + torch.einsum(
-        "xhqn,hnq->xhn", part_im, high_re
-    )
+    # Both sums as real batched matmuls (einsum would permute [x, h, q, N] products through
+    # copies): first over a, [x q, P] @ [P, 2N] per channel with the real and imaginary parts
+    # of dA^a side by side; then over b, per (channel, mode), [x, 2Q] @ [2Q, 2] with the
+    # complex product (part_re + i part_im)(hi_re + i hi_im) written as a real 2Q x 2 matrix.
+    lagged = rearrange(newest_first, "x h (q p) -> h (x q) p", p=P)
+    low = rearrange(torch.cat([low_re, low_im], dim=1), "h n p -> h p n")
+    part = rearrange(torch.bmm(lagged, low), "h (x q) (c n) -> (h n) x (c q)", q=Q, c=2)
+    high = torch.stack(
+        [torch.cat([high_re, -high_im], dim=-1), torch.cat([high_im, high_re], dim=-1)], dim=-1
+    )  # [H, N, 2Q, 2]
+    x = torch.bmm(part, rearrange(high, "h n q c -> (h n) q c"))
+    x_re, x_im = rearrange(x, "(h n) x c -> c x h n", h=dt.shape[0])
     return dB * torch.complex(x_re, x_im)
 
 
