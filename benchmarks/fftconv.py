@@ -14,8 +14,9 @@ medians of ``--repeats`` runs (the JSON also keeps the minimum). The thread coun
 - "sdpa": causal scaled_dot_product_attention over the same B, H, L, as H / 64 heads of 64.
 Cases: K = L filters (the SSM case) at L = 256 .. 16K with B, H small enough for a CPU
 (B = 1, H = 128 on CPU; B = 16, H = 768 in bf16 on CUDA); the tiny training shapes of the
-synthetic tasks (B = 32, H = 64 and 256, L = 20 and 30); and, on CPU, the crossover sweeps
-that set the thresholds in kernels/fftconv.py (each torch method forced).
+synthetic tasks (B = 32, H = 64 and 256, L = 20 and 30); on CPU, the crossover sweeps that set
+the thresholds in kernels/fftconv.py (each torch method forced); on CUDA, short filters (K = 64,
+H3's shift SSM, and K = 256, the Toeplitz threshold) by each triton method and by torch.
 
 Peak memory (CPU): the growth of the peak resident set size of a fresh subprocess over one
 forward + backward, after its inputs are allocated (VmHWM - VmRSS from /proc/self/status; the
@@ -114,6 +115,14 @@ def time_round_robin(fns: dict, backward: bool, repeats: int, device: str) -> di
     }
 
 
+def time_fwd_and_bwd(fns: dict, repeats: int, device: str) -> dict[str, tuple[dict, dict]]:
+    """{name: (forward times, forward + backward times)}, each pass timed round robin."""
+    forward_only = {n: (lambda fn=f: fn().detach()) for n, f in fns.items()}
+    fwd = time_round_robin(forward_only, False, repeats, device)
+    fwd_bwd = time_round_robin(fns, True, repeats, device)
+    return {n: (fwd[n], fwd_bwd[n]) for n in fns}
+
+
 def time_case(fn, backward: bool, repeats: int, device: str) -> dict:
     return time_round_robin({"case": fn}, backward, repeats, device)["case"]
 
@@ -162,10 +171,7 @@ def run_side_by_side(args, device: str, dtype) -> list[dict]:
         groups += [({n: fns[n]}, 2) for n in slow]
         times = {}
         for group, repeats in groups:
-            forward_only = {n: (lambda fn=f: fn().detach()) for n, f in group.items()}
-            fwd = time_round_robin(forward_only, False, repeats, device)
-            fwd_bwd = time_round_robin(group, True, repeats, device)
-            times.update({n: (fwd[n], fwd_bwd[n]) for n in group})
+            times.update(time_fwd_and_bwd(group, repeats, device))
         for name, fn in fns.items():
             row = {"case": "K=L", "impl": name, "B": B, "H": H, "L": L, "K": L}
             row["fwd"], row["fwd_bwd"] = times[name]
@@ -194,6 +200,25 @@ def run_training_shapes(args, device: str, dtype) -> list[dict]:
                 row = {"case": "training", "impl": name, "B": 32, "H": H, "L": L, "K": L}
                 row["fwd_bwd"] = times[name]
                 rows.append(row)
+    return rows
+
+
+def run_short_filters(args, dtype) -> list[dict]:
+    """CUDA, K = 64 and 256: "ours" (the Toeplitz kernel) vs the fused FFT vs torch vs naive:
+    the data for kernels.fftconv.TRITON_TOEPLITZ_MAX_TAPS."""
+    impls = {"ours": {}, "ours[fft]": {"backend": "triton", "method": "fft"}}
+    impls |= {"ours[torch]": {"backend": "torch"}, "naive": {}}
+    rows = []
+    # 32K: past the fused FFT size, where "ours[fft]" is the blocked decomposition.
+    for L in [1024, 4096] if args.quick else [1024, 4096, 16384, 32768]:
+        for K in (64, 256):
+            fns = {
+                n: make_case(n.split("[")[0], 16, 768, L, K, dtype, "cuda", **o)
+                for n, o in impls.items()
+            }
+            for n, (fwd, fwd_bwd) in time_fwd_and_bwd(fns, args.repeats, "cuda").items():
+                row = {"case": "short K", "impl": n, "B": 16, "H": 768, "L": L, "K": K}
+                rows.append(row | {"fwd": fwd, "fwd_bwd": fwd_bwd})
     return rows
 
 
@@ -247,16 +272,16 @@ def bandwidth_fraction(B, H, L, dtype, fwd_ms) -> float:
 
 def print_tables(rows: list[dict], console: Console) -> None:
     table = Table(title="fftconv vs naive FFT conv vs causal SDPA (median ms; peak MB)")
-    for col in ("B", "H", "L", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "speedup vs naive"):
+    for col in ("B", "H", "L", "K", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "vs naive"):
         table.add_column(col, justify="right")
-    naive = {(r["case"], r["H"], r["L"]): r for r in rows if r.get("impl") == "naive"}
-    for r in (r for r in rows if r["case"] in ("K=L", "training")):
-        base = naive[(r["case"], r["H"], r["L"])]["fwd_bwd"]["median_ms"]
+    naive = {(r["case"], r["H"], r["L"], r["K"]): r for r in rows if r.get("impl") == "naive"}
+    for r in (r for r in rows if r["case"] in ("K=L", "training", "short K")):
+        base = naive[(r["case"], r["H"], r["L"], r["K"])]["fwd_bwd"]["median_ms"]
         fwd = f"{r['fwd']['median_ms']:.2f}" if "fwd" in r else "-"
         peak = f"{r['peak_mb']:.1f}" if "peak_mb" in r else "-"
         ratio = base / r["fwd_bwd"]["median_ms"]
         table.add_row(
-            *map(str, (r["B"], r["H"], r["L"], r["impl"])),
+            *map(str, (r["B"], r["H"], r["L"], r["K"], r["impl"])),
             fwd,
             f"{r['fwd_bwd']['median_ms']:.2f}",
             peak,
@@ -329,6 +354,8 @@ def main(argv=None) -> None:
     )
     if args.device == "cpu":
         rows += run_crossovers(args) + run_block_sweep(args)
+    else:
+        rows += run_short_filters(args, dtype)
     print_tables(rows, Console())
     payload = {
         "machine": machine_info(args.device, args.threads),

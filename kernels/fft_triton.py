@@ -13,7 +13,8 @@ runs the same steps backwards with conjugates. The filter spectrum is computed o
 (torch.fft on [H, n]) and stored in the Y layout, shared by every batch row.
 
 Fused length limit: n <= MAX_FUSED_FFT = 16384, i.e. L + K - 1 <= 16384 (L <= 8192 if K = L).
-Longer sequences go to the torch backend (kernels.fftconv) or to state passing (layers).
+Longer sequences go to the blocked decomposition (kernels.blocked, pieces of this kernel) or,
+for SSM filters, to state passing (layers).
 Runs under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check it.
 """
 

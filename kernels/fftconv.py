@@ -10,9 +10,12 @@ from crossovers measured on CPU by benchmarks/fftconv.py (its crossover sweep):
 - "fft": blocked rfft with a hand-written backward (kernels.fft_torch) - everything else.
 The skip term D is the filter's tap 0, so it is folded into k and every method gets it free.
 
-The triton backend (kernels.fft_triton) is one fused kernel per direction; it is chosen for
-CUDA tensors when triton is installed and L + K - 1 fits its fused FFT size (16K), and runs
-fp32/fp16/bf16 inputs (fp32 math).
+The triton backend is chosen for CUDA tensors when triton is installed; it runs fp32/fp16/bf16
+inputs (fp32 math) at any length, by two methods:
+- "toeplitz": Toeplitz tiles times signal tiles with tl.dot (kernels.toeplitz_triton) - filters
+  of up to TRITON_TOEPLITZ_MAX_TAPS taps, at any L;
+- "fft": one fused kernel per direction (kernels.fft_triton) when L + K - 1 fits its FFT size
+  (16K), and beyond it the exact blocked decomposition (kernels.blocked) into pieces that fit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kernels.fft_torch import FFTConv
 # switch TRITON_INTERPRET=1 may be set any time before the first triton call.
 _BACKENDS = ("torch", "triton") if importlib.util.find_spec("triton") else ("torch",)
 METHODS = ("fft", "toeplitz", "conv1d")
+TRITON_METHODS = ("fft", "toeplitz")
 _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 
 # Crossovers, measured fwd+bwd (min of 5, methods timed in turn) on this project's 2-core x86
@@ -52,6 +56,10 @@ CONV1D_MAX_TAPS = 4
 #   27) and won only at K=16, L >= 4096 (L=16384: 98 vs 112), where conv1d is as good and the
 #   margin is within this machine's noise; it is not chosen automatically. method="toeplitz"
 #   runs it at any shape.
+# On the triton backend the direct Toeplitz-tile kernel replaces the FFT up to this many taps:
+# FlashConv's authors put the crossover at ~256-512 taps (REFERENCE.md); not yet measured on a
+# GPU here (benchmarks/fftconv.py --device cuda times both).
+TRITON_TOEPLITZ_MAX_TAPS = 256
 
 
 def backends() -> tuple[str, ...]:
@@ -59,8 +67,10 @@ def backends() -> tuple[str, ...]:
     return _BACKENDS
 
 
-def choose_method(B: int, L: int, K: int) -> str:
-    """The fastest torch method for batch B, length L and K <= L taps (crossovers above)."""
+def choose_method(B: int, L: int, K: int, backend: str = "torch") -> str:
+    """The fastest method of ``backend`` for batch B, length L and K <= L taps (see above)."""
+    if backend == "triton":
+        return "toeplitz" if K <= TRITON_TOEPLITZ_MAX_TAPS else "fft"
     if L <= TOEPLITZ_MAX_LEN and B >= TOEPLITZ_MIN_BATCH:
         return "toeplitz"
     if K <= CONV1D_MAX_TAPS:
@@ -68,10 +78,20 @@ def choose_method(B: int, L: int, K: int) -> str:
     return "fft"
 
 
-def _default_backend(u: torch.Tensor, L: int, K: int) -> str:
-    fused = L + K - 1 <= MAX_FUSED_FFT
-    triton_ok = "triton" in _BACKENDS and u.is_cuda and u.dtype != torch.float64 and fused
+def _default_backend(u: torch.Tensor) -> str:
+    triton_ok = "triton" in _BACKENDS and u.is_cuda and u.dtype != torch.float64
     return "triton" if triton_ok else "torch"
+
+
+def _triton_blocked(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal convolution beyond the fused size, in pieces that fit it (kernels.blocked)."""
+    from kernels.blocked import blocked_conv
+    from kernels.fft_triton import TritonFFTConv
+
+    def piece(x, f):
+        return TritonFFTConv.apply(x, f, None, None)
+
+    return blocked_conv(v, k, piece, MAX_FUSED_FFT)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,10 +132,11 @@ def fftconv(
         k: [H, K] filters; taps past L are ignored.
         D: [H] skip weights, or None.
         pregate, postgate: [B, H, L] multiplicative gates, or None.
-        backend: "torch" or "triton", or None: triton for CUDA tensors that fit its fused
-            length (when installed), torch otherwise.
-        method: torch backend only: "fft", "toeplitz" or "conv1d", or None for the fastest
-            by shape (:func:`choose_method`). All are exact; this exists to force one.
+        backend: "torch" or "triton", or None: triton for CUDA tensors (when installed),
+            torch otherwise.
+        method: "fft", "toeplitz" or "conv1d" (torch), "fft" or "toeplitz" (triton), or None
+            for the fastest by shape (:func:`choose_method`). All are exact; this exists to
+            force one.
 
     Returns:
         [B, H, L] in u's dtype; the math inside is fp32 (fp64 for fp64 inputs).
@@ -123,26 +144,35 @@ def fftconv(
     _check_shapes(u, k, D, pregate, postgate)
     L = u.shape[-1]
     K = min(k.shape[-1], L)
-    backend = backend or _default_backend(u, L, K)
+    backend = backend or _default_backend(u)
     if backend not in _BACKENDS:
         raise ValueError(f"fftconv: unknown backend {backend!r}; available: {list(_BACKENDS)}")
     if backend == "triton" and u.dtype == torch.float64:
         raise ValueError("fftconv: the triton backend computes in fp32; use torch for float64")
-    method = method or choose_method(u.shape[0], L, K)
-    if method not in METHODS:
-        raise ValueError(f"fftconv: unknown method {method!r}; available: {list(METHODS)}")
+    method = method or choose_method(u.shape[0], L, K, backend)
+    methods = METHODS if backend == "torch" else TRITON_METHODS
+    if method not in methods:
+        raise ValueError(
+            f"fftconv: unknown method {method!r} for {backend}; available: {list(methods)}"
+        )
     dtype = _compute_dtype(u.dtype)
     k = k[:, :K].to(dtype)
     if D is not None:
         k = k + F.pad(D.to(dtype)[:, None], (0, K - 1))
-    if backend == "triton":
+    if backend == "triton" and method == "toeplitz":
+        from kernels.toeplitz_triton import TritonToeplitzConv
+
+        return TritonToeplitzConv.apply(u, k, pregate, postgate)
+    if backend == "triton" and L + K - 1 <= MAX_FUSED_FFT:
         from kernels.fft_triton import TritonFFTConv
 
         return TritonFFTConv.apply(u, k, pregate, postgate)
-    if method == "fft":
+    if backend == "torch" and method == "fft":
         return FFTConv.apply(u, k, pregate, postgate)
+    # The rest take the gates outside: the torch direct methods and the triton blocked FFT.
+    conv = _DIRECT[method] if backend == "torch" else _triton_blocked
     v = u.to(dtype)
     if pregate is not None:
         v = v * pregate
-    z = _DIRECT[method](v, k)
+    z = conv(v, k)
     return (z * postgate if postgate is not None else z).to(u.dtype)

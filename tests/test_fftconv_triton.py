@@ -1,10 +1,16 @@
 """The triton backend of fftconv against the float64 oracle, under TRITON_INTERPRET=1 on CPU.
 
-The interpreter runs the kernels' tl.dot as numpy matmuls: slow, so the sizes stay small.
+Both methods: the fused FFT kernel ("fft", and the blocked decomposition beyond its size) and
+the direct Toeplitz-tile kernel ("toeplitz"). The interpreter runs tl.dot as numpy matmuls:
+slow, so the sizes stay small, and the blocked path is reached by lowering the fused size.
 fp32 inputs: the fused kernel's fp32 DFTs (twiddles rounded once from fp64) agree with the
-oracle to ~1e-5 of the output's scale at these sizes; tolerance 1e-4.
+oracle to ~1e-5 of the output's scale at these sizes, the Toeplitz kernel to ~1e-6; tolerance
+1e-4. fp16 / bf16 inputs: the math is fp32, so the output and every gradient differ from the
+oracle's (rounded to the input dtype by autograd too) by at most about one ulp of the entry,
+2^-10 / 2^-7 relative; tolerances 2e-3 / 1.6e-2 of the scale.
 """
 
+import importlib
 import os
 
 import pytest
@@ -16,8 +22,11 @@ pytest.importorskip("triton")
 
 from test_kernels import direct_conv, make_inputs  # noqa: E402
 
+import kernels.blocked  # noqa: E402
 from kernels import fftconv  # noqa: E402
-from kernels.fftconv import backends  # noqa: E402
+from kernels.blocked import blocked_conv  # noqa: E402
+from kernels.fft_triton import fft_size  # noqa: E402
+from kernels.fftconv import backends, choose_method  # noqa: E402
 
 
 def assert_close_scaled(got, want, tol):
@@ -25,38 +34,106 @@ def assert_close_scaled(got, want, tol):
     assert (got.double() - want).abs().max() <= tol * want.abs().max().clamp(min=1e-30)
 
 
-@pytest.mark.parametrize(
-    "L, K", [(1, 1), (17, 3), (17, 17), (64, 1), (64, 64), (256, 3), (256, 256)]
-)
-@pytest.mark.parametrize("gates, skip", [(True, True), (False, False)])
-def test_triton_forward_and_grads(L, K, gates, skip):
-    args = make_inputs(2, 3, L, K, torch.float32, gates, skip, seed=L + K)
-    y = fftconv(*args, backend="triton")
+def check_against_oracle(args, tol, **options):
+    """fftconv(*args, **options) and the gradients of all present args vs the oracle's."""
+    y = fftconv(*args, **options)
     ref = direct_conv(*args)
-    assert y.dtype == torch.float32
-    assert_close_scaled(y, ref, 1e-4)
-    gy = torch.randn_like(y)
+    assert y.dtype == args[0].dtype
+    assert_close_scaled(y, ref, tol)
+    gy = torch.randn(y.shape, dtype=torch.float64).to(y.dtype)
     present = [a for a in args if a is not None]
     got = torch.autograd.grad(y, present, gy)
     want = torch.autograd.grad(ref, present, gy.double())
     for a, b in zip(got, want):
-        assert_close_scaled(a, b, 1e-4)
+        assert a.dtype == args[0].dtype
+        assert_close_scaled(a, b, tol)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
-def test_triton_low_precision(dtype, tol):
-    args = make_inputs(2, 2, 64, 64, dtype)
-    y = fftconv(*args, backend="triton")
-    assert y.dtype == dtype
-    assert_close_scaled(y, direct_conv(*args), tol)
-    y.float().sum().backward()
-    assert all(a.grad.dtype == dtype for a in args)
+SHAPES = [(1, 1), (17, 3), (17, 17), (64, 1), (64, 64), (100, 64), (256, 3), (256, 256)]
+
+
+@pytest.mark.parametrize("method", ["fft", "toeplitz"])
+@pytest.mark.parametrize("L, K", SHAPES + [(300, 200)])
+@pytest.mark.parametrize("gates, skip", [(True, True), (False, False)])
+def test_triton_forward_and_grads(method, L, K, gates, skip):
+    args = make_inputs(2, 3, L, K, torch.float32, gates, skip, seed=L + K)
+    check_against_oracle(args, 1e-4, backend="triton", method=method)
+
+
+def test_triton_toeplitz_beyond_fused_size():
+    """The Toeplitz kernel has no length limit: L past the fused FFT size, a short filter."""
+    args = make_inputs(1, 1, 17000, 3, torch.float32)
+    check_against_oracle(args, 1e-4, backend="triton", method="toeplitz")
+
+
+@pytest.mark.parametrize("method", ["fft", "toeplitz"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_triton_low_precision(method, dtype, tol):
+    for L, K in [(64, 64), (300, 200)]:
+        args = make_inputs(2, 2, L, K, dtype, seed=L)
+        check_against_oracle(args, tol, backend="triton", method=method)
+
+
+@pytest.fixture
+def blocked_calls(monkeypatch):
+    """Lowers the fused FFT size to 256, so that small shapes take the blocked path; yields
+    the list of its calls."""
+    # The module: the package's attribute "fftconv" is the function.
+    monkeypatch.setattr(importlib.import_module("kernels.fftconv"), "MAX_FUSED_FFT", 256)
+    calls = []
+
+    def spy(*a):
+        calls.append(a)
+        return blocked_conv(*a)
+
+    monkeypatch.setattr(kernels.blocked, "blocked_conv", spy)
+    return calls
+
+
+@pytest.mark.parametrize("L, K", [(300, 1), (200, 200), (300, 100), (258, 257), (1000, 40)])
+@pytest.mark.parametrize("gates, skip", [(True, True), (False, False)])
+def test_triton_blocked_beyond_fused_size(L, K, gates, skip, blocked_calls):
+    """Pieces of the fused kernel, with block lengths that do not divide L or K."""
+    args = make_inputs(2, 3, L, K, torch.float32, gates, skip, seed=L + K)
+    check_against_oracle(args, 1e-4, backend="triton", method="fft")
+    assert len(blocked_calls) == 1
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_triton_blocked_low_precision(dtype, tol, blocked_calls):
+    check_against_oracle(make_inputs(2, 2, 300, 100, dtype), tol, backend="triton", method="fft")
+    assert len(blocked_calls) == 1
+
+
+@pytest.mark.parametrize(
+    "L, K, max_fft", [(200, 200, 16), (1000, 7, 10), (50, 50, 3), (5, 5, 3), (999, 333, 64)]
+)
+def test_blocked_decomposition_float64(L, K, max_fft):
+    """kernels.blocked with torch pieces: exact in float64, no piece above max_fft."""
+    u, k, *_ = make_inputs(2, 3, L, K, torch.float64, seed=K)
+    sizes = []
+
+    def piece(x, f):
+        sizes.append(x.shape[-1] + f.shape[-1] - 1)
+        return fftconv(x, f, backend="torch")
+
+    z = blocked_conv(u, k, piece, max_fft)
+    ref = direct_conv(u, k)
+    torch.testing.assert_close(z, ref, rtol=1e-10, atol=1e-10)
+    assert max(sizes) <= max_fft
+    gz = torch.randn_like(z)
+    for a, b in zip(torch.autograd.grad(z, (u, k), gz), torch.autograd.grad(ref, (u, k), gz)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_triton_backend_choice_and_limits():
     assert "triton" in backends()
+    assert choose_method(4, 4096, 256, "triton") == "toeplitz"
+    assert choose_method(4, 4096, 257, "triton") == "fft"
     u, k = torch.randn(1, 2, 8), torch.randn(2, 8)
     with pytest.raises(ValueError, match="float64"):
         fftconv(u.double(), k.double(), backend="triton")
+    with pytest.raises(ValueError, match="method"):
+        fftconv(u, k, backend="triton", method="conv1d")
     with pytest.raises(ValueError, match="fused"):
-        fftconv(torch.randn(1, 1, 9000), torch.randn(1, 9000), backend="triton")
+        fft_size(9000, 9000)  # the fused kernel itself; fftconv goes blocked beyond it
