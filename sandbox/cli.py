@@ -193,16 +193,21 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, what: str, example: str, out: str) -> None:
+    """The arguments `train` and `pretrain` share: CONFIG, overrides, --out, --resume, --quiet."""
+    p.add_argument("config", help=f"{what} config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help=f"a.b=value overrides, e.g. {example}")
+    p.add_argument("--out", help=f"run directory (default {out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sandbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one model on one synthetic task")
-    p.add_argument("config", help="run config YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. train.lr=1e-3")
-    p.add_argument("--out", help="run directory (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(p, "run", "train.lr=1e-3", "runs/<config name>")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="train a grid of mixers on tasks; print the gap table")
@@ -282,11 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a language model (see configs/pretrain/ and docs/pretraining.md). "
         "Under `torchrun --nproc_per_node N` each process trains on its slice of every batch.",
     )
-    p.add_argument("config", help="pretrain config YAML (see configs/pretrain/)")
-    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. train.max_steps=100")
-    p.add_argument("--out", help="run directory (default runs/pretrain/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(p, "pretrain", "train.max_steps=100", "runs/pretrain/<config name>")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("params", help="parameter count of a run or pretrain config, by part")
