@@ -30,6 +30,28 @@ def test_shipped_presets_expand():
     assert all(r.config.train.max_steps == 7 for r in expand(preset, ["train.max_steps=7"]))
 
 
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_expands(name):
+    runs = expand(load_preset(name))
+    assert runs and all(r.config.model.n_layers >= 1 for r in runs)
+
+
+def test_paper_loss_preset_changes_only_the_loss_and_budget():
+    # h3-ih-paper-loss is h3-table2's IH row with the all-token loss and a longer cap.
+    base = {
+        r.variant: r.config for r in expand(load_preset("h3-table2")) if r.task == "induction_head"
+    }
+    long = {r.variant: r.config for r in expand(load_preset("h3-ih-paper-loss"))}
+    assert long.keys() == base.keys()
+    for variant, config in long.items():
+        assert config.train.loss_on == "all" and config.train.max_steps == 15000
+        changed = {"loss_on": "answers", "max_steps": 5000, "eval_every": 100}
+        assert (
+            config.model_copy(update={"train": config.train.model_copy(update=changed)})
+            == (base[variant])
+        )
+
+
 def test_preset_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available"):
         load_preset("nope")
