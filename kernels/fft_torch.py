@@ -70,14 +70,11 @@ class FFTConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        u, k, pregate, postgate = ctx.saved_tensors
-        need_u, need_k, need_pre, need_post = ctx.needs_input_grad
+        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(ctx)
+        need_u, need_k, need_pre, need_post = needs
         B, H, L = u.shape
         K, n = k.shape[-1], ctx.n
         k_f_conj = torch.fft.rfft(k, n=n).conj()
-        g_u = torch.empty_like(u) if need_u else None
-        g_pre = torch.empty_like(pregate) if need_pre else None
-        g_post = torch.empty_like(postgate) if need_post else None
         g_k_f = torch.zeros_like(k_f_conj) if need_k else None
         for i, (bs, hs) in enumerate(_blocks(B, H, n)):
             gz = gy[bs, hs].to(k.dtype)
@@ -99,3 +96,16 @@ class FFTConv(torch.autograd.Function):
         g_k = torch.fft.irfft(g_k_f, n=n)[..., :K] if need_k else None
         ctx.v_f = ctx.z = None  # free them now, not when the graph goes
         return g_u, g_k, g_pre, g_post
+
+
+def backward_inputs(ctx) -> tuple[tuple, tuple[bool, ...], tuple]:
+    """What every fftconv autograd backward starts from: the saved (u, k, pregate, postgate),
+    ``ctx.needs_input_grad`` in that order, and empty gradient buffers (g_u, g_pre, g_post)
+    for the [B, H, L] inputs, None where no gradient is needed."""
+    u, k, pregate, postgate = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    buffers = tuple(
+        torch.empty_like(x) if need else None
+        for x, need in ((u, needs[0]), (pregate, needs[2]), (postgate, needs[3]))
+    )
+    return (u, k, pregate, postgate), needs, buffers

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.fft_sizes import MAX_FUSED_FFT
+from kernels.fft_torch import backward_inputs
 
 _MIN_FFT = 256
 
@@ -205,14 +206,11 @@ class TritonFFTConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        u, k, pregate, postgate = ctx.saved_tensors
-        need_u, need_k, need_pre, need_post = ctx.needs_input_grad
+        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(ctx)
+        need_u, need_k, need_pre, need_post = needs
         B, H, L = u.shape
         K = k.shape[-1]
         n1, n2 = fft_size(L, K)
-        g_u = torch.empty_like(u) if need_u else None
-        g_pre = torch.empty_like(pregate) if need_pre else None
-        g_post = torch.empty_like(postgate) if need_post else None
         g_k = torch.empty_like(k) if need_k else None
         _backward_kernel[(H,)](
             u, _or(pregate, u), _or(postgate, u), gy.contiguous(), *_filter_spectrum(k, n1, n2),

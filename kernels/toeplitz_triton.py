@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fft_torch import backward_inputs
 from kernels.fft_triton import _contiguous, _or
 
 
@@ -197,16 +198,13 @@ class TritonToeplitzConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        u, k, pregate, postgate = ctx.saved_tensors
-        need_u, need_k, need_pre, need_post = ctx.needs_input_grad
+        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(ctx)
+        need_u, need_k, need_pre, need_post = needs
         B, H, L = u.shape
         K = k.shape[-1]
         t = tiles(B, L, K)
         gy = gy.contiguous()
         flags = dict(BT=t.BT, BN=t.BN, HAS_PRE=pregate is not None, HAS_POST=postgate is not None)
-        g_u = torch.empty_like(u) if need_u else None
-        g_pre = torch.empty_like(pregate) if need_pre else None
-        g_post = torch.empty_like(postgate) if need_post else None
         if need_u or need_pre or need_post:
             _grad_signal_kernel[(H, triton.cdiv(t.ncols, t.BN))](
                 u, _or(pregate, u), _or(postgate, u), gy, k,
