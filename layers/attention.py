@@ -1,9 +1,14 @@
 """Causal multi-head softmax attention, the baseline mixer.
 
-No positional information inside: the language model adds learned positions for attention.
+By default no positional information inside: the language model adds learned positions for
+attention. With ``rotary=True`` queries and keys are rotated by their absolute position (RoPE,
+Su et al. 2021), so scores depend on relative positions only; set the model's
+``pos_emb: false`` then.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,8 @@ class Attention(Mixer):
         d_model: width D.
         num_heads: heads (must divide D); default max(1, D // 64), i.e. head size 64.
         dropout: attention-probability dropout, applied in training mode only.
+        rotary: rotary position embedding of q and k (head size must be even).
+        rotary_base: the RoPE frequency base; pair i of a head turns by pos * base^(-2i / E).
 
     State for ``step``: the KV cache {"k", "v"}: [B, heads, T, D / heads] for the T positions
     seen so far (T = 0 after ``init_state``); each step appends one position (see
@@ -28,19 +35,37 @@ class Attention(Mixer):
     not copy the whole cache).
     """
 
-    def __init__(self, d_model: int, num_heads: int | None = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int | None = None,
+        dropout: float = 0.0,
+        rotary: bool = False,
+        rotary_base: float = 10000.0,
+    ):
         super().__init__(d_model)
         if num_heads is None:
             num_heads = max(1, self.d_model // 64)
         self.num_heads = self._int("num_heads", num_heads)
         self._divides("num_heads", self.num_heads, "each head gets d_model / num_heads channels")
         self.dropout = check_float(self.name, "dropout", dropout, 0.0, 1.0)
+        self.rotary = self._bool("rotary", rotary)
+        self.rotary_base = check_float(self.name, "rotary_base", rotary_base, 1.0, math.inf)
+        head_size = self.d_model // self.num_heads
+        if self.rotary and head_size % 2:
+            raise ValueError(f"{self.name}: rotary needs an even head size, got {head_size}")
         self.qkv = nn.Linear(self.d_model, 3 * self.d_model)
         self.out_proj = nn.Linear(self.d_model, self.d_model)
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D] -> q, k, v stacked: [3, B, heads, L, head size]."""
-        return rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.num_heads)
+    def _qkv(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x [B, L, D] at positions start .. start + L - 1 -> q, k, v stacked:
+        [3, B, heads, L, head size] (q and k rotated when ``rotary``)."""
+        qkv = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.num_heads)
+        if not self.rotary:
+            return qkv
+        q, k, v = qkv
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        return torch.stack([*rotate(torch.stack([q, k]), positions, self.rotary_base), v])
 
     def _attend(self, q, k, v, causal: bool) -> torch.Tensor:
         """Attention over heads, merged back to [B, L, D]."""
@@ -63,10 +88,21 @@ class Attention(Mixer):
         return {"k": empty, "v": empty}
 
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        q, k, v = self._qkv(x_t[:, None])
+        q, k, v = self._qkv(x_t[:, None], start=state["k"].shape[2])
         k, v = _append(state["k"], k), _append(state["v"], v)
         # The newest query may see every cached position, so no mask is needed.
         return self._attend(q, k, v, causal=False)[:, 0], {"k": k, "v": v}
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE: x [..., L, E] at ``positions`` [L]; channel pair (i, i + E/2) turns by the angle
+    positions * base^(-2i / E). Computed in x's dtype (float64 stays float64)."""
+    half = x.shape[-1] // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=x.dtype) * 2 / x.shape[-1])
+    angle = positions.to(x.dtype)[:, None] * freq  # [L, E/2]
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

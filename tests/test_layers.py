@@ -42,7 +42,7 @@ H3_VARIANTS = [
 ]
 CONFIGS = (
     [(name, {}) for name in layers.names()]
-    + [("attention", {"num_heads": 4})]
+    + [("attention", {"num_heads": 4}), ("attention", {"num_heads": 2, "rotary": True})]
     + [("h3", variant) for variant in H3_VARIANTS]
 )
 
@@ -148,6 +148,42 @@ def test_prefill_fallback_steps():
     y_parallel, state_parallel = mixer.prefill(x)
     torch.testing.assert_close(y, y_parallel, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state["ssm"], state_parallel["ssm"], rtol=1e-10, atol=1e-10)
+
+
+def test_rotary_matches_complex_rotation():
+    # Oracle: channel pair (i, i + E/2) as the complex number x_i + j x_{i+E/2}, multiplied by
+    # exp(j * pos * base^(-2i/E)), one position and one pair at a time.
+    from layers.attention import rotate
+
+    E, L, base = 6, 5, 100.0
+    x = torch.randn(2, L, E, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([0, 1, 2, 7, 30])
+    want = torch.empty_like(x)
+    for t in range(L):
+        for i in range(E // 2):
+            z = torch.complex(x[:, t, i], x[:, t, i + E // 2])
+            angle = torch.tensor(positions[t].item() * base ** (-2 * i / E), dtype=torch.float64)
+            turned = z * torch.exp(1j * angle)
+            want[:, t, i], want[:, t, i + E // 2] = turned.real, turned.imag
+    torch.testing.assert_close(rotate(x, positions, base), want, rtol=1e-12, atol=1e-12)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from layers.attention import rotate
+
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 8, dtype=torch.float64, generator=g) for _ in range(2))
+
+    def score(i, j):
+        return (rotate(q, torch.tensor([i]), 1e4) * rotate(k, torch.tensor([j]), 1e4)).sum()
+
+    torch.testing.assert_close(score(3, 1), score(12, 10))
+    assert not torch.isclose(score(3, 1), score(3, 2))
+
+
+def test_rotary_rejects_odd_head_size():
+    with pytest.raises(ValueError, match="even head size"):
+        layers.build("attention", d_model=6, num_heads=2, rotary=True)
 
 
 def test_step_params_follow_parameter_updates():
