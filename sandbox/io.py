@@ -113,9 +113,13 @@ def load_checkpoint(path: str | Path) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["json"])
-    tensors = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["json"])
+        tensors = load_file(str(path))
+    except Exception as e:  # not safetensors, truncated, or not one of ours: one line
+        kind = type(e).__name__
+        raise ValueError(f"{str(path)!r} is not a sandbox checkpoint ({kind})") from None
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "extra": {}}
     for key, value in tensors.items():
         prefix, rest = key.split(".", 1)

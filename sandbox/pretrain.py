@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 import layers
@@ -357,7 +358,10 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> tuple[LanguageMode
     if not path.is_file():
         raise ValueError(f"no pretrain checkpoint at {str(path)!r}")
     ckpt = load_checkpoint(path)
-    config = PretrainConfig.model_validate(ckpt["info"]["config"])
+    try:
+        config = PretrainConfig.model_validate(ckpt["info"]["config"])
+    except (KeyError, ValidationError):  # e.g. a synthetic `sandbox train` checkpoint
+        raise ValueError(f"{str(path)!r} is not a `sandbox pretrain` checkpoint") from None
     model = build_model(config)
     load_model_weights(model, ckpt["model"])
     return model.to(device).eval(), get_tokenizer(config.data.tokenizer)

@@ -378,3 +378,27 @@ def test_cli_generates_from_a_run_directory_and_a_released_checkpoint(tmp_path, 
     assert "needs --config" in capsys.readouterr().err
     assert main(["generate", str(config_path), "--config", str(config_path), "--prompt", "x"]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_cli_generate_rejects_files_that_are_not_pretrain_checkpoints(tmp_path, capsys):
+    from sandbox.cli import main
+    from sandbox.config import ModelConfig, RunConfig
+    from sandbox.io import save_checkpoint
+    from sandbox.model import LanguageModel
+
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a checkpoint")
+    synthetic = (
+        tmp_path / "synthetic.safetensors"
+    )  # a `sandbox train` checkpoint: no pretrain config
+    model = LanguageModel(ModelConfig(d_model=8, mixer="attention"), vocab_size=10, max_seq_len=8)
+    save_checkpoint(synthetic, model, info={"config": RunConfig().model_dump(mode="json")})
+    for path, message in [
+        (text, "is not a sandbox checkpoint"),
+        (synthetic, "not a `sandbox pretrain`"),
+    ]:
+        before = path.read_bytes()
+        assert main(["generate", str(path), "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+        assert path.read_bytes() == before
