@@ -1,12 +1,15 @@
 """H3 vs attention layer of the same width: forward + backward time against sequence length.
 
     python3 -m benchmarks.layer_speed [--threads 1] [--repeats 5] [--width 256] [--batch 1]
+    python3 -m benchmarks.layer_speed --device cuda --width 768 --batch 8 --max-len 16384
 
 Both layers come from layers.build ("h3" with its defaults: shift SSM then diagonal SSM, head
 dim 1; "attention" with heads of 64). Each length is timed after one warm-up, the two layers in
 turn within each repeat; medians of ``--repeats``. H3 is O(L log L) (O(L) beyond
 kernels.FUSED_MAX_LEN), attention O(L^2), so the ratio column shows where H3 overtakes.
-JSON to benchmarks/results/layer_speed_cpu.json.
+On CUDA both run under bf16 autocast, as in pretraining (attention through SDPA's flash
+kernel, H3's convolutions through the Triton kernels).
+JSON to benchmarks/results/layer_speed_{cpu,cuda}.json.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from rich.table import Table
 import layers
 from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
 
-LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
 def main(argv=None) -> None:
@@ -30,16 +33,25 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-len", type=int, default=LENGTHS[-1])
+    p.add_argument("--max-len", type=int, default=8192)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    mixers = {name: layers.build(name, d_model=args.width) for name in ("h3", "attention")}
+    mixers = {
+        name: layers.build(name, d_model=args.width).to(args.device) for name in ("h3", "attention")
+    }
+    cuda = args.device == "cuda"
+
+    def call(mixer, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return mixer(x)
+
     start, rows = time.perf_counter(), []
     for L in (L for L in LENGTHS if L <= args.max_len):
-        x = torch.randn(args.batch, L, args.width, requires_grad=True)
-        fns = {name: (lambda m=mixer, x=x: m(x)) for name, mixer in mixers.items()}
-        row = {"L": L, **time_round_robin(fns, True, args.repeats, "cpu")}
+        x = torch.randn(args.batch, L, args.width, device=args.device, requires_grad=True)
+        fns = {name: (lambda m=mixer, x=x: call(m, x)) for name, mixer in mixers.items()}
+        row = {"L": L, **time_round_robin(fns, True, args.repeats, args.device)}
         row["attention_over_h3"] = row["attention"]["median_ms"] / row["h3"]["median_ms"]
         rows.append(row)
 
@@ -55,14 +67,14 @@ def main(argv=None) -> None:
         )
     Console().print(table)
     payload = {
-        "machine": machine_info("cpu", args.threads),
+        "machine": machine_info(args.device, args.threads),
         "batch": args.batch,
         "width": args.width,
         "repeats": args.repeats,
         "wall_s": time.perf_counter() - start,
         "rows": rows,
     }
-    write_json(payload, RESULTS / "layer_speed_cpu.json")
+    write_json(payload, RESULTS / f"layer_speed_{args.device}.json")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,14 @@ def fft_len(L: int, K: int) -> int:
     return 2 * next_fast_len(-(-(L + K - 1) // 2))
 
 
-def _blocks(B: int, H: int, n: int) -> Iterator[tuple[slice, slice]]:
-    """(batch slice, channel slice) pairs covering [B, H], about BLOCK_ELEMS / n rows each."""
+def _blocks(B: int, H: int, n: int, device: torch.device) -> Iterator[tuple[slice, slice]]:
+    """(batch slice, channel slice) pairs covering [B, H], about BLOCK_ELEMS / n rows each on
+    a CPU; one block on a GPU, where each block is a round of kernel launches and big batched
+    FFTs are what cuFFT is fast at (blocks of 2^19 samples made B=16, H=768, L=1024 take
+    11.6 ms forward on an H100, benchmarks/results/triton_gpu.json)."""
+    if device.type != "cpu":
+        yield slice(None), slice(None)
+        return
     rows = max(1, BLOCK_ELEMS // n)
     bb, hb = (rows // H, H) if rows >= H else (1, rows)
     for b0 in range(0, B, bb):
@@ -53,7 +59,7 @@ class FFTConv(torch.autograd.Function):
         # Per block, in _blocks order: kept by reference, so keeping them costs no copy.
         ctx.v_f, ctx.z = [], []
         y = torch.empty_like(u)
-        for bs, hs in _blocks(B, H, n):
+        for bs, hs in _blocks(B, H, n, u.device):
             v = u[bs, hs].to(k.dtype)
             if pregate is not None:
                 v = v * pregate[bs, hs]
@@ -76,7 +82,7 @@ class FFTConv(torch.autograd.Function):
         K, n = k.shape[-1], ctx.n
         k_f_conj = torch.fft.rfft(k, n=n).conj()
         g_k_f = torch.zeros_like(k_f_conj) if need_k else None
-        for i, (bs, hs) in enumerate(_blocks(B, H, n)):
+        for i, (bs, hs) in enumerate(_blocks(B, H, n, u.device)):
             gz = gy[bs, hs].to(k.dtype)
             if need_post:
                 g_post[bs, hs] = gz * ctx.z[i]

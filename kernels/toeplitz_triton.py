@@ -1,8 +1,8 @@
 """Direct causal convolution in Triton for short filters: Toeplitz tiles times signal tiles.
 
 Shapes as in kernels.fft_triton: u, pregate, postgate [B, H, L]; k [H, K] fp32 with the skip
-term D folded into tap 0. Inputs may be fp32, fp16 or bf16; all math is fp32 (tl.dot in IEEE
-fp32: tf32 would round the operands to 10 mantissa bits).
+term D folded into tap 0. Inputs may be fp32, fp16 or bf16; all math is fp32, tl.dot at
+kernels.fft_triton.DOT_PRECISION for the input dtype.
 
 The time axis is cut into blocks of BT positions. Block j of batch row b is column
 c = b * nT + j (nT = ceil(L / BT)) of a [BT, B * nT] matrix V of one channel, so a single
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.fft_torch import backward_inputs
-from kernels.fft_triton import _contiguous, _or
+from kernels.fft_triton import DOT_PRECISION, _contiguous, _or
 
 
 class Tiles(NamedTuple):
@@ -89,13 +89,14 @@ def _gated(x_ptr, gate_ptr, offs, mask, HAS_GATE: tl.constexpr):
 def _conv_tile(
     u_ptr, pre_ptr, k_ptr, h, H, L, K, nT, ncols, c0,
     ND: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, HAS_PRE: tl.constexpr,
+    P: tl.constexpr,
 ):  # fmt: skip
     """z = k * (u * pregate) on the [BT, BN] tile of columns c0 .. c0 + BN - 1, fp32."""
     z = tl.zeros((BT, BN), dtype=tl.float32)
     for d in range(ND):
         offs, mask = _columns(h, H, L, nT, ncols, c0, -d, BT, BN)
         w = _toeplitz_tile(k_ptr, h, K, d, BT, False)
-        z += tl.dot(w, _gated(u_ptr, pre_ptr, offs, mask, HAS_PRE), input_precision="ieee")
+        z += tl.dot(w, _gated(u_ptr, pre_ptr, offs, mask, HAS_PRE), input_precision=P)
     return z
 
 
@@ -103,10 +104,11 @@ def _conv_tile(
 def _forward_kernel(
     u_ptr, pre_ptr, post_ptr, k_ptr, y_ptr, H, L, K, nT, ncols, ND: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+    P: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     c0 = tl.program_id(1) * BN
-    z = _conv_tile(u_ptr, pre_ptr, k_ptr, h, H, L, K, nT, ncols, c0, ND, BT, BN, HAS_PRE)
+    z = _conv_tile(u_ptr, pre_ptr, k_ptr, h, H, L, K, nT, ncols, c0, ND, BT, BN, HAS_PRE, P)
     offs, mask = _columns(h, H, L, nT, ncols, c0, 0, BT, BN)
     if HAS_POST:
         z *= tl.load(post_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -119,12 +121,13 @@ def _grad_signal_kernel(
     H, L, K, nT, ncols, ND: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
     NEED_U: tl.constexpr, NEED_PRE: tl.constexpr, NEED_POST: tl.constexpr,
+    P: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     c0 = tl.program_id(1) * BN
     offs, mask = _columns(h, H, L, nT, ncols, c0, 0, BT, BN)
     if NEED_POST:  # z is recomputed, never stored
-        z = _conv_tile(u_ptr, pre_ptr, k_ptr, h, H, L, K, nT, ncols, c0, ND, BT, BN, HAS_PRE)
+        z = _conv_tile(u_ptr, pre_ptr, k_ptr, h, H, L, K, nT, ncols, c0, ND, BT, BN, HAS_PRE, P)
         gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(gpost_ptr + offs, (gy * z).to(gpost_ptr.dtype.element_ty), mask=mask)
     if NEED_U or NEED_PRE:  # dv[s] = sum_t k[t - s] gz[t]: output block j reads gz blocks j + d
@@ -133,7 +136,7 @@ def _grad_signal_kernel(
             offs_d, mask_d = _columns(h, H, L, nT, ncols, c0, d, BT, BN)
             gz = _gated(gy_ptr, post_ptr, offs_d, mask_d, HAS_POST)
             wt = _toeplitz_tile(k_ptr, h, K, d, BT, True)
-            gv += tl.dot(wt, gz, input_precision="ieee")
+            gv += tl.dot(wt, gz, input_precision=P)
         if NEED_U:
             gu = gv
             if HAS_PRE:
@@ -148,7 +151,7 @@ def _grad_signal_kernel(
 def _grad_filter_kernel(
     u_ptr, pre_ptr, post_ptr, gy_ptr, part_ptr, H, L, nT, ncols, ND: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-    COL_TILES: tl.constexpr,
+    COL_TILES: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     # One program per (channel, d) loops over every column, so the batch-and-time sum stays in
     # registers; part[h, d, i, m] = sum_c gz[block c][i] * v[block c - d][m]. The loop count is
@@ -163,7 +166,7 @@ def _grad_filter_kernel(
         gz = _gated(gy_ptr, post_ptr, offs, mask, HAS_POST)
         offs, mask = _columns(h, H, L, nT, ncols, c0, -d, BT, BN)
         v = _gated(u_ptr, pre_ptr, offs, mask, HAS_PRE)
-        acc += tl.dot(gz, tl.trans(v), input_precision="ieee")
+        acc += tl.dot(gz, tl.trans(v), input_precision=P)
     r = tl.arange(0, BT)
     tl.store(part_ptr + ((h * ND + d) * BT + r[:, None]) * BT + r[None, :], acc)
 
@@ -192,6 +195,7 @@ class TritonToeplitzConv(torch.autograd.Function):
         _forward_kernel[(H, triton.cdiv(t.ncols, t.BN))](
             u, _or(pregate, u), _or(postgate, u), k, y, H, L, k.shape[-1], t.nT, t.ncols, t.ND,
             BT=t.BT, BN=t.BN, HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
+            P=DOT_PRECISION[u.dtype],
         )  # fmt: skip
         ctx.save_for_backward(u, k, pregate, postgate)
         return y
@@ -205,6 +209,7 @@ class TritonToeplitzConv(torch.autograd.Function):
         t = tiles(B, L, K)
         gy = gy.contiguous()
         flags = dict(BT=t.BT, BN=t.BN, HAS_PRE=pregate is not None, HAS_POST=postgate is not None)
+        flags["P"] = DOT_PRECISION[u.dtype]
         if need_u or need_pre or need_post:
             _grad_signal_kernel[(H, triton.cdiv(t.ncols, t.BN))](
                 u, _or(pregate, u), _or(postgate, u), gy, k,

@@ -1,0 +1,248 @@
+"""The Triton fftconv kernels on a CUDA device: accuracy, compile resources, tuning alternatives.
+
+    python3 -m benchmarks.triton_gpu [--quick] [--out FILE]
+
+1. Device ceilings: a device-to-device copy (bytes read + written per second) and a bf16 matmul.
+2. Accuracy against a float64 reference computed by torch on the same device (rfft of the
+   zero-padded signal and filter: a different algorithm from the kernels' matrix DFTs), for the
+   output and every gradient, as ||got - ref|| / ||ref||, on fresh random inputs, with the
+   allocator's free memory poisoned with NaN first so that an unwritten output shows.
+3. Registers, spills and shared memory of every compiled kernel variant.
+4. Speed of tuning alternatives of kernels.fft_triton (DOT_PRECISION, NUM_WARPS,
+   THREE_LEVEL_MIN) at
+   B=16, H=768, bf16, K=L: forward and forward + backward medians (triton.testing.do_bench),
+   with the torch backend and causal SDPA (heads of 64) beside them, and the forward's bytes
+   (u, two gates read, y written) per second as a fraction of the measured copy.
+
+The table goes to stdout, everything to JSON (default benchmarks/results/triton_gpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+from rich.console import Console
+from rich.table import Table
+from triton.testing import do_bench
+
+from benchmarks.fftconv import RESULTS, machine_info, make_case, write_json
+from kernels import fft_triton, fftconv, toeplitz_triton
+
+
+def ceilings() -> dict:
+    """Measured copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s)."""
+    x = torch.randn(2**28, device="cuda")  # 1 GiB: far past L2
+    y = torch.empty_like(x)
+    copy_ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ a, return_mode="median")
+    return {"copy_GBps": 2 * x.nbytes / copy_ms / 1e6, "bf16_mm_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def reference(u, k, D, pre, post):
+    """float64 causal convolution by torch's rfft at a power of two >= L + K - 1."""
+    L, K = u.shape[-1], k.shape[-1]
+    n = 1 << (L + K - 1).bit_length()
+    v = u * pre
+    z = torch.fft.irfft(torch.fft.rfft(v, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+    return (z + D[:, None] * v) * post
+
+
+def poison_free_memory() -> None:
+    """Fill the caching allocator's free blocks with NaN: an output the kernel skips stays NaN."""
+    free = torch.cuda.mem_get_info()[0]
+    blob = torch.full((min(free // 8, 2**30),), float("nan"), device="cuda")
+    del blob
+
+
+def accuracy_case(method: str, L: int, K: int, dtype, B: int = 2, H: int = 8) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(L * 7919 + K)
+    args64 = [
+        torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)
+        for s in ((B, H, L), (H, K), (H,), (B, H, L), (B, H, L))
+    ]
+    args64[1] /= K**0.5  # keep the output's scale near the input's
+    args = [a.to(dtype).requires_grad_() for a in args64]
+    ref_args = [a.detach().double().requires_grad_() for a in args]
+    poison_free_memory()
+    y = fftconv(*args, backend="triton", method=method)
+    ref = reference(*ref_args)
+    gy = torch.randn(y.shape, generator=g, device="cuda", dtype=torch.float64)
+    got = torch.autograd.grad(y, args, gy.to(dtype))
+    want = torch.autograd.grad(ref, ref_args, gy)
+    names = ("y", "du", "dk", "dD", "dpre", "dpost")
+    errors = {}
+    for name, a, b in zip(names, (y, *got), (ref, *want)):
+        errors[name] = ((a.double() - b).norm() / b.norm()).item()
+    return {"method": method, "L": L, "K": K, "dtype": str(dtype).split(".")[-1]} | errors
+
+
+def kernel_resources() -> list[dict]:
+    """n_regs, n_spills and shared bytes of every compiled variant of the kernels (best
+    effort: the cache layout is a Triton internal)."""
+    rows = []
+    kernels = {
+        "fft.forward": fft_triton._forward_kernel,
+        "fft.backward": fft_triton._backward_kernel,
+        "toeplitz.forward": toeplitz_triton._forward_kernel,
+        "toeplitz.grad_signal": toeplitz_triton._grad_signal_kernel,
+        "toeplitz.grad_filter": toeplitz_triton._grad_filter_kernel,
+    }
+    for name, fn in kernels.items():
+        for cache in getattr(fn, "device_caches", {}).values():
+            compiled = cache[0] if isinstance(cache, tuple) else cache
+            for key, kernel in compiled.items():
+                meta = getattr(kernel, "metadata", None)
+                rows.append(
+                    {
+                        "kernel": name,
+                        "key": str(key)[-160:],
+                        "n_regs": getattr(kernel, "n_regs", None),
+                        "n_spills": getattr(kernel, "n_spills", None),
+                        "shared": getattr(meta, "shared", None),
+                        "num_warps": getattr(meta, "num_warps", None),
+                    }
+                )
+    return rows
+
+
+def speed_row(L: int, variant: str, fn, backward: bool, copy_GBps: float, B=16, H=768) -> dict:
+    def run():
+        y = fn()
+        if backward:
+            y.float().sum().backward()
+
+    ms = do_bench(run, warmup=50, rep=200, return_mode="median")
+    row = {
+        "L": L,
+        "K": L,
+        "B": B,
+        "H": H,
+        "variant": variant,
+        "pass": "fwd_bwd" if backward else "fwd",
+    }
+    row["ms"] = ms
+    if not backward:
+        row["bandwidth_frac"] = 4 * B * H * L * 2 / ms / 1e6 / copy_GBps
+    return row
+
+
+def speed(variants: dict[int, list[str]], copy_GBps: float, log) -> list[dict]:
+    """At each L: the torch path, SDPA, and each variant "PRECISION:WARPS[:THREE_LEVEL_MIN]"
+    of the fused kernel (forward), then the defaults' forward and forward + backward."""
+    rows = []
+    saved = (dict(fft_triton.DOT_PRECISION), dict(fft_triton.NUM_WARPS))
+    saved_three = fft_triton.THREE_LEVEL_MIN
+    for L, specs in variants.items():
+        base = {
+            "torch": make_case("ours", 16, 768, L, L, torch.bfloat16, "cuda", backend="torch"),
+            "sdpa": make_case("sdpa", 16, 768, L, L, torch.bfloat16, "cuda"),
+        }
+        for name, fn in base.items():
+            for backward in (False, True):
+                rows.append(speed_row(L, name, fn, backward, copy_GBps))
+                log(rows[-1])
+        del base
+        ours = make_case("ours", 16, 768, L, L, torch.bfloat16, "cuda", backend="triton")
+        for spec in [*specs, "default", "default+bwd"]:
+            if not spec.startswith("default"):
+                prec, warps, *three = spec.split(":")
+                fft_triton.DOT_PRECISION[torch.bfloat16] = prec
+                fft_triton.NUM_WARPS.update({n: int(warps) for n in fft_triton.NUM_WARPS})
+                fft_triton.THREE_LEVEL_MIN = int(three[0]) if three else saved_three
+            try:
+                row = speed_row(L, f"triton[{spec}]", ours, spec.endswith("bwd"), copy_GBps)
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile is data
+                row = {"L": L, "variant": f"triton[{spec}]", "error": repr(e)[:300]}
+            finally:
+                fft_triton.DOT_PRECISION.update(saved[0])
+                fft_triton.NUM_WARPS.update(saved[1])
+                fft_triton.THREE_LEVEL_MIN = saved_three
+            rows.append(row)
+            log(row)
+    return rows
+
+
+# Per L (K = L, so n = 2L): the alternatives to the defaults worth timing.
+VARIANTS = {
+    1024: ["tf32:8"],
+    2048: ["tf32:8", "tf32:4:4096", "tf32:8:4096"],
+    4096: ["tf32:4", "tf32:16"],
+    8192: ["tf32:8"],
+}
+
+ACCURACY = [("fft", L, K) for L, K in [(256, 256), (1000, 1000), (2048, 2048), (4096, 4096)]]
+ACCURACY += [("fft", L, K) for L, K in [(8192, 8192), (5000, 3000), (16384, 16384), (20000, 300)]]
+ACCURACY += [("toeplitz", 4096, 256)]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(VARIANTS))
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS / "triton_gpu.json")
+    args = p.parse_args(argv)
+    console, start = Console(), time.perf_counter()
+    payload = {"machine": machine_info("cuda", torch.get_num_threads())}
+    payload["triton"] = triton.__version__
+    payload["ceilings"] = ceilings()
+    console.print(payload)
+
+    def save():
+        payload["wall_s"] = time.perf_counter() - start
+        write_json(payload, args.out)
+
+    def log(row):
+        console.print(row)
+        save()
+
+    payload["accuracy"] = []
+    if not args.skip_accuracy:
+        for method, L, K in ACCURACY[:3] if args.quick else ACCURACY:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                try:
+                    payload["accuracy"].append(accuracy_case(method, L, K, dtype))
+                except Exception:  # noqa: BLE001
+                    payload["accuracy"].append(
+                        {"method": method, "L": L, "K": K, "error": traceback.format_exc()[-600:]}
+                    )
+                log(payload["accuracy"][-1])
+    payload["resources"] = kernel_resources()
+    variants = {L: VARIANTS.get(L, []) for L in args.lengths}
+    payload["speed"] = speed(variants, payload["ceilings"]["copy_GBps"], log)
+    payload["resources"] = kernel_resources()
+    save()
+
+    table = Table(title="median ms, B=16 H=768 bf16 K=L (fraction of copy bandwidth, fwd)")
+    for col in ("L", "variant", "pass", "ms", "bw frac"):
+        table.add_column(col, justify="right")
+    for r in payload["speed"]:
+        table.add_row(
+            str(r["L"]),
+            r["variant"],
+            r.get("pass", "-"),
+            f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")[:40],
+            f"{r['bandwidth_frac']:.3f}" if "bandwidth_frac" in r else "",
+        )
+    console.print(table)
+    table = Table(title="accuracy: ||got - ref|| / ||ref|| (float64 reference)")
+    for col in ("method", "L", "K", "dtype", "y", "du", "dk", "dD", "dpre", "dpost"):
+        table.add_column(col, justify="right")
+    for r in payload["accuracy"]:
+        errs = [
+            f"{r[n]:.1e}" if n in r else "ERR" for n in ("y", "du", "dk", "dD", "dpre", "dpost")
+        ]
+        table.add_row(r["method"], str(r["L"]), str(r["K"]), r.get("dtype", "-"), *errs)
+    console.print(table)
+    for r in payload["resources"]:
+        console.print(r)
+
+
+if __name__ == "__main__":
+    main()
