@@ -47,14 +47,15 @@ from kernels import fft_torch, fftconv
 from kernels.fftconv import METHODS
 
 RESULTS = Path(__file__).parent / "results"
+LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
 def naive_fftconv(u, k, D, pregate, postgate):
     """The textbook version: everything recomputed per call at n = 2L, autograd through it."""
     L = u.shape[-1]
-    v = u * pregate
-    z = torch.fft.irfft(torch.fft.rfft(v, n=2 * L) * torch.fft.rfft(k, n=2 * L), n=2 * L)
-    return (z[..., :L] + D[:, None] * v) * postgate
+    v = (u * pregate).float()  # torch.fft has no bf16, and fp16 only at powers of two
+    z = torch.fft.irfft(torch.fft.rfft(v, n=2 * L) * torch.fft.rfft(k.float(), n=2 * L), n=2 * L)
+    return ((z[..., :L] + D[:, None] * v) * postgate).to(u.dtype)
 
 
 def sdpa(q, k, v):
@@ -153,7 +154,7 @@ def _proc_status_kb(field: str) -> int:
 
 def run_side_by_side(args, device: str, dtype) -> list[dict]:
     B, H = (1, 128) if device == "cpu" else (16, 768)
-    lengths = [256, 1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384]
+    lengths = args.lengths or ([256, 1024, 4096] if args.quick else LENGTHS)
     # On CUDA "ours" is the triton backend up to its fused length; "ours[torch]" forces torch.
     impls = [("ours", {}), ("naive", {}), ("sdpa", {})]
     if device == "cuda":
@@ -340,6 +341,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="fewer lengths (a smoke run)")
+    p.add_argument("--lengths", type=int, nargs="+", help=f"K = L lengths (default {LENGTHS})")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--peak-child", nargs=4, metavar=("IMPL", "B", "H", "L"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -6,7 +6,7 @@
 Both layers come from layers.build ("h3" with its defaults: shift SSM then diagonal SSM, head
 dim 1; "attention" with heads of 64). Each length is timed after one warm-up, the two layers in
 turn within each repeat; medians of ``--repeats``. H3 is O(L log L) (O(L) beyond
-kernels.FUSED_MAX_LEN), attention O(L^2), so the ratio column shows where H3 overtakes.
+kernels.STATE_PASSING_LEN), attention O(L^2), so the ratio column shows where H3 overtakes.
 On CUDA both run under bf16 autocast, as in pretraining (attention through SDPA's flash
 kernel, H3's convolutions through the Triton kernels).
 JSON to benchmarks/results/layer_speed_{cpu,cuda}.json.

@@ -4,16 +4,16 @@
 - :func:`s4d_kernel`, :func:`s4d_discretize` - diagonal SSM (S4D) convolution kernels.
 - :func:`shift_kernel` - the shift SSM kernel of H3 (a learned FIR filter).
 - :func:`ssm_chunked_conv` - a diagonal SSM's convolution in chunks with state passing, used
-  beyond :data:`FUSED_MAX_LEN`.
+  beyond :data:`STATE_PASSING_LEN`.
 """
 
-from kernels.fft_sizes import FUSED_MAX_LEN
+from kernels.fft_sizes import STATE_PASSING_LEN
 from kernels.fftconv import backends, fftconv
 from kernels.ssm import s4d_discretize, s4d_kernel, shift_kernel
 from kernels.state_passing import ssm_chunked_conv
 
 __all__ = [
-    "FUSED_MAX_LEN",
+    "STATE_PASSING_LEN",
     "backends",
     "fftconv",
     "s4d_discretize",

@@ -2,11 +2,16 @@
 
 from functools import cache
 
-# Largest FFT the fused Triton kernel holds (kernels.fft_triton): L + K - 1 <= 16384.
-MAX_FUSED_FFT = 16384
-# Longest sequence with a full-length filter (K = L) that fits it; layers pass SSM state
-# between chunks of this length beyond it (kernels.state_passing).
-FUSED_MAX_LEN = MAX_FUSED_FFT // 2
+# Largest FFT the fused Triton kernel holds (kernels.fft_triton): L + K - 1 <= 4096, the
+# largest size whose backward kernel fits an H100's shared memory (measured; see there).
+MAX_FUSED_FFT = 4096
+# Beyond this length the diagonal-SSM layers pass state between chunks of it
+# (kernels.state_passing) instead of convolving with a length-L filter. Not the fused size:
+# chunks of 2048 (the fused kernel's K = L limit) measured slower than one long convolution,
+# on CPU (H3 width 256, B=1, L=4096, fwd+bwd: 1640 ms chunked vs 258 ms, 1 thread), and the
+# chunked H3 layer took 32 ms at L=4096 on an H100 against 7.0 ms unchunked at L=2048
+# (benchmarks/results/layer_speed_cuda.json, run with chunks of 2048).
+STATE_PASSING_LEN = 8192
 
 
 @cache

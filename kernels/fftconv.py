@@ -15,7 +15,7 @@ inputs (fp32 math) at any length, by two methods:
 - "toeplitz": Toeplitz tiles times signal tiles with tl.dot (kernels.toeplitz_triton) - filters
   of up to TRITON_TOEPLITZ_MAX_TAPS taps, at any L;
 - "fft": one fused kernel per direction (kernels.fft_triton) when L + K - 1 fits its FFT size
-  (16K), and beyond it the exact blocked decomposition (kernels.blocked) into pieces that fit.
+  (4096), and beyond it the exact blocked decomposition (kernels.blocked) into pieces that fit.
 """
 
 from __future__ import annotations

@@ -102,12 +102,15 @@ def s4d_state(
     # complex product (part_re + i part_im)(hi_re + i hi_im) written as a real 2Q x 2 matrix.
     lagged = rearrange(newest_first, "x h (q p) -> h (x q) p", p=P)
     low = rearrange(torch.cat([low_re, low_im], dim=1), "h n p -> h p n")
-    part = rearrange(torch.bmm(lagged, low), "h (x q) (c n) -> (h n) x (c q)", q=Q, c=2)
     high = torch.stack(
         [torch.cat([high_re, -high_im], dim=-1), torch.cat([high_im, high_re], dim=-1)], dim=-1
     )  # [H, N, 2Q, 2]
-    x = torch.bmm(part, rearrange(high, "h n q c -> (h n) q c"))
-    x_re, x_im = rearrange(x, "(h n) x c -> c x h n", h=dt.shape[0])
+    # In dt's precision even under autocast: a bf16 state would lose the long tail of the sum
+    # (and torch.complex takes no bf16).
+    with torch.autocast(u.device.type, enabled=False):
+        part = rearrange(torch.bmm(lagged, low), "h (x q) (c n) -> (h n) x (c q)", q=Q, c=2)
+        x = torch.bmm(part, rearrange(high, "h n q c -> (h n) q c"))
+        x_re, x_im = rearrange(x, "(h n) x c -> c x h n", h=dt.shape[0])
     return dB * torch.complex(x_re, x_im)
 
 

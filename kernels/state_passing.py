@@ -10,8 +10,8 @@ where conv_T uses the filter truncated to T taps (kernels.fftconv, so the fastes
 chunk). M_xy and M_ux are Vandermonde matrices; they are applied as real matmuls (real and
 imaginary parts stacked), so the work is O(L (log T + N)) and the memory O(B H T) per chunk
 instead of an FFT of the whole sequence. Differentiable by autograd in every argument.
-Layers use it beyond kernels.FUSED_MAX_LEN, with chunks of that length, so each chunk's
-convolution fits the fused GPU kernel.
+Layers use it beyond kernels.STATE_PASSING_LEN, with chunks of that length: linear in L, and
+no length-L filter or spectrum in memory.
 """
 
 from __future__ import annotations
@@ -54,31 +54,38 @@ def ssm_chunked_conv(
     T = min(chunk, L)
     chunks = -(-L // T)
     v = u.to(dtype) if pregate is None else u.to(dtype) * pregate
-    dA, dB = s4d_discretize(dt, A, B, method)
-    power_re, power_im = dA_powers(dt, A, dA, method, T + 1)  # dA^0 .. dA^T, [H, N, T+1]
-    power = torch.complex(power_re, power_im)
-    w = C * dB
-    k = 2 * (w[..., None] * power[..., :T]).real.sum(1)  # the filter's first T taps
-    to_y = C[..., None] * power[..., 1:]  # M_xy transposed: [H, N, T]
-    decay = power[..., T]  # dA^T: [H, N]
+    # Filter, states and their sums in fp32 (fp64) even under autocast: bf16 would lose the
+    # long tail of the state's sum (and torch.complex takes no bf16).
+    with torch.autocast(u.device.type, enabled=False):
+        dA, dB = s4d_discretize(dt, A, B, method)
+        p_re, p_im = dA_powers(dt, A, dA, method, T + 1)  # dA^0 .. dA^T, each [H, N, T+1] real
+        # Real arithmetic on the [H, N, T] Vandermonde factors (a complex [H, N, T] product and its
+        # backward were ~14x slower on CPU; kernels.ssm.dA_powers says why), einsums over n.
+        w = C * dB
+        k = 2 * (
+            torch.einsum("hn,hnt->ht", w.real, p_re[..., :T])
+            - torch.einsum("hn,hnt->ht", w.imag, p_im[..., :T])
+        )  # the filter's first T taps
+        decay = torch.complex(p_re[..., T], p_im[..., T])  # dA^T: [H, N]
 
-    # Zeros appended at the end change no earlier output (causality); cut off at the end.
-    v = rearrange(F.pad(v, (0, chunks * T - L)), "b h (c t) -> b h c t", t=T)
-    local = fftconv(rearrange(v, "b h c t -> (b c) h t"), k.to(dtype), D)
-    local = rearrange(local, "(b c) h t -> b h c t", c=chunks)
-    # State added by each chunk on its own (M_ux v_c), for all chunks at once: [B, H, c, N].
-    pushed = s4d_state(rearrange(v, "b h c t -> (b c) h t"), dt, A, B, method)
-    pushed = rearrange(pushed, "(b c) h n -> b h c n", c=chunks)
-    # The sequential part is only over chunks, on [B, H, N] states.
-    state = torch.zeros_like(pushed[:, :, 0])
-    before = []  # state entering each chunk
-    for c in range(chunks):
-        before.append(state)
-        state = decay * state + pushed[:, :, c]
-    before = torch.stack(before, dim=2)
-    from_state = 2 * (
-        torch.einsum("bhcn,hnt->bhct", before.real, to_y.real.to(dtype))
-        - torch.einsum("bhcn,hnt->bhct", before.imag, to_y.imag.to(dtype))
-    )
+        # Zeros appended at the end change no earlier output (causality); cut off at the end.
+        v = rearrange(F.pad(v, (0, chunks * T - L)), "b h (c t) -> b h c t", t=T)
+        local = fftconv(rearrange(v, "b h c t -> (b c) h t"), k.to(dtype), D)
+        local = rearrange(local, "(b c) h t -> b h c t", c=chunks)
+        # State added by each chunk on its own (M_ux v_c), for all chunks at once: [B, H, c, N].
+        pushed = s4d_state(rearrange(v, "b h c t -> (b c) h t"), dt, A, B, method)
+        pushed = rearrange(pushed, "(b c) h n -> b h c n", c=chunks)
+        # The sequential part is only over chunks, on [B, H, N] states.
+        state = torch.zeros_like(pushed[:, :, 0])
+        before = []  # state entering each chunk
+        for c in range(chunks):
+            before.append(state)
+            state = decay * state + pushed[:, :, c]
+        # y from the entering state x: 2 Re sum_n C_n dA_n^(t+1) x_n, as real einsums.
+        cx = C[:, None] * torch.stack(before, dim=2)  # [B, H, c, N]
+        from_state = 2 * (
+            torch.einsum("bhcn,hnt->bhct", cx.real.to(dtype), p_re[..., 1:].to(dtype))
+            - torch.einsum("bhcn,hnt->bhct", cx.imag.to(dtype), p_im[..., 1:].to(dtype))
+        )
     y = rearrange(local + from_state, "b h c t -> b h (c t)")[..., :L]
     return (y * postgate if postgate is not None else y).to(u.dtype)

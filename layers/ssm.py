@@ -21,7 +21,7 @@ from einops import repeat
 from torch import nn
 
 from kernels import (
-    FUSED_MAX_LEN,
+    STATE_PASSING_LEN,
     fftconv,
     s4d_discretize,
     s4d_kernel,
@@ -130,16 +130,16 @@ class DiagonalSSM(nn.Module):
     def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
         """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L].
 
-        Beyond kernels.FUSED_MAX_LEN the convolution runs in chunks with the state passed
+        Beyond kernels.STATE_PASSING_LEN the convolution runs in chunks with the state passed
         between them (exact, linear in L, no length-L kernel).
         """
         dt, A, B, C = self._continuous()
         channels, L = u.shape[1], u.shape[-1]
         D = _per_channel(self.D, channels)
-        if L > FUSED_MAX_LEN:
+        if L > STATE_PASSING_LEN:
             dt, A, B, C = (_per_channel(p, channels) for p in (dt, A, B, C))
             return ssm_chunked_conv(
-                u, dt, A, B, C, D, FUSED_MAX_LEN, self.discretization, pregate, postgate
+                u, dt, A, B, C, D, STATE_PASSING_LEN, self.discretization, pregate, postgate
             )
         k = s4d_kernel(dt, A, B, C, L, self.discretization)
         return fftconv(u, _per_channel(k, channels), D, pregate, postgate)

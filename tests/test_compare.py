@@ -36,8 +36,9 @@ def test_every_shipped_preset_expands(name):
     assert runs and all(r.config.model.n_layers >= 1 for r in runs)
 
 
-def test_paper_loss_preset_changes_only_the_loss_and_budget():
-    # h3-ih-paper-loss is h3-table2's IH row with the all-token loss and a longer cap.
+def test_paper_loss_preset_changes_only_the_loss_budget_and_lr():
+    # h3-ih-paper-loss is h3-table2's IH row with the all-token loss, a longer cap and the lr
+    # its README table was measured with.
     base = {
         r.variant: r.config for r in expand(load_preset("h3-table2")) if r.task == "induction_head"
     }
@@ -45,7 +46,7 @@ def test_paper_loss_preset_changes_only_the_loss_and_budget():
     assert long.keys() == base.keys()
     for variant, config in long.items():
         assert config.train.loss_on == "all" and config.train.max_steps == 15000
-        changed = {"loss_on": "answers", "max_steps": 5000, "eval_every": 100}
+        changed = {"loss_on": "answers", "max_steps": 5000, "eval_every": 100, "lr": 5e-4}
         assert (
             config.model_copy(update={"train": config.train.model_copy(update=changed)})
             == (base[variant])

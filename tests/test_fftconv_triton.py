@@ -24,9 +24,9 @@ pytest.importorskip("triton")
 from test_kernels import direct_conv, make_inputs  # noqa: E402
 
 import kernels.blocked  # noqa: E402
-from kernels import fft_triton, fftconv  # noqa: E402
+from kernels import fftconv  # noqa: E402
 from kernels.blocked import blocked_conv  # noqa: E402
-from kernels.fft_triton import fft_factors  # noqa: E402
+from kernels.fft_triton import fft_size  # noqa: E402
 from kernels.fftconv import backends, choose_method  # noqa: E402
 
 
@@ -63,23 +63,6 @@ SHAPES = [(1, 1), (17, 3), (17, 17), (64, 1), (64, 64), (100, 64), (256, 3), (25
 def test_triton_forward_and_grads(method, L, K, gates, skip):
     args = make_inputs(2, 3, L, K, torch.float32, gates, skip, seed=L + K)
     check_against_oracle(args, 1e-4, backend="triton", method=method)
-
-
-@pytest.mark.parametrize(
-    "L, K, three_from",
-    [(8192, 8192, None), (5000, 3000, None), (2048, 2048, 4096), (300, 200, 256), (100, 64, 256)],
-)
-def test_triton_three_stage_dft(L, K, three_from, monkeypatch):
-    """n = A B C with tile permutes between the stages (n >= THREE_LEVEL_MIN); a lowered
-    threshold reaches it at small n, with factors under the 16 that tl.dot needs on a GPU
-    (the interpreter does not), so those run on the CPU only."""
-    if three_from is not None:
-        if DEVICE == "cuda" and three_from < 4096:
-            pytest.skip("factors below 16: interpreter only")
-        monkeypatch.setattr(fft_triton, "THREE_LEVEL_MIN", three_from)
-    assert fft_factors(L, K).C == 16
-    args = make_inputs(1, 2, L, K, torch.float32, seed=L)
-    check_against_oracle(args, 1e-4, backend="triton", method="fft")
 
 
 def test_triton_toeplitz_beyond_fused_size():
@@ -158,4 +141,4 @@ def test_triton_backend_choice_and_limits():
     with pytest.raises(ValueError, match="method"):
         fftconv(u, k, backend="triton", method="conv1d")
     with pytest.raises(ValueError, match="fused"):
-        fft_factors(9000, 9000)  # the fused kernel itself; fftconv goes blocked beyond it
+        fft_size(3000, 3000)  # the fused kernel itself; fftconv goes blocked beyond it

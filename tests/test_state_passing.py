@@ -73,5 +73,5 @@ def test_diagonal_ssm_layer_passes_state_beyond_fused_length(monkeypatch):
     ssm = layers.ssm.DiagonalSSM(channels=6, d_state=8).double()
     u, pre, post = (torch.randn(2, 6, 150, dtype=torch.float64) for _ in range(3))
     full = ssm(u, pre, post)
-    monkeypatch.setattr(layers.ssm, "FUSED_MAX_LEN", 64)  # 150 = 64 + 64 + 22
+    monkeypatch.setattr(layers.ssm, "STATE_PASSING_LEN", 64)  # 150 = 64 + 64 + 22
     torch.testing.assert_close(ssm(u, pre, post), full, rtol=1e-10, atol=1e-10)
