@@ -1,7 +1,8 @@
 """Fused FFT convolution in Triton: one kernel per direction, nothing in between leaves chip.
 
 Shapes as in kernels.fft_torch: u, pregate, postgate [B, H, L]; k [H, K] fp32 with the skip
-term D folded into tap 0. Inputs may be fp32, fp16 or bf16; all math is fp32.
+term D folded into tap 0. Inputs may be fp32, fp16 or bf16; the math is fp32, with tl.dot
+operands at DOT_PRECISION for the input dtype.
 
 The DFT of size n = n1 * n2 (powers of two, n >= L + K - 1, n >= 256 so that every matrix is
 at least 16 x 16 for tl.dot) is one Cooley-Tukey step written as matrix products (Monarch
@@ -15,10 +16,11 @@ runs the same steps backwards with conjugates. The filter spectrum is computed o
 Fused length limit: n <= MAX_FUSED_FFT = 4096, i.e. L + K - 1 <= 4096 (L <= 2048 if K = L):
 the [n1, n2] tiles and the six DFT matrices live in registers and shared memory, and on an
 H100 (227 KiB of shared memory per block) the backward kernel asked for 352-384 KiB at
-n = 8192 and the forward for 256 KiB at 16384 (benchmarks/results/triton_gpu_h100_calls.md).
+n = 8192 and the forward for 256 KiB at 16384 (benchmarks/results/triton_gpu_h100_call1.json).
 Longer sequences go to the blocked decomposition (kernels.blocked, pieces of this kernel) or,
 for SSM filters, to state passing (layers). A three-stage DFT (n = A B C, tile permutes between
-the stages) was tried for larger n and asked for even more (commit 66bde8a).
+the stages) was tried for larger n and asked for even more (commit 66bde8a, and
+triton_gpu_h100_call2.json).
 Runs under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check it.
 """
 
