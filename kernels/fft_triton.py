@@ -10,8 +10,8 @@ form): a row-major [n1, n2] tile x of the signal becomes
     Y = ((F1 @ x) * tw) @ F2,   Y[f1, f2] = xhat[f1 + n1 f2],
 with F1, F2 the DFT matrices of sizes n1, n2 and tw[f1, t2] = w_n^(f1 t2); real and imaginary
 parts are separate fp32 tiles, so a complex product is a few real tl.dot calls. The inverse
-runs the same steps backwards with conjugates. The filter spectrum is computed once per call
-(torch.fft on [H, n]) and stored in the Y layout, shared by every batch row.
+runs the same steps backwards with conjugates. The filter spectrum is computed once per forward
+(torch.fft on [H, n]), stored in the Y layout, shared by every batch row and kept for backward.
 
 Fused length limit: n <= MAX_FUSED_FFT = 4096, i.e. L + K - 1 <= 4096 (L <= 2048 if K = L):
 the [n1, n2] tiles and the six DFT matrices live in registers and shared memory, and on an
@@ -222,8 +222,10 @@ class TritonFFTConv(torch.autograd.Function):
         n1, n2 = fft_size(L, k.shape[-1])
         u, pregate, postgate = (_contiguous(x) for x in (u, pregate, postgate))
         y = torch.empty_like(u)
+        # Kept for the backward pass: [H, n] is small next to the activations it recomputes.
+        ctx.spectrum = _filter_spectrum(k, n1, n2)
         _forward_kernel[(B * H,)](
-            u, _or(pregate, u), _or(postgate, u), *_filter_spectrum(k, n1, n2),
+            u, _or(pregate, u), _or(postgate, u), *ctx.spectrum,
             _packed_matrices(n1, n2, u.device), y, B, H, L, N1=n1, N2=n2,
             HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
             **launch_options(u.dtype),
@@ -240,13 +242,14 @@ class TritonFFTConv(torch.autograd.Function):
         n1, n2 = fft_size(L, K)
         g_k = torch.empty_like(k) if need_k else None
         _backward_kernel[(H,)](
-            u, _or(pregate, u), _or(postgate, u), gy.contiguous(), *_filter_spectrum(k, n1, n2),
+            u, _or(pregate, u), _or(postgate, u), gy.contiguous(), *ctx.spectrum,
             _packed_matrices(n1, n2, u.device), _or(g_u, u), _or(g_pre, u), _or(g_post, u),
             _or(g_k, k), H, L, K, B=B, N1=n1, N2=n2,
             HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
             NEED_U=need_u, NEED_PRE=need_pre, NEED_POST=need_post, NEED_K=need_k,
             **launch_options(u.dtype),
         )  # fmt: skip
+        ctx.spectrum = None
         return g_u, g_k, g_pre, g_post
 
 
