@@ -345,6 +345,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--peak-child", nargs=4, metavar=("IMPL", "B", "H", "L"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")  # exit 2, one line
     torch.set_num_threads(args.threads)
     if args.peak_child:
         impl, *sizes = args.peak_child

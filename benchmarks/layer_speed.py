@@ -36,6 +36,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")  # exit 2, one line
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     mixers = {

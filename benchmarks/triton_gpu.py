@@ -179,6 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "triton_gpu.json")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("this benchmark needs a CUDA device; none is available")  # exit 2, one line
     console, start = Console(), time.perf_counter()
     payload = {"machine": machine_info("cuda", torch.get_num_threads())}
     payload["triton"] = triton.__version__
