@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kernels import fft_torch, fftconv
@@ -282,7 +283,8 @@ def print_tables(rows: list[dict], console: Console) -> None:
         peak = f"{r['peak_mb']:.1f}" if "peak_mb" in r else "-"
         ratio = base / r["fwd_bwd"]["median_ms"]
         table.add_row(
-            *map(str, (r["B"], r["H"], r["L"], r["K"], r["impl"])),
+            *map(str, (r["B"], r["H"], r["L"], r["K"])),
+            escape(r["impl"]),  # "ours[fft]" is not rich markup
             fwd,
             f"{r['fwd_bwd']['median_ms']:.2f}",
             peak,

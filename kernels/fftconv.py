@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from kernels.direct import conv1d_conv, toeplitz_conv
 from kernels.fft_sizes import MAX_FUSED_FFT
-from kernels.fft_torch import FFTConv
+from kernels.fft_torch import fft_conv
 
 # Triton is optional (the "gpu" extra): imported only when used, so that the interpreter
 # switch TRITON_INTERPRET=1 may be set any time before the first triton call.
@@ -168,7 +168,7 @@ def fftconv(
 
         return TritonFFTConv.apply(u, k, pregate, postgate)
     if backend == "torch" and method == "fft":
-        return FFTConv.apply(u, k, pregate, postgate)
+        return fft_conv(u, k, pregate, postgate)
     # The rest take the gates outside: the torch direct methods and the triton blocked FFT.
     conv = _DIRECT[method] if backend == "torch" else _triton_blocked
     v = u.to(dtype)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fftconv, s4d_discretize, s4d_kernel, shift_kernel
+from kernels import fft_torch, fftconv, s4d_discretize, s4d_kernel, shift_kernel
 from kernels.fft_sizes import next_fast_len
 from kernels.fftconv import METHODS, choose_method
 
@@ -75,6 +75,22 @@ def test_every_method_float64(method, L, K):
         want = torch.autograd.grad(ref, present, gy)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("block_elems", [2**7, 2**9, 2**12])
+def test_fft_row_blocks_float64(monkeypatch, block_elems):
+    """The fft method split into row blocks (whole batches of channels, and channel ranges of
+    one batch element), with every gradient, and without autograd, against the oracle."""
+    monkeypatch.setattr(fft_torch, "BLOCK_ELEMS", block_elems)
+    args = make_inputs(3, 5, 40, 33, torch.float64)  # n = 80: 1, 6 and 51 rows per block
+    ref = direct_conv(*args)
+    y = fftconv(*args, method="fft")
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(ref, args, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(fftconv(*args, method="fft"), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_method_choice():
