@@ -45,7 +45,7 @@ def _blocks(B: int, H: int, n: int, device: torch.device) -> Iterator[tuple[slic
     FFTs are what cuFFT is fast at (blocks of 2^19 samples made B=16, H=768, L=1024 take
     11.6 ms forward on an H100, benchmarks/results/triton_gpu.json)."""
     if device.type != "cpu":
-        yield slice(None), slice(None)
+        yield slice(0, B), slice(0, H)
         return
     rows = max(1, BLOCK_ELEMS // n)
     bb, hb = (rows // H, H) if rows >= H else (1, rows)
@@ -118,19 +118,25 @@ class FFTConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        if ctx.k_f is None:  # freed (and conjugated in place) by the first backward
+            raise RuntimeError("fftconv: a second backward through the same graph is not supported")
         (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(ctx)
         need_u, need_k, need_pre, need_post = needs
         B, H, L = u.shape
         K, n = k.shape[-1], 2 * (ctx.k_f.shape[-1] - 1)
         k_f_conj = ctx.k_f.conj_physical_()  # in place, once: see conv_forward
-        g_k_f = torch.zeros_like(ctx.k_f) if need_k else None
+        g_k_f = torch.empty_like(ctx.k_f) if need_k else None
         for i, (bs, hs) in enumerate(_blocks(B, H, n, u.device)):
             if need_post:
                 _mul_into(g_post[bs, hs], gy[bs, hs], ctx.z[i])
             gz_f = torch.fft.rfft(_gated_padded(gy[bs, hs], _at(postgate, bs, hs), n, k.dtype))
             if need_k:
                 # dk[j] = sum_{b,t} gz[b,t] v[b,t-j]: a correlation, summed over the batch.
-                for gz_f_b, v_f_conj_b in zip(gz_f, ctx.v_f[i]):
+                # Blocks of the first batch rows come first (see _blocks) and write g_k_f[hs].
+                v_f_conj, first = ctx.v_f[i], int(bs.start == 0)
+                if first:
+                    torch.mul(gz_f[0], v_f_conj[0], out=g_k_f[hs])
+                for gz_f_b, v_f_conj_b in zip(gz_f[first:], v_f_conj[first:]):
                     g_k_f[hs].addcmul_(gz_f_b, v_f_conj_b)
             if need_u or need_pre:
                 # dv[s] = sum_{t>=s} k[t-s] gz[t]: the correlation of gz with k.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 
 from kernels.direct import conv1d_conv, toeplitz_conv
 from kernels.fft_sizes import MAX_FUSED_FFT
@@ -157,8 +156,9 @@ def fftconv(
         )
     dtype = _compute_dtype(u.dtype)
     k = k[:, :K].to(dtype)
-    if D is not None:
-        k = k + F.pad(D.to(dtype)[:, None], (0, K - 1))
+    if D is not None:  # in place on a copy: about half the time of adding a padded D
+        k = k.clone()
+        k[:, 0] += D.to(dtype)
     if backend == "triton" and method == "toeplitz":
         from kernels.toeplitz_triton import TritonToeplitzConv
 

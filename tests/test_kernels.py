@@ -93,6 +93,14 @@ def test_fft_row_blocks_float64(monkeypatch, block_elems):
         torch.testing.assert_close(fftconv(*args, method="fft"), ref, rtol=1e-10, atol=1e-10)
 
 
+def test_fft_second_backward_is_a_clear_error():
+    u, k, D, pre, post = make_inputs(1, 2, 64, 64, torch.float64)
+    y = fftconv(u, k, D, pre, post, method="fft").sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        y.backward()
+
+
 def test_method_choice():
     assert choose_method(32, 20, 20) == choose_method(32, 30, 30) == "toeplitz"  # training
     assert choose_method(1, 30, 30) == choose_method(8, 30, 30) == "fft"
