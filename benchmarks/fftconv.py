@@ -94,7 +94,9 @@ def _sync(device):
 
 def time_round_robin(fns: dict, backward: bool, repeats: int, device: str) -> dict[str, dict]:
     """Median and min ms of each callable, timed in turn repeat by repeat, so that a slow spell
-    of a shared machine hits all of them alike (one warm-up call each first)."""
+    of a shared machine hits all of them alike (one warm-up call each first). The order rotates
+    each repeat: a call pays for what the one before it left behind (a cold cache, heap
+    returned to the OS by a big free), so no callable may always follow the same one."""
 
     def once(fn):
         _sync(device)
@@ -108,9 +110,10 @@ def time_round_robin(fns: dict, backward: bool, repeats: int, device: str) -> di
     for fn in fns.values():
         once(fn)  # first-call allocation, FFT plans, dispatch caches
     seconds = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            seconds[name].append(once(fn))
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds[name].append(once(fns[name]))
     return {
         name: {"median_ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s)}
         for name, s in seconds.items()
@@ -275,7 +278,7 @@ def bandwidth_fraction(B, H, L, dtype, fwd_ms) -> float:
 def print_tables(rows: list[dict], console: Console) -> None:
     table = Table(title="fftconv vs naive FFT conv vs causal SDPA (median ms; peak MB)")
     for col in ("B", "H", "L", "K", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "vs naive"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     naive = {(r["case"], r["H"], r["L"], r["K"]): r for r in rows if r.get("impl") == "naive"}
     for r in (r for r in rows if r["case"] in ("K=L", "training", "short K")):
         base = naive[(r["case"], r["H"], r["L"], r["K"])]["fwd_bwd"]["median_ms"]
