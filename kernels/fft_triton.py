@@ -1,26 +1,65 @@
-"""Fused FFT convolution in Triton: one kernel per direction, nothing in between leaves chip.
+"""Fused FFT convolution in Triton: each pass over a row stays on chip from input to output.
 
 Shapes as in kernels.fft_torch: u, pregate, postgate [B, H, L]; k [H, K] fp32 with the skip
-term D folded into tap 0. Inputs may be fp32, fp16 or bf16; the math is fp32, with tl.dot
-operands at DOT_PRECISION for the input dtype.
+term D folded into tap 0. Inputs may be fp32, fp16 or bf16; the math is fp32.
 
-The DFT of size n = n1 * n2 (powers of two, n >= L + K - 1, n >= 256 so that every matrix is
-at least 16 x 16 for tl.dot) is one Cooley-Tukey step written as matrix products (Monarch
-form): a row-major [n1, n2] tile x of the signal becomes
-    Y = ((F1 @ x) * tw) @ F2,   Y[f1, f2] = xhat[f1 + n1 f2],
-with F1, F2 the DFT matrices of sizes n1, n2 and tw[f1, t2] = w_n^(f1 t2); real and imaginary
-parts are separate fp32 tiles, so a complex product is a few real tl.dot calls. The inverse
-runs the same steps backwards with conjugates. The filter spectrum is computed once per forward
-(torch.fft on [H, n]), stored in the Y layout, shared by every batch row and kept for backward.
+DFT of size n = n1 * n2 (powers of two, n >= L + K - 1, 256 <= n <= FUSED_CAPACITY) as two
+stages of matrix products (Monarch / four-step form). The signal as an [n2, n1] tile,
+X[t2, t1] = x[t1 n2 + t2], has the spectrum
+    Y = F2 @ ((X @ F1) * T),   Y[f2, f1] = xhat[f1 + n1 f2]   (natural order, read row-major),
+with F1, F2 the DFT matrices of sizes n1, n2 and twiddles T[t2, f1] = w_n^(t2 f1); real and
+imaginary parts are separate fp32 tiles, so a complex product is a few real tl.dot calls, each
+with n2 rows (the M of the tensor-core instruction). The inverse runs the steps backwards with
+conjugates; only its real part is formed.
 
-Fused length limit: n <= MAX_FUSED_FFT = 4096, i.e. L + K - 1 <= 4096 (L <= 2048 if K = L):
-the [n1, n2] tiles and the six DFT matrices live in registers and shared memory, and on an
-H100 (227 KiB of shared memory per block) the backward kernel asked for 352-384 KiB at
-n = 8192 and the forward for 256 KiB at 16384 (benchmarks/results/triton_gpu_h100_call1.json).
-Longer sequences go to the blocked decomposition (kernels.blocked, pieces of this kernel) or,
-for SSM filters, to state passing (layers). A three-stage DFT (n = A B C, tile permutes between
-the stages) was tried for larger n and asked for even more (commit 66bde8a, and
-triton_gpu_h100_call2.json).
+Slabs. Spectrum column f1 depends only on column f1 of X @ F1, so a convolution is a loop over
+slabs of S spectrum columns, each going forward, through the pointwise product and back:
+    A = X @ F1[:, s]   (a loop over chunks of C columns of X, loaded straight from memory),
+    Y_s = F2 @ (A * T[:, s]),   Z_s = Y_s * khat[:, s],
+    z += Re((conj(F2) @ Z_s) * conj(T[:, s])) @ conj(F1)[s, :].
+Only z, the [n2, n1] fp32 output, lives across the loop; the rest is slab- or chunk-sized. Each
+DFT-matrix tile is loaded next to the product that uses it; Triton hoists the loop-invariant F2
+out of the loop and keeps it in shared memory, except where STREAM makes its loads volatile
+(fp32 at n2 = 128, whose four 64 KiB parts would not fit). The filter spectrum (torch.fft of k,
+[H, n] complex) is computed once per forward in natural order and kept for the backward pass.
+
+Backward: dpostgate = gy * conv(v, k) and dv = corr(gy * postgate, k) (a convolution with the
+conjugate spectrum; du = dv * pregate, dpregate = dv * u) are two launches of the forward
+kernel, one program per batch row; dk = sum_b corr(gz_b, v_b) has its own kernel, one program
+per channel, looping over the batch inside each slab so that the sum stays slab-sized.
+
+Precision. Every product is a tf32 tensor-core product whose operands are exact tf32 numbers:
+the DFT matrices rounded to the nearest tf32 once on the host (hi), the data in the kernel
+(_split); the tensor cores would truncate instead. fp16 / bf16 inputs: one product per real
+product. fp32 inputs: tf32x3 written out, a @ b ~= a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi with
+lo = x - hi (exact), accumulated in place; Triton's own tf32x3 sums the two small products in a
+second accumulator as large as the first (offline: 249 against 126 registers per thread for
+two products into a 128 x 128 z at 8 warps). Relative error ||got - ref|| / ||ref|| of the
+output and all gradients, interpreted with tensor-core truncation emulated (as in the tests),
+B = 2, H = 2, L = K = 1000, k / sqrt(K), gates: fp32 1.9-2.4e-7 (2.3-2.9e-7 at n = 16384),
+fp16 4.5-5.2e-4, bf16 1.7-3.8e-3; the previous kernel under the same emulation: fp16 2.1-3.2e-3
+(its H100 figure: 2.1e-3), bf16 3.5-5.6e-3; on the H100 it measured fp32 at 3-6e-7.
+
+What limits n, per program on an H100 (227 KiB of shared memory per block; 64K registers per
+SM, at most 255 per thread): shared memory holds one product's operands plus the hoisted F2 (2
+n2^2 floats, twice that for fp32); z takes n / (32 warps) registers per thread. The previous
+kernel held all six DFT matrices and whole complex spectra in each program: compiled offline
+for sm_90 (same harness), its backward asked for 360448 / 393216 bytes of shared memory at n =
+8192 in bf16 / fp32 (what the H100 reported, benchmarks/results/triton_gpu_h100_call1.json) and
+655360 / 917504 at 16384, and it spilled registers from n = 1024 on (backward and fp32). Now
+every variant fits at every n: at most 147456 bytes (bf16 / fp16) and 163840 (fp32), at 16384.
+Register spills (bytes stored / loaded): none for fp16 / bf16 up to 8192 nor for fp32 up to
+2048; 16384 fp16 / bf16: 12 / 12 forward, 140 / 244 backward; fp32: 40 / 40 and 88 / 88 at
+4096, 260 / 260 and 324 / 444 at 8192, 1220 / 1684 and 2864 / 4300 at 16384 (the 8192 fp32
+forward's are 64-bit addresses computed before the slab loop and reloaded in it; the 16384 fp32
+backward spills inside its loops too). With L, K or H not a multiple of 16 (masked loads
+vectorize less) fp16 / bf16 spill too, from 4096 on: 8 / 8 (backward) at 4096, 28 / 28 and 76 /
+80 at 8192, 236 / 236 and 424 / 488 at 16384; fp32 about as much as aligned (at 16384: 1392 /
+1776 forward, 2656 / 4104 backward). Per-size plans are in PLANS; every variant's figures in
+benchmarks/results/triton_resources_sm90.json (written by benchmarks/triton_resources.py). None
+of this is timed on a GPU yet: fftconv dispatches here up to kernels.fft_sizes.MAX_FUSED_FFT
+(4096) and to the blocked decomposition beyond it, while FUSED_CAPACITY is what the kernels can
+be launched with.
 Runs under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check it.
 """
 
@@ -28,208 +67,362 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.fft_sizes import MAX_FUSED_FFT
 from kernels.fft_torch import backward_inputs
 
-_MIN_FFT = 256
+# The largest FFT size the fused kernels can be launched with (L + K - 1 <= 16384).
+FUSED_CAPACITY = 16384
+_MIN_FFT = 256  # every tl.dot dimension must be at least 16
 
-# tl.dot operand precision by input dtype, and warps per program by FFT size. "ieee": fp32
-# FMAs, no tensor cores (22.6 ms vs tf32's 0.51 ms forward at B=16, H=768, L=K=1024 bf16 on
-# an H100); "tf32x3": three tf32 tensor-core products, about fp32 accuracy (1.84 ms there;
-# relative error ~5e-7); "tf32": one, operands rounded to 10 mantissa bits (relative error
-# 2-3e-3 for fp16/bf16 inputs, whose own rounding is 5e-4 / 4e-3). Warps: 4 beat 8 at n <= 4096
-# (0.51 vs 0.68 ms at n = 2048, 0.92 vs 1.56 at 4096). benchmarks/results/triton_gpu*.json.
-# Module attributes so that benchmarks/triton_gpu.py can time the alternatives.
+# tl.dot precision by input dtype ("tf32x3": three tf32 products, see the module docstring;
+# "tf32": one, operands rounded to 10 mantissa bits). "ieee" (fp32 FMAs, no tensor cores) was
+# 44x slower than tf32 on an H100 (22.6 vs 0.51 ms forward at B=16, H=768, L=K=1024 bf16,
+# benchmarks/results/triton_gpu*.json). kernels.toeplitz_triton passes it to tl.dot; the fused
+# kernels here read it as tf32x3 or tf32.
 DOT_PRECISION = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
-NUM_WARPS = 4
+# None: each size's plan decides; an int overrides it (benchmarks/triton_gpu.py times this).
+NUM_WARPS: int | None = None
 
 
-def launch_options(dtype: torch.dtype) -> dict:
-    """The tl.dot precision and the warp count of a launch for inputs of ``dtype``."""
-    return {"P": DOT_PRECISION[dtype], "num_warps": NUM_WARPS}
+class Plan(NamedTuple):
+    """How the kernels cut an FFT of size n1 * n2 (see the module docstring)."""
+
+    n1: int  # stage-1 DFT size: columns of the [n2, n1] tile
+    n2: int  # stage-2 DFT size: rows of every tile, the M of every tl.dot
+    S: int  # spectrum columns per slab
+    C: int  # signal columns per stage-1 chunk
+    warps: int
+    stream: bool  # load F2 before each use instead of keeping it in shared memory (fp32 only)
 
 
-def fft_size(L: int, K: int) -> tuple[int, int]:
-    """(n1, n2) with n1 * n2 the power-of-two FFT size for length L and K taps, n1 >= n2."""
+# Per FFT size: (n1, n2, S, C, warps), chosen from offline sm_90 compiles of every variant
+# (benchmarks/triton_resources.py; not yet timed on a GPU). Among the fits, the one with no
+# register spills for fp16 / bf16, then the fewest for fp32. n2 is the M of every product:
+# n2 >= 64 makes them Hopper warpgroup MMAs (M = 64 per 4 warps), smaller n2 mma.sync, which
+# spilled less at 512 and 2048 (fp32: 0 B against 128 and 104 B with n2 = 32 and 64). 16 x 16
+# tiles need no more than 2 warps (the fp32 forward spilled 4 B with 4). 16384 uses 128 x 128
+# and 8 warps: z then takes 64 registers per thread (a 64 x 256 tile with 4 warps takes 128
+# and spilled 360 B in the bf16 forward).
+PLANS = {
+    256: (16, 16, 16, 16, 2),
+    512: (32, 16, 16, 32, 4),
+    1024: (16, 64, 16, 16, 4),
+    2048: (64, 32, 16, 32, 4),
+    4096: (64, 64, 16, 32, 4),
+    8192: (128, 64, 16, 32, 4),
+    16384: (128, 128, 16, 64, 8),
+}
+# No software pipelining: num_stages > 1 multi-buffers the loads of the chunk loop and added
+# shared memory and spills everywhere it was tried (e.g. 8192 fp32 forward: 260 B of spills
+# with 1 stage, 464 with 2, 608 with 3).
+_NUM_STAGES = 1
+
+
+def fft_size(L: int, K: int) -> int:
+    """The power-of-two FFT size of the fused kernels for length L and K taps."""
     n = max(_MIN_FFT, 1 << (L + K - 2).bit_length())
-    if n > MAX_FUSED_FFT:
+    if n > FUSED_CAPACITY:
         raise ValueError(
-            f"fftconv[triton]: L + K - 1 = {L + K - 1} exceeds the fused {MAX_FUSED_FFT}"
+            f"fftconv[triton]: L + K - 1 = {L + K - 1} exceeds the fused kernels' capacity "
+            f"FUSED_CAPACITY = {FUSED_CAPACITY}"
         )
-    n2 = 1 << (int(math.log2(n)) // 2)
-    return n // n2, n2
+    return n
 
 
-@cache
-def _dft_matrices(n1: int, n2: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """F1 (re, im) [n1, n1], F2 (re, im) [n2, n2], twiddles (re, im) [n1, n2]; fp32 from fp64."""
-
-    def expi(angle):  # exp(-i angle), computed in fp64 and rounded once
-        return torch.cos(angle).float().to(device), (-torch.sin(angle)).float().to(device)
-
-    a1 = torch.arange(n1, dtype=torch.float64)
-    a2 = torch.arange(n2, dtype=torch.float64)
-    n = n1 * n2
-    return (
-        *expi(2 * math.pi * torch.outer(a1, a1) / n1),
-        *expi(2 * math.pi * torch.outer(a2, a2) / n2),
-        *expi(2 * math.pi * torch.outer(a1, a2) / n),
-    )
+def plan(n: int, dtype: torch.dtype) -> Plan:
+    """The plan for an FFT of size n (a power of two in 256 .. FUSED_CAPACITY) and inputs of
+    ``dtype``: fp32 streams F2 once it is 128 x 128 (its hi and lo parts, 4 x 64 KiB, do not
+    fit next to the rest)."""
+    n1, n2, S, C, warps = PLANS[n]
+    return Plan(n1, n2, S, C, NUM_WARPS or warps, dtype == torch.float32 and n2 >= 128)
 
 
-def _filter_spectrum(k: torch.Tensor, n1: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fft(k, n) in the kernel's layout [H, n1, n2] (entry [f1, f2] = khat[f1 + n1 f2])."""
-    k_f = torch.fft.fft(k.double(), n=n1 * n2)
-    k_f = k_f.reshape(k.shape[0], n2, n1).transpose(1, 2).contiguous()
-    return k_f.real.float(), k_f.imag.float()
-
-
-@triton.jit
-def _load_square(ptr, R: tl.constexpr, C: tl.constexpr):
-    return tl.load(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
-
-
-@triton.jit
-def _dft(x, f1r, f1i, f2r, f2i, twr, twi, P: tl.constexpr):
-    """Spectrum (re, im) in the [f1, f2] layout of a real row-major [n1, n2] tile; P is the
-    tl.dot input precision."""
-    ar = tl.dot(f1r, x, input_precision=P)
-    ai = tl.dot(f1i, x, input_precision=P)
-    br = ar * twr - ai * twi
-    bi = ar * twi + ai * twr
-    yr = tl.dot(br, f2r, input_precision=P) - tl.dot(bi, f2i, input_precision=P)
-    yi = tl.dot(br, f2i, input_precision=P) + tl.dot(bi, f2r, input_precision=P)
-    return yr, yi
-
-
-@triton.jit
-def _idft_real(zr, zi, f1r, f1i, f2r, f2i, twr, twi, n, P: tl.constexpr):
-    """Real part of the inverse DFT of a [f1, f2]-layout spectrum, as a row-major tile."""
-    br = tl.dot(zr, f2r, input_precision=P) + tl.dot(zi, f2i, input_precision=P)
-    bi = tl.dot(zi, f2r, input_precision=P) - tl.dot(zr, f2i, input_precision=P)
-    cr = br * twr + bi * twi
-    ci = bi * twr - br * twi
-    return (tl.dot(f1r, cr, input_precision=P) + tl.dot(f1i, ci, input_precision=P)) / n
-
-
-@triton.jit
-def _forward_kernel(
-    u_ptr, pre_ptr, post_ptr, kr_ptr, ki_ptr, mats_ptr, y_ptr, B, H, L,
-    N1: tl.constexpr, N2: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-    P: tl.constexpr,
-):  # fmt: skip
-    # Consecutive programs take the batch rows of one channel, which share its spectrum: it
-    # is read from HBM once and from L2 after.
-    h = tl.program_id(0) // B
-    row = (tl.program_id(0) % B) * H + h
-    t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    mask = t < L
-    offs = row * L + t
-    v = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PRE:
-        v *= tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    f1r, f1i, f2r, f2i, twr, twi = _load_mats(mats_ptr, N1, N2)
-    kr = tl.load(kr_ptr + h * N1 * N2 + t)
-    ki = tl.load(ki_ptr + h * N1 * N2 + t)
-    vr, vi = _dft(v, f1r, f1i, f2r, f2i, twr, twi, P)
-    z = _idft_real(vr * kr - vi * ki, vr * ki + vi * kr, f1r, f1i, f2r, f2i, twr, twi, N1 * N2, P)
-    if HAS_POST:
-        z *= tl.load(post_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_mats(mats_ptr, N1: tl.constexpr, N2: tl.constexpr):
-    """The six DFT tiles, packed one after another in mats_ptr (see _packed_matrices)."""
-    f1r = _load_square(mats_ptr, N1, N1)
-    f1i = _load_square(mats_ptr + N1 * N1, N1, N1)
-    f2r = _load_square(mats_ptr + 2 * N1 * N1, N2, N2)
-    f2i = _load_square(mats_ptr + 2 * N1 * N1 + N2 * N2, N2, N2)
-    twr = _load_square(mats_ptr + 2 * N1 * N1 + 2 * N2 * N2, N1, N2)
-    twi = _load_square(mats_ptr + 2 * N1 * N1 + 2 * N2 * N2 + N1 * N2, N1, N2)
-    return f1r, f1i, f2r, f2i, twr, twi
-
-
-@triton.jit
-def _backward_kernel(
-    u_ptr, pre_ptr, post_ptr, gy_ptr, kr_ptr, ki_ptr, mats_ptr,
-    gu_ptr, gpre_ptr, gpost_ptr, gk_ptr, H, L, K, B: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-    NEED_U: tl.constexpr, NEED_PRE: tl.constexpr, NEED_POST: tl.constexpr, NEED_K: tl.constexpr,
-    P: tl.constexpr,
-):  # fmt: skip
-    # One program per channel: it loops over the batch, so the filter spectrum is loaded once
-    # and dk's spectrum (a sum over the batch) accumulates in registers.
-    h = tl.program_id(0)
-    t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    mask = t < L
-    f1r, f1i, f2r, f2i, twr, twi = _load_mats(mats_ptr, N1, N2)
-    kr = tl.load(kr_ptr + h * N1 * N2 + t)
-    ki = tl.load(ki_ptr + h * N1 * N2 + t)
-    acc_r = tl.zeros((N1, N2), dtype=tl.float32)
-    acc_i = tl.zeros((N1, N2), dtype=tl.float32)
-    for b in range(B):
-        offs = (b * H + h) * L + t
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = u
-        if HAS_PRE:
-            pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = u * pre
-        gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if NEED_POST or NEED_K:
-            vr, vi = _dft(v, f1r, f1i, f2r, f2i, twr, twi, P)
-        if NEED_POST:  # z is recomputed, never stored
-            z = _idft_real(
-                vr * kr - vi * ki, vr * ki + vi * kr, f1r, f1i, f2r, f2i, twr, twi, N1 * N2, P
-            )
-            tl.store(gpost_ptr + offs, (gz * z).to(gpost_ptr.dtype.element_ty), mask=mask)
-        if HAS_POST:
-            gz *= tl.load(post_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gr, gi = _dft(gz, f1r, f1i, f2r, f2i, twr, twi, P)
-        if NEED_K:  # dk = sum_b corr(gz, v): spectrum gz_hat * conj(v_hat)
-            acc_r += gr * vr + gi * vi
-            acc_i += gi * vr - gr * vi
-        if NEED_U or NEED_PRE:  # dv = corr(gz, k): spectrum gz_hat * conj(k_hat)
-            gv = _idft_real(
-                gr * kr + gi * ki, gi * kr - gr * ki, f1r, f1i, f2r, f2i, twr, twi, N1 * N2, P
-            )
-            if NEED_U:
-                gu = gv * pre if HAS_PRE else gv
-                tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
-            if NEED_PRE:
-                tl.store(gpre_ptr + offs, (gv * u).to(gpre_ptr.dtype.element_ty), mask=mask)
-    if NEED_K:
-        gk = _idft_real(acc_r, acc_i, f1r, f1i, f2r, f2i, twr, twi, N1 * N2, P)
-        tl.store(gk_ptr + h * K + t, gk, mask=t < K)
+def _tf32_hi_host(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest tf32 (10 mantissa bits), as _split does in the kernel."""
+    return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
 
 
 @cache
 def _packed_matrices(n1: int, n2: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([m.reshape(-1) for m in _dft_matrices(n1, n2, device)])
+    """One fp32 buffer: the hi parts of F1 [n1, n1] as (re, im) pairs, F2 [n2, n2] re and im as
+    two planes; then their lo parts, likewise; then the twiddles T [n2, n1] as pairs. Each entry
+    is computed in fp64 and rounded once; hi is its tf32 rounding, lo the rest (exact).
+    (Pairs: see _pair_offsets; F2 planes: see _f2.)"""
+    a1 = torch.arange(n1, dtype=torch.float64)
+    a2 = torch.arange(n2, dtype=torch.float64)
+    f1 = torch.exp(-2j * math.pi * torch.outer(a1, a1) / n1)
+    f2 = torch.exp(-2j * math.pi * torch.outer(a2, a2) / n2)
+    dft = torch.cat([torch.view_as_real(f1).reshape(-1), f2.real.reshape(-1), f2.imag.reshape(-1)])
+    dft = dft.float()
+    hi = _tf32_hi_host(dft)
+    tw = torch.view_as_real(torch.exp(-2j * math.pi * torch.outer(a2, a1) / (n1 * n2))).float()
+    return torch.cat([hi, dft - hi, tw.reshape(-1)]).to(device)
+
+
+def _filter_spectrum(k: torch.Tensor, n: int) -> torch.Tensor:
+    """fft(k, n) as (re, im) pairs, [H, n, 2] fp32 in natural order (the kernels' [n2, n1]
+    layout)."""
+    return torch.view_as_real(torch.fft.fft(k.double(), n=n)).float()
+
+
+@triton.jit
+def _split(x, X3: tl.constexpr):
+    """(hi, lo) of data x: hi its nearest tf32 (low 13 mantissa bits cleared; the tensor cores
+    would truncate instead, a bias that made fp16 errors 3-4x larger), lo = x - hi (exact) for
+    tf32x3, else hi again (unused)."""
+    hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    lo = hi
+    if X3:
+        lo = x - hi
+    return hi, lo
+
+
+@triton.jit
+def _dm(a, m_hi, m_lo, acc, X3: tl.constexpr):
+    """acc + a @ m for data a and a DFT matrix m given as hi + lo parts: one tensor-core
+    product, or for tf32x3 three (the small ones first), all accumulated into acc. The data is
+    split here, next to its use (split once up front, the parts stayed live longer: fp32 at
+    2048 then spilled 76 B)."""
+    a_hi, a_lo = _split(a, X3)
+    if X3:
+        acc = tl.dot(a_lo, m_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, m_lo, acc, input_precision="tf32")
+    return tl.dot(a_hi, m_hi, acc, input_precision="tf32")
+
+
+@triton.jit
+def _md(m_hi, m_lo, b, acc, X3: tl.constexpr):
+    """acc + m @ b for a DFT matrix m (hi + lo) and data b, as _dm."""
+    b_hi, b_lo = _split(b, X3)
+    if X3:
+        acc = tl.dot(m_hi, b_lo, acc, input_precision="tf32")
+        acc = tl.dot(m_lo, b_hi, acc, input_precision="tf32")
+    return tl.dot(m_hi, b_hi, acc, input_precision="tf32")
+
+
+@triton.jit
+def _pair_offsets(R: tl.constexpr, C: tl.constexpr, stride):
+    """Offsets [R, C, 2] of an [R, C] tile of complex numbers stored as (re, im) pairs, rows
+    ``stride`` floats apart: one load then gives both parts (each tile load keeps address
+    registers live)."""
+    offs = tl.arange(0, R)[:, None] * stride + 2 * tl.arange(0, C)[None, :]
+    return offs[:, :, None] + tl.arange(0, 2)[None, None, :]
+
+
+@triton.jit
+def _ctile(ptr, R: tl.constexpr, C: tl.constexpr, stride):
+    """(re, im) of the [R, C] complex tile at ptr (see _pair_offsets)."""
+    return tl.split(tl.load(ptr + _pair_offsets(R, C, stride)))
+
+
+@triton.jit
+def _cmat(ptr, R: tl.constexpr, C: tl.constexpr, stride, LO: tl.constexpr, X3: tl.constexpr):
+    """(re, im, re_lo, im_lo) of a tile of F1 (pairs): its hi parts, and for tf32x3 its lo parts
+    (LO floats further on; else the hi parts again, unused)."""
+    offs = _pair_offsets(R, C, stride)
+    re, im = tl.split(tl.load(ptr + offs))
+    re_lo, im_lo = re, im
+    if X3:
+        re_lo, im_lo = tl.split(tl.load(ptr + LO + offs))
+    return re, im, re_lo, im_lo
+
+
+@triton.jit
+def _f2(mats_ptr, IM: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, X3: tl.constexpr,
+        STREAM: tl.constexpr):  # fmt: skip
+    """(hi, lo) of the real (IM = 0) or imaginary (IM = 1) part of F2, as _cmat: a plane, so
+    that it goes to shared memory as a tl.dot operand as it is (a tl.split result would first
+    be copied into registers). One part at a time, each loaded right before its products; a
+    volatile load (STREAM) is never hoisted out of the slab loop, so its shared-memory copy
+    lives only around its use."""
+    LO: tl.constexpr = 2 * N1 * N1 + 2 * N2 * N2
+    ptr = mats_ptr + 2 * N1 * N1 + IM * N2 * N2
+    offs = tl.arange(0, N2)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    hi = tl.load(ptr + offs, volatile=STREAM)
+    lo = hi
+    if X3:
+        lo = tl.load(ptr + LO + offs, volatile=STREAM)
+    return hi, lo
+
+
+@triton.jit
+def _spectrum_slab(
+    x_ptr, g_ptr, HAS_G: tl.constexpr, L, mats_ptr, s0, twr, twi,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+    X3: tl.constexpr, STREAM: tl.constexpr,
+):  # fmt: skip
+    """Columns s0 .. s0+S of the spectrum Y [N2, N1] of the row x * g (x_ptr: its first of L
+    samples, zero beyond), given those columns of the twiddles: (yr, yi), [N2, S] fp32 each."""
+    LO: tl.constexpr = 2 * N1 * N1 + 2 * N2 * N2  # offsets in _packed_matrices
+    ar = tl.zeros((N2, S), dtype=tl.float32)
+    ai = tl.zeros((N2, S), dtype=tl.float32)
+    # A = X @ F1[:, s], C columns of X at a time
+    for c0 in range(0, N1, C):
+        t = tl.arange(0, N2)[:, None] + (c0 + tl.arange(0, C))[None, :] * N2
+        x = tl.load(x_ptr + t, mask=t < L, other=0.0).to(tl.float32)
+        if HAS_G:
+            x *= tl.load(g_ptr + t, mask=t < L, other=0.0).to(tl.float32)
+        f1r, f1i, f1r_lo, f1i_lo = _cmat(mats_ptr + 2 * (c0 * N1 + s0), C, S, 2 * N1, LO, X3)
+        ar = _dm(x, f1r, f1r_lo, ar, X3)
+        ai = _dm(x, f1i, f1i_lo, ai, X3)
+    br = ar * twr - ai * twi
+    bi = ar * twi + ai * twr
+    # Y = F2 @ B
+    f2r, f2r_lo = _f2(mats_ptr, 0, N1, N2, X3, STREAM)
+    yr = _md(f2r, f2r_lo, br, tl.zeros((N2, S), dtype=tl.float32), X3)
+    yi = _md(f2r, f2r_lo, bi, tl.zeros((N2, S), dtype=tl.float32), X3)
+    f2i, f2i_lo = _f2(mats_ptr, 1, N1, N2, X3, STREAM)
+    yr = _md(f2i, f2i_lo, -bi, yr, X3)
+    yi = _md(f2i, f2i_lo, br, yi, X3)
+    return yr, yi
+
+
+@triton.jit
+def _inverse_slab(
+    zr, zi, acc, mats_ptr, s0, twr, twi,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, X3: tl.constexpr, STREAM: tl.constexpr,
+):  # fmt: skip
+    """acc + n * Re(inverse DFT) of a spectrum that is zero outside columns s0 .. s0+S, where it
+    is (zr, zi) [N2, S]: the [N2, N1] tile of the time signal, laid out as X."""
+    LO: tl.constexpr = 2 * N1 * N1 + 2 * N2 * N2
+    # C = conj(F2) @ Z
+    f2r, f2r_lo = _f2(mats_ptr, 0, N1, N2, X3, STREAM)
+    cr = _md(f2r, f2r_lo, zr, tl.zeros((N2, S), dtype=tl.float32), X3)
+    ci = _md(f2r, f2r_lo, zi, tl.zeros((N2, S), dtype=tl.float32), X3)
+    f2i, f2i_lo = _f2(mats_ptr, 1, N1, N2, X3, STREAM)
+    cr = _md(f2i, f2i_lo, zi, cr, X3)
+    ci = _md(f2i, f2i_lo, -zr, ci, X3)
+    # D = C * conj(T); Re(D @ conj(F1)[s, :]) = dr @ F1r[s, :] + di @ F1i[s, :]
+    dr = cr * twr + ci * twi
+    di = ci * twr - cr * twi
+    f1r, f1i, f1r_lo, f1i_lo = _cmat(mats_ptr + 2 * s0 * N1, S, N1, 2 * N1, LO, X3)
+    acc = _dm(dr, f1r, f1r_lo, acc, X3)
+    return _dm(di, f1i, f1i_lo, acc, X3)
+
+
+@triton.jit
+def _twiddles(mats_ptr, s0, N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
+    """Columns s0 .. s0+S of T (re, im), [N2, S] each."""
+    TW: tl.constexpr = 4 * N1 * N1 + 4 * N2 * N2
+    return _ctile(mats_ptr + TW + 2 * s0, N2, S, 2 * N1)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, gin_ptr, k_ptr, mats_ptr, out_ptr, gout_ptr, out2_ptr, gout2_ptr, B, H, L,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+    HAS_GIN: tl.constexpr, HAS_GOUT: tl.constexpr, OUT2: tl.constexpr, CONJ: tl.constexpr,
+    X3: tl.constexpr, STREAM: tl.constexpr,
+):  # fmt: skip
+    """z = IDFT(DFT(x * gin) * khat) for one batch row (conj(khat) if CONJ); out = z * gout,
+    out2 = z * gout2. khat: [H, n] complex (re, im pairs) at k_ptr. Grid: B * H programs.
+
+    The forward pass (x = u, gin = pregate, gout = postgate) and, in the backward pass,
+    dpostgate (gout = gy) and dv = corr(gy * postgate, k) (CONJ; x = gy, gin = postgate; out,
+    out2 = du (gout = pregate), dpregate (gout2 = u)).
+    """
+    # Consecutive programs take the batch rows of one channel, which share its spectrum: it
+    # is read from HBM once and from L2 after.
+    h = tl.program_id(0) // B
+    row = (tl.program_id(0) % B) * H + h
+    z = tl.zeros((N2, N1), dtype=tl.float32)
+    for s0 in range(0, N1, S):
+        twr, twi = _twiddles(mats_ptr, s0, N1, N2, S)
+        yr, yi = _spectrum_slab(
+            x_ptr + row * L, gin_ptr + row * L, HAS_GIN, L, mats_ptr, s0, twr, twi,
+            N1, N2, S, C, X3, STREAM,
+        )  # fmt: skip
+        kr, ki = _ctile(k_ptr + 2 * (h * N1 * N2 + s0), N2, S, 2 * N1)
+        if CONJ:
+            ki = -ki
+        z = _inverse_slab(
+            yr * kr - yi * ki, yr * ki + yi * kr, z, mats_ptr, s0, twr, twi, N1, N2, S, X3, STREAM
+        )
+    t = tl.arange(0, N2)[:, None] + tl.arange(0, N1)[None, :] * N2
+    mask = t < L
+    offs = row * L + t
+    z = z / (N1 * N2)
+    out = z
+    if HAS_GOUT:
+        out = z * tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if OUT2:
+        out2 = z * tl.load(gout2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out2_ptr + offs, out2.to(out2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    u_ptr, pre_ptr, post_ptr, gy_ptr, mats_ptr, gk_ptr, H, L, K, B: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, X3: tl.constexpr, STREAM: tl.constexpr,
+):  # fmt: skip
+    """dk[h] = sum_b corr(gy_b * postgate_b, u_b * pregate_b)[:K]: spectrum sum_b gz_hat *
+    conj(v_hat), one slab at a time (the batch loop inside, so the sum is slab-sized).
+    Grid: H programs; gk [H, K] fp32. B is a constexpr (one compile per batch size): a loop to
+    a runtime bound does not run under TRITON_INTERPRET (Triton 3.5, numpy 2), and a while loop
+    kept Triton from hoisting the F2 loads out of it (twice the shared memory)."""
+    h = tl.program_id(0)
+    gk = tl.zeros((N2, N1), dtype=tl.float32)
+    for s0 in range(0, N1, S):
+        twr, twi = _twiddles(mats_ptr, s0, N1, N2, S)
+        acc_r = tl.zeros((N2, S), dtype=tl.float32)
+        acc_i = tl.zeros((N2, S), dtype=tl.float32)
+        for b in range(B):
+            row = (b * H + h) * L
+            vr, vi = _spectrum_slab(
+                u_ptr + row, pre_ptr + row, HAS_PRE, L, mats_ptr, s0, twr, twi,
+                N1, N2, S, C, X3, STREAM,
+            )  # fmt: skip
+            gr, gi = _spectrum_slab(
+                gy_ptr + row, post_ptr + row, HAS_POST, L, mats_ptr, s0, twr, twi,
+                N1, N2, S, C, X3, STREAM,
+            )  # fmt: skip
+            acc_r += gr * vr + gi * vi
+            acc_i += gi * vr - gr * vi
+        gk = _inverse_slab(acc_r, acc_i, gk, mats_ptr, s0, twr, twi, N1, N2, S, X3, STREAM)
+    t = tl.arange(0, N2)[:, None] + tl.arange(0, N1)[None, :] * N2
+    tl.store(gk_ptr + h * K + t, gk / (N1 * N2), mask=t < K)
+
+
+def _launch_options(p: Plan, dtype: torch.dtype) -> dict:
+    """The constexprs and launch options both kernels take from the plan and the dtype."""
+    x3 = DOT_PRECISION[dtype] == "tf32x3"
+    return dict(N1=p.n1, N2=p.n2, S=p.S, C=p.C, X3=x3, STREAM=p.stream, num_warps=p.warps,
+                num_stages=_NUM_STAGES)  # fmt: skip
+
+
+def _launch_conv(x, gin, spectrum, conj, outs, p: Plan, mats: torch.Tensor) -> None:
+    """One _forward_kernel launch over every row of x [B, H, L]: ``outs`` is one or two
+    (output, gate or None) pairs; only the first may have no gate."""
+    B, H, L = x.shape
+    (out, gout), *second = outs
+    out2, gout2 = second[0] if second else (None, None)
+    _forward_kernel[(B * H,)](
+        x, _or(gin, x), spectrum, mats, out, _or(gout, x), _or(out2, x), _or(gout2, x),
+        B, H, L, HAS_GIN=gin is not None, HAS_GOUT=gout is not None, OUT2=out2 is not None,
+        CONJ=conj, **_launch_options(p, x.dtype),
+    )  # fmt: skip
 
 
 class TritonFFTConv(torch.autograd.Function):
-    """y = postgate * causal_conv(u * pregate, k); the backward kernel recomputes the forward."""
+    """y = postgate * causal_conv(u * pregate, k); the backward pass recomputes the forward."""
 
     @staticmethod
     def forward(ctx, u, k, pregate, postgate):
-        B, H, L = u.shape
-        n1, n2 = fft_size(L, k.shape[-1])
+        n = fft_size(u.shape[-1], k.shape[-1])
+        p = plan(n, u.dtype)
         u, pregate, postgate = (_contiguous(x) for x in (u, pregate, postgate))
         y = torch.empty_like(u)
-        # Kept for the backward pass: [H, n] is small next to the activations it recomputes.
-        ctx.spectrum = _filter_spectrum(k, n1, n2)
-        _forward_kernel[(B * H,)](
-            u, _or(pregate, u), _or(postgate, u), *ctx.spectrum,
-            _packed_matrices(n1, n2, u.device), y, B, H, L, N1=n1, N2=n2,
-            HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
-            **launch_options(u.dtype),
-        )  # fmt: skip
+        # Kept for the backward pass: [H, n, 2] is small next to the activations it recomputes.
+        ctx.spectrum = _filter_spectrum(k, n)
+        mats = _packed_matrices(p.n1, p.n2, u.device)
+        _launch_conv(u, pregate, ctx.spectrum, False, [(y, postgate)], p, mats)
         ctx.save_for_backward(u, k, pregate, postgate)
         return y
 
@@ -239,16 +432,24 @@ class TritonFFTConv(torch.autograd.Function):
         need_u, need_k, need_pre, need_post = needs
         B, H, L = u.shape
         K = k.shape[-1]
-        n1, n2 = fft_size(L, K)
-        g_k = torch.empty_like(k) if need_k else None
-        _backward_kernel[(H,)](
-            u, _or(pregate, u), _or(postgate, u), gy.contiguous(), *ctx.spectrum,
-            _packed_matrices(n1, n2, u.device), _or(g_u, u), _or(g_pre, u), _or(g_post, u),
-            _or(g_k, k), H, L, K, B=B, N1=n1, N2=n2,
-            HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
-            NEED_U=need_u, NEED_PRE=need_pre, NEED_POST=need_post, NEED_K=need_k,
-            **launch_options(u.dtype),
-        )  # fmt: skip
+        p = plan(fft_size(L, K), u.dtype)
+        mats = _packed_matrices(p.n1, p.n2, u.device)
+        gy = gy.contiguous()
+        k_f = ctx.spectrum
+        if need_post:  # z is recomputed, never stored
+            _launch_conv(u, pregate, k_f, False, [(g_post, gy)], p, mats)
+        if need_u or need_pre:  # dv = corr(gz, k): the spectrum gz_hat * conj(k_hat)
+            outs = [(g_u, pregate)] if need_u else []
+            outs += [(g_pre, u)] if need_pre else []
+            _launch_conv(gy, postgate, k_f, True, outs, p, mats)
+        g_k = None
+        if need_k:
+            g_k = torch.empty_like(k)
+            _backward_kernel[(H,)](
+                u, _or(pregate, u), _or(postgate, u), gy, mats, g_k, H, L, K, B=B,
+                HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
+                **_launch_options(p, u.dtype),
+            )  # fmt: skip
         ctx.spectrum = None
         return g_u, g_k, g_pre, g_post
 

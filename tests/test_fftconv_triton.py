@@ -3,7 +3,9 @@
 
 Both methods: the fused FFT kernel ("fft", and the blocked decomposition beyond its size) and
 the direct Toeplitz-tile kernel ("toeplitz"). The interpreter runs tl.dot as numpy matmuls:
-slow, so the sizes stay small, and the blocked path is reached by lowering the fused size.
+slow, so the sizes stay small, and the blocked path is reached by lowering the fused size. The
+fused kernels at every FFT size up to their capacity (16384, beyond fftconv's dispatch
+threshold) are called directly, with a batch of 2 and one channel.
 fp32 inputs: the fused kernel's fp32 DFTs (twiddles rounded once from fp64) agree with the
 oracle to ~1e-5 of the output's scale at these sizes, the Toeplitz kernel to ~1e-6; tolerance
 1e-4. fp16 / bf16 inputs: the math is fp32, so the output and every gradient differ from the
@@ -14,6 +16,7 @@ oracle's (rounded to the input dtype by autograd too) by at most about one ulp o
 import importlib
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,9 +27,9 @@ pytest.importorskip("triton")
 from test_kernels import direct_conv, make_inputs  # noqa: E402
 
 import kernels.blocked  # noqa: E402
-from kernels import fftconv  # noqa: E402
+from kernels import fft_triton, fftconv  # noqa: E402
 from kernels.blocked import blocked_conv  # noqa: E402
-from kernels.fft_triton import fft_size  # noqa: E402
+from kernels.fft_triton import FUSED_CAPACITY, PLANS, TritonFFTConv, fft_size  # noqa: E402
 from kernels.fftconv import backends, choose_method  # noqa: E402
 
 
@@ -38,10 +41,10 @@ def assert_close_scaled(got, want, tol):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_against_oracle(args, tol, **options):
-    """fftconv(*args, **options) and the gradients of all present args vs the oracle's."""
+def check_against_oracle(args, tol, conv=fftconv, **options):
+    """conv(*args, **options) and the gradients of all present args vs the oracle's."""
     args = [a.detach().to(DEVICE).requires_grad_() if a is not None else None for a in args]
-    y = fftconv(*args, **options)
+    y = conv(*args, **options)
     ref = direct_conv(*args)
     assert y.dtype == args[0].dtype
     assert_close_scaled(y, ref, tol)
@@ -63,6 +66,79 @@ SHAPES = [(1, 1), (17, 3), (17, 17), (64, 1), (64, 64), (100, 64), (256, 3), (25
 def test_triton_forward_and_grads(method, L, K, gates, skip):
     args = make_inputs(2, 3, L, K, torch.float32, gates, skip, seed=L + K)
     check_against_oracle(args, 1e-4, backend="triton", method=method)
+
+
+def fused(u, k, D, pregate, postgate):
+    """The fused kernels themselves, whatever fftconv's dispatch threshold (no skip term)."""
+    assert D is None
+    return TritonFFTConv.apply(u, k, pregate, postgate)
+
+
+@pytest.mark.parametrize(
+    "L, K",
+    [(400, 300), (1500, 500), (3000, 1000)]  # FFT sizes 1024, 2048, 4096
+    + [(4000, 4000), (5000, 100), (5000, 5000), (9000, 300)],  # 8192 and 16384
+)
+def test_triton_fused_every_size(L, K):
+    """Every FFT size from 1024 on (256 and 512 are covered above), each with its own plan
+    (tile shape, slab and chunk widths); up to 16384 by calling the fused kernels directly.
+    Gates on, fp32; forward and all gradients."""
+    assert fft_size(L, K) in PLANS
+    args = make_inputs(2, 1, L, K, torch.float32, gates=True, skip=False, seed=L + K)
+    check_against_oracle(args, 1e-4, conv=fused)
+
+
+@pytest.fixture
+def tf32_dots(monkeypatch):
+    """Interpreted tl.dot(..., input_precision="tf32") drops the low 13 mantissa bits of its
+    fp32 operands, as the tensor cores do, so that errors are a GPU's (the interpreter itself
+    multiplies in full fp32 whatever the precision asked for)."""
+    if DEVICE == "cuda":
+        return
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def tf32_dot(self, a, b, d, input_precision, *rest):
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            a, b = (
+                interpreter.TensorHandle((x.data.view(np.int32) & -8192).view(np.float32), x.dtype)
+                for x in (a, b)
+            )
+        return create_dot(self, a, b, d, input_precision, *rest)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
+
+
+def relative_errors(conv, args) -> list[float]:
+    """||got - want|| / ||want|| for the output and the gradients of (u, k, pregate, postgate)
+    against the oracle's from the same (rounded) inputs."""
+    args = [a.detach().to(DEVICE).requires_grad_() for a in args]
+    want_args = [a.detach().double().requires_grad_() for a in args]
+    y, ref = conv(*args), direct_conv(want_args[0], want_args[1], None, *want_args[2:])
+    gy = torch.randn(y.shape, dtype=torch.float64, device=DEVICE)
+    got = (y, *torch.autograd.grad(y, args, gy.float()))
+    want = (ref, *torch.autograd.grad(ref, want_args, gy))
+    return [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+
+
+def test_triton_fused_tensor_core_accuracy(tf32_dots, monkeypatch):
+    """With tensor-core rounding: fp32 inputs keep fp32-level accuracy through the tf32x3
+    products at the largest size (the previous kernel measured 3-6e-7 on an H100), and fp16
+    inputs stay near their own rounding (5e-4; tf32 truncation made it 2e-3 before). Without
+    tf32x3, fp32 would lose three orders of magnitude: the emulation bites."""
+
+    def errors(L, K, dtype):
+        u, k, _, pre, post = make_inputs(2, 1, L, K, dtype, skip=False, seed=1)
+        k = (k.detach().double() / K**0.5).float()
+        return relative_errors(TritonFFTConv.apply, (u, k, pre, post))
+
+    assert fft_size(5000, 5000) == 16384
+    assert max(errors(5000, 5000, torch.float32)) < 1e-6
+    assert max(errors(400, 300, torch.float16)) < 1e-3
+    monkeypatch.setitem(fft_triton.DOT_PRECISION, torch.float32, "tf32")
+    assert min(errors(400, 300, torch.float32)) > 1e-4
 
 
 def test_triton_toeplitz_beyond_fused_size():
@@ -99,7 +175,7 @@ def blocked_calls(monkeypatch):
 @pytest.mark.parametrize("gates, skip", [(True, True), (False, False)])
 def test_triton_blocked_beyond_fused_size(L, K, gates, skip, blocked_calls):
     """Pieces of the fused kernel, with block lengths that do not divide L or K."""
-    args = make_inputs(2, 3, L, K, torch.float32, gates, skip, seed=L + K)
+    args = make_inputs(2, 2, L, K, torch.float32, gates, skip, seed=L + K)
     check_against_oracle(args, 1e-4, backend="triton", method="fft")
     assert len(blocked_calls) == 1
 
@@ -140,5 +216,7 @@ def test_triton_backend_choice_and_limits():
         fftconv(u.double(), k.double(), backend="triton")
     with pytest.raises(ValueError, match="method"):
         fftconv(u, k, backend="triton", method="conv1d")
-    with pytest.raises(ValueError, match="fused"):
-        fft_size(3000, 3000)  # the fused kernel itself; fftconv goes blocked beyond it
+    assert fft_size(3000, 3000) == 8192  # beyond fftconv's dispatch threshold, within capacity
+    assert fft_size(9000, 7385) == FUSED_CAPACITY == 16384
+    with pytest.raises(ValueError, match="FUSED_CAPACITY = 16384"):
+        fft_size(9000, 7386)  # the fused kernels themselves; fftconv goes blocked beyond them

@@ -1,0 +1,179 @@
+"""Shared memory, registers and spills of every fused FFT kernel variant, compiled for an H100
+without one.
+
+    python3 -m benchmarks.triton_resources [--sizes 8192 16384] [--dtypes bf16] [--jobs 2]
+
+Every variant that kernels.fft_triton.TritonFFTConv launches (FFT sizes 256 .. FUSED_CAPACITY;
+fp32, fp16 and bf16 inputs; the flag sets of the forward kernel's three uses and of the backward
+kernel) is compiled by triton.compile for target sm_90 (CUDA capability 9.0) with the plan's
+warp count and pipelining depth, specialised as the launcher would: pointer arguments 16-byte
+aligned, and L, K, H either multiples of 16 ("aligned", e.g. power-of-two lengths) or not
+(masked loads then vectorize less). Shared memory is the compiled kernel's own figure;
+registers per thread and spill bytes come from the bundled ptxas -v on its PTX (the call
+Triton makes: -lineinfo --gpu-name=sm_90a). A launch needs shared <= 232448 bytes (227 KiB,
+the H100's per-block limit); spills go to local memory (slow, not fatal). The compiler is the
+installed Triton's (a GPU session may use another version). About 8 minutes on 2 cores. The
+table goes to stdout, everything to JSON (default
+benchmarks/results/triton_resources_sm90.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import triton
+from rich.console import Console
+from rich.table import Table
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from benchmarks.fftconv import RESULTS, write_json
+from kernels import fft_triton
+
+H100_SHARED = 232448  # bytes of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SIZES = [256 << i for i in range(7)]
+assert SIZES[-1] == fft_triton.FUSED_CAPACITY
+# The flag sets TritonFFTConv launches. _forward_kernel: the forward pass and dpostgate
+# (HAS_GIN: pregate given; HAS_GOUT: postgate given, or gy), and dv (CONJ; HAS_GIN: postgate
+# given; du alone: HAS_GOUT = pregate given; dpregate alone: HAS_GOUT; both: HAS_GOUT, OUT2).
+# _backward_kernel: pregate / postgate given.
+FLAGS = {
+    "forward": [
+        {"HAS_GIN": gin, "HAS_GOUT": gout, "OUT2": out2, "CONJ": conj}
+        for gin in (False, True)
+        for conj, gout, out2 in [
+            *((False, gout, False) for gout in (False, True)),
+            *((True, gout, out2) for gout, out2 in ((False, False), (True, False), (True, True))),
+        ]
+    ],
+    "backward": [
+        {"HAS_PRE": pre, "HAS_POST": post} for pre in (False, True) for post in (False, True)
+    ],
+}
+BATCH = 4  # the backward kernel's batch loop bound is a constexpr; resources do not depend on it
+_FP32_POINTERS = {"k_ptr", "mats_ptr", "gk_ptr"}  # the rest hold the input dtype
+_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def compile_variant(kernel: str, n: int, dtype: str, flags: dict, aligned: bool = True) -> dict:
+    """Compile one variant for sm_90; its resources as a row (an "error" entry if it fails)."""
+    fn = getattr(fft_triton, f"_{kernel}_kernel")
+    p = fft_triton.plan(n, DTYPES[dtype])
+    constexprs = fft_triton._launch_options(p, DTYPES[dtype]) | flags
+    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages")}
+    if kernel == "backward":
+        constexprs["B"] = BATCH
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if aligned and name in ("L", "K", "H"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    row = {"kernel": kernel, "n": n, "dtype": dtype, **flags, "aligned": aligned}
+    row |= {"n1": p.n1, "n2": p.n2, "S": p.S, "C": p.C, "warps": p.warps, "stream": p.stream}
+    start = time.perf_counter()
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result
+        return row | {"error": repr(e)[:500]}
+    row |= {"shared": compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"])}
+    row["fits"] = row["shared"] <= H100_SHARED
+    row["compile_s"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """registers, stack frame and spill bytes from ptxas -v for sm_90a."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [_PTXAS, "-lineinfo", "-v", "--gpu-name=sm_90a", src, "-o", Path(d) / "k.cubin"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill", log)
+    return {
+        "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+        "stack": int(spill.group(1)),
+        "spill_stores": int(spill.group(2)),
+        "spill_loads": int(spill.group(3)),
+    }
+
+
+def print_table(rows: list[dict], console: Console) -> None:
+    """Per kernel, size and dtype: the worst variant's shared memory, registers and spill bytes
+    (stores + loads), the latter for aligned and unaligned lengths."""
+    table = Table(title="fused FFT kernels on sm_90, worst over flag sets (limit 232448 B)")
+    cols = ("kernel", "n", "dtype", "n1xn2", "warps", "shared B", "regs", "spill B", "unal. B")
+    for col in cols:
+        table.add_column(col, justify="right")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["n"], r["dtype"]), []).append(r)
+    for (kernel, n, dtype), group in groups.items():
+        ok = [r for r in group if "error" not in r]
+        if len(ok) < len(group):
+            table.add_row(kernel, str(n), dtype, *[""] * 5, "compile error")
+            continue
+        shared = max(r["shared"] for r in ok)
+        spills = [
+            max((r["spill_stores"] + r["spill_loads"] for r in ok if r["aligned"] == a), default=0)
+            for a in (True, False)
+        ]
+        r = ok[0]
+        table.add_row(
+            kernel, str(n), dtype, f"{r['n1']}x{r['n2']}", str(r["warps"]),
+            f"[{'green' if shared <= H100_SHARED else 'red'}]{shared}",
+            str(max(x["registers"] for x in ok)),
+            *(f"[{'red' if spill else 'green'}]{spill}" for spill in spills),
+        )  # fmt: skip
+    console.print(table)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--kernels", nargs="+", default=list(FLAGS), choices=list(FLAGS))
+    p.add_argument("--jobs", type=int, default=os.cpu_count())
+    p.add_argument("--out", type=Path, default=RESULTS / "triton_resources_sm90.json")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    jobs = [
+        (kernel, n, dtype, flags, aligned)
+        for kernel in args.kernels
+        for n in args.sizes
+        for dtype in args.dtypes
+        for flags in FLAGS[kernel]
+        for aligned in (True, False)
+    ]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(compile_variant, *zip(*jobs)))
+    print_table(rows, Console())
+    payload = {
+        "triton": triton.__version__,
+        "target": "cuda sm_90 (ptxas --gpu-name=sm_90a)",
+        "shared_limit": H100_SHARED,
+        "plans": {n: fft_triton.PLANS[n] for n in args.sizes},  # (n1, n2, S, C, warps)
+        "num_stages": fft_triton._NUM_STAGES,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "rows": rows,
+    }
+    write_json(payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
