@@ -2,8 +2,11 @@
 
 from functools import cache
 
-# Largest FFT the fused Triton kernel holds (kernels.fft_triton): L + K - 1 <= 4096, the
-# largest size whose backward kernel fits an H100's shared memory (measured; see there).
+# Largest FFT that fftconv sends to the fused Triton kernels (L + K - 1 <= 4096); beyond it,
+# the blocked decomposition into pieces of this size. The kernels themselves launch up to
+# kernels.fft_triton.FUSED_CAPACITY (16384: every size fits an H100's shared memory in offline
+# sm_90 compiles), but only 4096 and below have been timed on a GPU, with the earlier kernel;
+# this moves once the fused kernel has been timed against the blocked path at 8K and 16K.
 MAX_FUSED_FFT = 4096
 # Beyond this length the diagonal-SSM layers pass state between chunks of it
 # (kernels.state_passing) instead of convolving with a length-L filter. Not the fused size:
