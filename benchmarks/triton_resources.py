@@ -145,12 +145,14 @@ def print_table(rows: list[dict], console: Console) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    p.add_argument("--sizes", type=int, nargs="+", default=SIZES, choices=SIZES, metavar="N")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--kernels", nargs="+", default=list(FLAGS), choices=list(FLAGS))
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=RESULTS / "triton_resources_sm90.json")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")  # exit 2, one line
     start = time.perf_counter()
     jobs = [
         (kernel, n, dtype, flags, aligned)
