@@ -392,7 +392,10 @@ def _backward_kernel(
 
 def _launch_options(p: Plan, dtype: torch.dtype) -> dict:
     """The constexprs and launch options both kernels take from the plan and the dtype."""
-    x3 = DOT_PRECISION[dtype] == "tf32x3"
+    precision = DOT_PRECISION[dtype]
+    if precision not in ("tf32", "tf32x3"):  # e.g. a tuning run asking for "ieee"
+        raise ValueError(f"fftconv[triton]: fused kernels run tf32 or tf32x3, not {precision!r}")
+    x3 = precision == "tf32x3"
     return dict(N1=p.n1, N2=p.n2, S=p.S, C=p.C, X3=x3, STREAM=p.stream, num_warps=p.warps,
                 num_stages=_NUM_STAGES)  # fmt: skip
 

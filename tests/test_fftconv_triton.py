@@ -175,7 +175,7 @@ def blocked_calls(monkeypatch):
 @pytest.mark.parametrize("gates, skip", [(True, True), (False, False)])
 def test_triton_blocked_beyond_fused_size(L, K, gates, skip, blocked_calls):
     """Pieces of the fused kernel, with block lengths that do not divide L or K."""
-    args = make_inputs(2, 2, L, K, torch.float32, gates, skip, seed=L + K)
+    args = make_inputs(2, 3, L, K, torch.float32, gates, skip, seed=L + K)
     check_against_oracle(args, 1e-4, backend="triton", method="fft")
     assert len(blocked_calls) == 1
 
