@@ -22,7 +22,7 @@ takes minutes: the vocabulary projection is then about a fifth of a decode step'
 multiply-adds (a tenth in the paper's 1.3B model with GPT-2's vocabulary); GPT-2's vocabulary
 on this width would make every model mostly that projection. ``--size`` takes the released
 models' shapes (125m, 355m, 1.3b, 2.7b) for a GPU; CUDA runs in float32.
-JSON to benchmarks/results/generation-{cpu,cuda}.json.
+JSON to benchmarks/results/generation-{cpu,cuda}.json (or --out).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +177,10 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--train-batch", type=int, default=1)
     p.add_argument("--train-seq-len", type=int, default=2048)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")  # exit 2, one line
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     max_len = max(max(args.prompts) + args.new_tokens, args.train_seq_len)
@@ -190,7 +194,7 @@ def main(argv=None) -> None:
     print_tables(rows, summary, training, args, Console())
     payload = {
         "machine": machine_info(args.device, args.threads),
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "architecture": dict(
             zip(("d_model", "n_layers", "heads", "attn_layers"), SIZES[args.size])
         ),
@@ -200,7 +204,7 @@ def main(argv=None) -> None:
         "summary": summary,
         "training": training,
     }
-    write_json(payload, RESULTS / f"generation-{args.device}.json")
+    write_json(payload, args.out or RESULTS / f"generation-{args.device}.json")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ turn within each repeat; medians of ``--repeats``. H3 is O(L log L) (O(L) beyond
 kernels.STATE_PASSING_LEN), attention O(L^2), so the ratio column shows where H3 overtakes.
 On CUDA both run under bf16 autocast, as in pretraining (attention through SDPA's flash
 kernel, H3's convolutions through the Triton kernels).
-JSON to benchmarks/results/layer_speed_{cpu,cuda}.json.
+JSON to benchmarks/results/layer_speed_{cpu,cuda}.json (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -35,6 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")  # exit 2, one line
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
         "wall_s": time.perf_counter() - start,
         "rows": rows,
     }
-    write_json(payload, RESULTS / f"layer_speed_{args.device}.json")
+    write_json(payload, args.out or RESULTS / f"layer_speed_{args.device}.json")
 
 
 if __name__ == "__main__":

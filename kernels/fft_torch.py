@@ -1,7 +1,8 @@
 """FFT causal convolution on torch tensors with a hand-written backward.
 
-Shapes: u, pregate, postgate [B, H, L]; k [H, K] (K <= L) already in the compute dtype
-(fp32, or fp64 for fp64 inputs), with any skip term D folded into its tap 0.
+Shapes: u, pregate, postgate [B, H, L]; k [H, K] (K <= L) and the skip weights D [H] already
+in the compute dtype (fp32, or fp64 for fp64 inputs). D is the filter's tap 0: it is added
+to the zero-padded filter before its FFT, and its gradient is dk[:, 0].
 
 The FFT size is the smallest even 2-3-5-smooth n >= L + K - 1, so circular wrap-around never
 reaches the first L outputs. Even, because pocketfft's real FFT of an odd length is about 2x
@@ -13,7 +14,9 @@ being zero-padding copies, out-of-place products, gradient buffers and first-tou
 faults of fresh memory. So every pass here is counted:
 - the gate product is written straight into a zero-tailed FFT buffer (no separate pad copy);
 - the filter spectrum is computed once per call, shared by the batch, and kept for the
-  backward pass rather than recomputed;
+  backward pass rather than recomputed; D goes into the padded filter buffer in place (not
+  into a copy of k with an autograd node of its own: that took 15% of a forward at B=1,
+  H=128, L=256);
 - the backward pass reuses the spectrum of v and the pre-postgate output z kept from the
   forward pass (only those the requested gradients need): each saves one FFT per row;
 - products go in place or through ``out=`` where nothing else needs their inputs;
@@ -24,8 +27,6 @@ cache from the pregate to the postgate. benchmarks/fftconv.py's "block" sweep se
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 
@@ -39,35 +40,58 @@ def fft_len(L: int, K: int) -> int:
     return 2 * next_fast_len(-(-(L + K - 1) // 2))
 
 
-def _blocks(B: int, H: int, n: int, device: torch.device) -> Iterator[tuple[slice, slice]]:
-    """(batch slice, channel slice) pairs covering [B, H], about BLOCK_ELEMS / n rows each on
-    a CPU; one block on a GPU, where each block is a round of kernel launches and big batched
-    FFTs are what cuFFT is fast at (blocks of 2^19 samples made B=16, H=768, L=1024 take
-    11.6 ms forward on an H100, benchmarks/results/triton_gpu.json)."""
-    if device.type != "cpu":
-        yield slice(0, B), slice(0, H)
-        return
+def _blocks(B: int, H: int, n: int, device: torch.device) -> list[tuple[slice, slice] | None]:
+    """Row blocks covering [B, H] as (batch slice, channel slice) pairs, about BLOCK_ELEMS / n
+    rows each on a CPU, or [None] when one block holds them all: always on a GPU, where each
+    block is a round of kernel launches and big batched FFTs are what cuFFT is fast at (blocks
+    of 2^19 samples made B=16, H=768, L=1024 take 11.6 ms forward on an H100,
+    benchmarks/results/triton_gpu.json). None rather than full slices: each view costs a few
+    microseconds, which shows at the short lengths, and one block lets the filter and the
+    input share an rfft call (_spectra)."""
     rows = max(1, BLOCK_ELEMS // n)
+    if device.type != "cpu" or rows >= B * H:
+        return [None]
     bb, hb = (rows // H, H) if rows >= H else (1, rows)
-    for b0 in range(0, B, bb):
-        for h0 in range(0, H, hb):
-            yield slice(b0, b0 + bb), slice(h0, h0 + hb)
+    return [
+        (slice(b0, b0 + bb), slice(h0, h0 + hb)) for b0 in range(0, B, bb) for h0 in range(0, H, hb)
+    ]
 
 
-def _gated_padded(x: torch.Tensor, gate: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
-    """[b, h, n] in ``dtype``: x * gate (or x) in the first L samples, zeros after. One pass
-    over x instead of a product, a cast and torch.fft's own zero-padding copy."""
+def _fill_padded(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+    """out [..., n] = x * gate (or x) in its first L samples, zeros after, in out's dtype. One
+    pass over x instead of a product, a cast and torch.fft's own zero-padding copy."""
     L = x.shape[-1]
-    out = torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
-    out[..., L:].zero_()
-    head = out[..., :L]
+    out.narrow(-1, L, out.shape[-1] - L).zero_()
+    head = out.narrow(-1, 0, L)
     if gate is None:
         head.copy_(x)
-    elif x.dtype == gate.dtype == dtype:
+    elif x.dtype == gate.dtype == out.dtype:
         torch.mul(x, gate, out=head)
     else:  # half-precision inputs: the product is taken in the compute dtype, not rounded
         head.copy_(x).mul_(gate)
-    return out
+
+
+def _input_spectrum(x: torch.Tensor, gate: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
+    """rfft of x * gate (x [b, h, L]) zero-padded to n, in ``dtype``: [b, h, n//2+1]."""
+    padded = x.new_empty((*x.shape[:-1], n), dtype=dtype)
+    _fill_padded(padded, x, gate)
+    return torch.fft.rfft(padded)
+
+
+def _spectra(u, k, D, pregate, n: int, joint: bool):
+    """The filter spectrum [H, n//2+1] of k with D added at tap 0 and, when ``joint``, the
+    input spectrum [B, H, n//2+1] of u * pregate from the same rfft call, the filter being
+    row 0 of one [B+1, H, n] buffer (a call fewer: 7% of a forward at B=1, H=128, L=256).
+    Returns (k_f, v_f or None)."""
+    B, H, _ = u.shape
+    padded = u.new_empty((B + 1 if joint else 1, H, n), dtype=k.dtype)
+    _fill_padded(padded[0], k)
+    if D is not None:
+        padded[0, :, 0].add_(D)
+    if joint:
+        _fill_padded(padded[1:], u, pregate)
+    spectra = torch.fft.rfft(padded)
+    return spectra[0], spectra[1:] if joint else None
 
 
 def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -78,41 +102,56 @@ def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> Non
         torch.mul(a, b, out=out)
 
 
-def _at(x: torch.Tensor | None, bs: slice, hs: slice) -> torch.Tensor | None:
-    return None if x is None else x[bs, hs]
+def _at(x: torch.Tensor | None, block: tuple[slice, slice] | None) -> torch.Tensor | None:
+    """x's rows of ``block`` (x [B, H, ...]); x itself for the whole-tensor block None."""
+    return x if x is None or block is None else x[block]
 
 
-def conv_forward(u, k, pregate, postgate, keep_v_f: bool = False, keep_z: bool = False):
-    """y = postgate * (k * (u * pregate))[:L] by FFT, block by block.
+def _channels(x: torch.Tensor, block: tuple[slice, slice] | None) -> torch.Tensor:
+    """x's channels of ``block`` (x [H, ...])."""
+    return x if block is None else x[block[1]]
+
+
+def conv_forward(u, k, D, pregate, postgate, keep_v_f: bool = False, keep_z: bool = False):
+    """y = postgate * ((k + D delta) * (u * pregate))[:L] by FFT, block by block (D may be None).
 
     Returns (y [B, H, L] in u's dtype, k_f [H, n//2+1], v_f list, z list), where the lists
-    hold, per block in _blocks order, the conjugated input spectra and the pre-postgate
-    outputs when asked for (kept by reference: keeping them costs no copy).
+    hold, per block in _blocks order, the input spectra and the pre-postgate outputs when
+    asked for (kept by reference: keeping them costs no copy).
     """
     B, H, L = u.shape
     n = fft_len(L, k.shape[-1])
-    k_f = torch.fft.rfft(k, n=n)  # [H, n//2+1]
+    blocks = _blocks(B, H, n, u.device)
+    k_f, v_f_whole = _spectra(u, k, D, pregate, n, joint=blocks[0] is None)
     v_fs, zs = [], []
     y = torch.empty_like(u)
-    for bs, hs in _blocks(B, H, n, u.device):
-        v_f = torch.fft.rfft(_gated_padded(u[bs, hs], _at(pregate, bs, hs), n, k.dtype))
-        prod = v_f * k_f[hs] if keep_v_f else v_f.mul_(k_f[hs])
+    for blk in blocks:
+        if blk is None:
+            v_f = v_f_whole
+        else:
+            v_f = _input_spectrum(_at(u, blk), _at(pregate, blk), n, k.dtype)
+        prod = v_f * _channels(k_f, blk) if keep_v_f else v_f.mul_(_channels(k_f, blk))
         z = torch.fft.irfft(prod, n=n)[..., :L]
-        if keep_v_f:  # conjugated now: the backward's products with a conj() view would copy
-            v_fs.append(v_f.conj_physical_())
+        if keep_v_f:
+            v_fs.append(v_f)
         if keep_z:
             zs.append(z)
-        _mul_into(y[bs, hs], z, _at(postgate, bs, hs))
+        _mul_into(_at(y, blk), z, _at(postgate, blk))
     return y, k_f, v_fs, zs
 
 
 class FFTConv(torch.autograd.Function):
-    """y = postgate * irfft(rfft(u * pregate) rfft(k))[:L], in k's dtype, returned in u's."""
+    """y = postgate * irfft(rfft(u * pregate) (rfft(k) + D))[:L], in k's dtype, returned in
+    u's."""
 
     @staticmethod
-    def forward(ctx, u, k, pregate, postgate):
-        needs = ctx.needs_input_grad
-        y, ctx.k_f, ctx.v_f, ctx.z = conv_forward(u, k, pregate, postgate, needs[1], needs[3])
+    def forward(ctx, u, k, D, pregate, postgate):
+        _, need_k, need_D, _, need_post = ctx.needs_input_grad
+        keep_v_f = need_k or need_D
+        y, k_f, ctx.v_f, ctx.z = conv_forward(u, k, D, pregate, postgate, keep_v_f, need_post)
+        # k_f may be a row of the joint spectra (see _spectra): without v_f, a copy of it
+        # keeps the filter's row alive for the backward pass rather than all of them.
+        ctx.k_f = k_f if ctx.v_f else k_f.clone()
         ctx.save_for_backward(u, k, pregate, postgate)
         return y
 
@@ -120,51 +159,59 @@ class FFTConv(torch.autograd.Function):
     def backward(ctx, gy):
         if ctx.k_f is None:  # freed (and conjugated in place) by the first backward
             raise RuntimeError("fftconv: a second backward through the same graph is not supported")
-        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(ctx)
-        need_u, need_k, need_pre, need_post = needs
+        need_u, need_k_only, need_D, need_pre, need_post = ctx.needs_input_grad
+        need_k = need_k_only or need_D  # dD is dk[:, 0]
+        needs = (need_u, need_k, need_pre, need_post)
+        (u, k, pregate, postgate), _, (g_u, g_pre, g_post) = backward_inputs(ctx, needs)
         B, H, L = u.shape
         K, n = k.shape[-1], 2 * (ctx.k_f.shape[-1] - 1)
-        k_f_conj = ctx.k_f.conj_physical_()  # in place, once: see conv_forward
+        # The spectra kept by the forward pass are ours: conjugated in place, once, here (a
+        # product with a conj() view would copy it, and doing it in the forward pass would
+        # make a forward without backward pay for it).
+        k_f_conj = ctx.k_f.conj_physical_()
         g_k_f = torch.empty_like(ctx.k_f) if need_k else None
-        for i, (bs, hs) in enumerate(_blocks(B, H, n, u.device)):
+        for i, blk in enumerate(_blocks(B, H, n, u.device)):
             if need_post:
-                _mul_into(g_post[bs, hs], gy[bs, hs], ctx.z[i])
-            gz_f = torch.fft.rfft(_gated_padded(gy[bs, hs], _at(postgate, bs, hs), n, k.dtype))
+                _mul_into(_at(g_post, blk), _at(gy, blk), ctx.z[i])
+            gz_f = _input_spectrum(_at(gy, blk), _at(postgate, blk), n, k.dtype)
             if need_k:
                 # dk[j] = sum_{b,t} gz[b,t] v[b,t-j]: a correlation, summed over the batch.
-                # Blocks of the first batch rows come first (see _blocks) and write g_k_f[hs].
-                v_f_conj, first = ctx.v_f[i], int(bs.start == 0)
+                # Blocks of the first batch rows come first (see _blocks) and write g_k_f.
+                v_f_conj, g_k_f_blk = ctx.v_f[i].conj_physical_(), _channels(g_k_f, blk)
+                first = int(blk is None or blk[0].start == 0)
                 if first:
-                    torch.mul(gz_f[0], v_f_conj[0], out=g_k_f[hs])
+                    torch.mul(gz_f[0], v_f_conj[0], out=g_k_f_blk)
                 for gz_f_b, v_f_conj_b in zip(gz_f[first:], v_f_conj[first:]):
-                    g_k_f[hs].addcmul_(gz_f_b, v_f_conj_b)
+                    g_k_f_blk.addcmul_(gz_f_b, v_f_conj_b)
             if need_u or need_pre:
                 # dv[s] = sum_{t>=s} k[t-s] gz[t]: the correlation of gz with k.
-                gv = torch.fft.irfft(gz_f.mul_(k_f_conj[hs]), n=n)[..., :L]
+                gv = torch.fft.irfft(gz_f.mul_(_channels(k_f_conj, blk)), n=n)[..., :L]
                 if need_u:
-                    _mul_into(g_u[bs, hs], gv, _at(pregate, bs, hs))
+                    _mul_into(_at(g_u, blk), gv, _at(pregate, blk))
                 if need_pre:
-                    _mul_into(g_pre[bs, hs], gv, u[bs, hs])
+                    _mul_into(_at(g_pre, blk), gv, _at(u, blk))
         g_k = torch.fft.irfft(g_k_f, n=n)[..., :K] if need_k else None
+        g_D = g_k[:, 0].clone() if need_D else None
         ctx.v_f = ctx.z = ctx.k_f = None  # free them now, not when the graph goes
-        return g_u, g_k, g_pre, g_post
+        return g_u, g_k if need_k_only else None, g_D, g_pre, g_post
 
 
-def fft_conv(u, k, pregate=None, postgate=None) -> torch.Tensor:
+def fft_conv(u, k, D=None, pregate=None, postgate=None) -> torch.Tensor:
     """The fft method: through FFTConv when a gradient may be asked for, else straight
     through conv_forward, keeping nothing and multiplying spectra in place."""
-    tensors = (u, k, pregate, postgate)
+    tensors = (u, k, D, pregate, postgate)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return FFTConv.apply(u, k, pregate, postgate)
-    return conv_forward(u, k, pregate, postgate)[0]
+        return FFTConv.apply(u, k, D, pregate, postgate)
+    return conv_forward(u, k, D, pregate, postgate)[0]
 
 
-def backward_inputs(ctx) -> tuple[tuple, tuple[bool, ...], tuple]:
+def backward_inputs(ctx, needs=None) -> tuple[tuple, tuple[bool, ...], tuple]:
     """What every fftconv autograd backward starts from: the saved (u, k, pregate, postgate),
-    ``ctx.needs_input_grad`` in that order, and empty gradient buffers (g_u, g_pre, g_post)
-    for the [B, H, L] inputs, None where no gradient is needed."""
+    which of them need a gradient (``needs``, by default ``ctx.needs_input_grad``, in that
+    order), and empty gradient buffers (g_u, g_pre, g_post) for the [B, H, L] inputs, None
+    where no gradient is needed."""
     u, k, pregate, postgate = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = ctx.needs_input_grad if needs is None else needs
     buffers = tuple(
         torch.empty_like(x) if need else None
         for x, need in ((u, needs[0]), (pregate, needs[2]), (postgate, needs[3]))

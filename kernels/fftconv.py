@@ -155,7 +155,9 @@ def fftconv(
             f"fftconv: unknown method {method!r} for {backend}; available: {list(methods)}"
         )
     dtype = _compute_dtype(u.dtype)
-    k = k[:, :K].to(dtype)
+    k = (k if K == k.shape[-1] else k[:, :K]).to(dtype)
+    if backend == "torch" and method == "fft":  # D goes into its padded filter buffer
+        return fft_conv(u, k, None if D is None else D.to(dtype), pregate, postgate)
     if D is not None:  # in place on a copy: about half the time of adding a padded D
         k = k.clone()
         k[:, 0] += D.to(dtype)
@@ -167,8 +169,6 @@ def fftconv(
         from kernels.fft_triton import TritonFFTConv
 
         return TritonFFTConv.apply(u, k, pregate, postgate)
-    if backend == "torch" and method == "fft":
-        return fft_conv(u, k, pregate, postgate)
     # The rest take the gates outside: the torch direct methods and the triton blocked FFT.
     conv = _DIRECT[method] if backend == "torch" else _triton_blocked
     v = u.to(dtype)
