@@ -199,9 +199,10 @@ class FFTConv(torch.autograd.Function):
 def fft_conv(u, k, D=None, pregate=None, postgate=None) -> torch.Tensor:
     """The fft method: through FFTConv when a gradient may be asked for, else straight
     through conv_forward, keeping nothing and multiplying spectra in place."""
-    tensors = (u, k, D, pregate, postgate)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return FFTConv.apply(u, k, D, pregate, postgate)
+    if torch.is_grad_enabled():
+        for t in (u, k, D, pregate, postgate):
+            if t is not None and t.requires_grad:
+                return FFTConv.apply(u, k, D, pregate, postgate)
     return conv_forward(u, k, D, pregate, postgate)[0]
 
 

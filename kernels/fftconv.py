@@ -98,6 +98,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return x if x is None or x.dtype == dtype else x.to(dtype)
+
+
 def _check_shapes(u, k, D, pregate, postgate) -> None:
     if u.dim() != 3:
         raise ValueError(f"fftconv: u must be [B, H, L], got shape {tuple(u.shape)}")
@@ -155,12 +159,13 @@ def fftconv(
             f"fftconv: unknown method {method!r} for {backend}; available: {list(methods)}"
         )
     dtype = _compute_dtype(u.dtype)
-    k = (k if K == k.shape[-1] else k[:, :K]).to(dtype)
+    # Casts and slices only where needed: at the short lengths each call costs microseconds.
+    k = _as(k if K == k.shape[-1] else k[:, :K], dtype)
     if backend == "torch" and method == "fft":  # D goes into its padded filter buffer
-        return fft_conv(u, k, None if D is None else D.to(dtype), pregate, postgate)
+        return fft_conv(u, k, _as(D, dtype), pregate, postgate)
     if D is not None:  # in place on a copy: about half the time of adding a padded D
         k = k.clone()
-        k[:, 0] += D.to(dtype)
+        k[:, 0] += _as(D, dtype)
     if backend == "triton" and method == "toeplitz":
         from kernels.toeplitz_triton import TritonToeplitzConv
 
