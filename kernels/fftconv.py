@@ -8,7 +8,8 @@ from crossovers measured on CPU by benchmarks/fftconv.py (its crossover sweep):
 - "toeplitz": matmuls with Toeplitz blocks (kernels.direct) - tiny L with a batch;
 - "conv1d": grouped conv1d (kernels.direct) - a handful of taps;
 - "fft": blocked rfft with a hand-written backward (kernels.fft_torch) - everything else.
-The skip term D is the filter's tap 0, so it is folded into k and every method gets it free.
+The skip term D is the filter's tap 0, so every method gets it free: folded into k, or for the fft
+method added to its zero-padded filter buffer (one op fewer, and no autograd node of its own).
 
 The triton backend is chosen for CUDA tensors when triton is installed; it runs fp32/fp16/bf16
 inputs (fp32 math) at any length, by two methods:
