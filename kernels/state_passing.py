@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from kernels.fftconv import fftconv
-from kernels.ssm import dA_powers, s4d_discretize, s4d_state
+from kernels.ssm import dA_powers, log_dA, s4d_discretize, s4d_state
 
 
 def ssm_chunked_conv(
@@ -57,8 +57,8 @@ def ssm_chunked_conv(
     # Filter, states and their sums in fp32 (fp64) even under autocast: bf16 would lose the
     # long tail of the state's sum (and torch.complex takes no bf16).
     with torch.autocast(u.device.type, enabled=False):
-        dA, dB = s4d_discretize(dt, A, B, method)
-        p_re, p_im = dA_powers(dt, A, dA, method, T + 1)  # dA^0 .. dA^T, each [H, N, T+1] real
+        _, dB = s4d_discretize(dt, A, B, method)
+        p_re, p_im = dA_powers(log_dA(dt, A, method), T + 1)  # dA^0 .. dA^T, [H, N, T+1] each
         # Real arithmetic on the [H, N, T] Vandermonde factors (a complex [H, N, T] product and its
         # backward were ~14x slower on CPU; kernels.ssm.dA_powers says why), einsums over n.
         w = C * dB

@@ -235,6 +235,32 @@ def test_s4d_kernel_factorised_equals_vandermonde_sum(L):
     torch.testing.assert_close(s4d_kernel(dt, A, B, C, L, "bilinear"), want)
 
 
+@pytest.mark.parametrize("method", ["zoh", "bilinear"])
+@pytest.mark.parametrize("L", [1, 2, 17, 300])
+def test_s4d_kernel_gradients_float64(method, L):
+    """s4d_kernel's hand-written backward (kernels.ssm.VandermondeKernel) against autograd
+    through the plain complex sum over all L lags, for dt, A, B and C."""
+    g = torch.Generator().manual_seed(L + 7)
+    H, N = 3, 4
+    dt = (torch.rand(H, generator=g, dtype=torch.float64) * 0.1 + 0.001).requires_grad_()
+    A_re = (-torch.rand(H, N, generator=g, dtype=torch.float64) - 0.05).requires_grad_()
+    A_im = (torch.randn(H, N, generator=g, dtype=torch.float64) * 10).requires_grad_()
+    B, C = (
+        torch.randn(H, N, generator=g, dtype=torch.complex128).requires_grad_() for _ in range(2)
+    )
+    params = (dt, A_re, A_im, B, C)
+    A = torch.complex(A_re, A_im)
+    got = s4d_kernel(dt, A, B, C, L, method)
+    dA, dB = s4d_discretize(dt, A, B, method)
+    lags = torch.arange(L, dtype=torch.float64)
+    want = 2 * (C * dB)[..., None].mul(dA[..., None] ** lags).sum(1).real
+    torch.testing.assert_close(got, want)
+    gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    got_grads = torch.autograd.grad(got, params, gy, retain_graph=True)  # A is shared
+    for a, b in zip(got_grads, torch.autograd.grad(want, params, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
 def test_s4d_bad_method():
     with pytest.raises(ValueError, match="discretization"):
         s4d_discretize(torch.ones(1), torch.ones(1, 1, dtype=torch.complex64), None, "euler")
