@@ -85,11 +85,13 @@ class VandermondeKernel(torch.autograd.Function):
         P = math.isqrt(L - 1) + 1
         Q = -(-L // P)
         with torch.autocast(w.device.type, enabled=False):
-            low = dA_powers((lam_re, lam_im), P)  # exp(a lam), a < P: [H, N, P] re, im
-            high = dA_powers((lam_re, lam_im), Q, step=P)  # exp(P b lam), b < Q
-            x_re = w.real[..., None] * low[0] - w.imag[..., None] * low[1]  # w exp(a lam)
-            x_im = w.real[..., None] * low[1] + w.imag[..., None] * low[0]
-            k = 2 * (x_re.mT @ high[0] - x_im.mT @ high[1])  # [H, P, Q]: [a, b] is K[a + P b]
+            low = dA_powers((lam_re, lam_im), P)  # exp(a lam), a < P: [H, P, N] re, im
+            high = dA_powers((lam_re, lam_im), Q, step=P)  # exp(P b lam), b < Q: [H, Q, N]
+            # w's parts copied out of the complex tensor: products with strided views are slow.
+            w_re, w_im = w.real.contiguous()[:, None], w.imag.contiguous()[:, None]  # [H, 1, N]
+            x_re = w_re * low[0] - w_im * low[1]  # w exp(a lam)
+            x_im = w_re * low[1] + w_im * low[0]
+            k = 2 * (x_re @ high[0].mT - x_im @ high[1].mT)  # [H, P, Q]: [a, b] is K[a + P b]
         ctx.save_for_backward(w, *low, *high)
         ctx.L = L
         return k.mT.reshape(k.shape[0], P * Q)[:, :L]
@@ -97,24 +99,24 @@ class VandermondeKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         w, low_re, low_im, high_re, high_im = ctx.saved_tensors
-        H, _, P = low_re.shape
-        Q, L = high_re.shape[-1], ctx.L
+        H, P, N = low_re.shape
+        Q, L = high_re.shape[1], ctx.L
         with torch.autocast(g.device.type, enabled=False):
             g = g.to(low_re.dtype)
             lags = torch.arange(L, device=g.device, dtype=g.dtype)
             coeffs = torch.stack([g, g * lags], dim=1)  # [H, 2, L]: g_l and l g_l
-            grid = F.pad(coeffs, (0, P * Q - L)).view(H, 2, Q, P).transpose(2, 3)  # [.., a, b]
-            grid = grid.reshape(H, 2 * P, Q)
-            # sum_b grid[c, a, b] exp(P b lam_n), then sum_a exp(a lam_n) times that.
-            m_re = (grid @ high_re.mT).view(H, 2, P, -1)  # [H, 2, P, N]
-            m_im = (grid @ high_im.mT).view(H, 2, P, -1)
-            lo_re, lo_im = low_re.mT[:, None], low_im.mT[:, None]  # [H, 1, P, N]
-            s_re = (lo_re * m_re - lo_im * m_im).sum(2)  # [H, 2, N]
-            s_im = (lo_re * m_im + lo_im * m_re).sum(2)
-            sums = torch.complex(s_re, s_im)  # [H, 2, N]: sum_l g_l z^l, sum_l l g_l z^l
-            grad_w = 2 * sums[:, 0].conj()
-            grad_lam = 2 * (w * sums[:, 1]).conj()
-        return grad_w, grad_lam.real, grad_lam.imag, None
+            grid = F.pad(coeffs, (0, P * Q - L)).view(H, 2 * Q, P)  # [h, (c, b), a]
+            # sum_a grid[c, b, a] exp(a lam_n), then sum_b exp(P b lam_n) times that.
+            t_re = (grid @ low_re).view(H, 2, Q, N)
+            t_im = (grid @ low_im).view(H, 2, Q, N)
+            hi_re, hi_im = high_re[:, None], high_im[:, None]  # [H, 1, Q, N]
+            s_re = (t_re * hi_re - t_im * hi_im).sum(2)  # [H, 2, N]: sum_l g_l z^l and
+            s_im = (t_re * hi_im + t_im * hi_re).sum(2)  # sum_l l g_l z^l, z = exp(lam)
+            grad_w = torch.complex(2 * s_re[:, 0], -2 * s_im[:, 0])
+            w_re, w_im = w.real, w.imag  # dlam = 2 conj(w s1), in real parts
+            grad_lam_re = 2 * (w_re * s_re[:, 1] - w_im * s_im[:, 1])
+            grad_lam_im = -2 * (w_re * s_im[:, 1] + w_im * s_re[:, 1])
+        return grad_w, grad_lam_re, grad_lam_im, None
 
 
 def s4d_state(
@@ -143,7 +145,8 @@ def s4d_state(
     # of dA^a side by side; then over b, per (channel, mode), [x, 2Q] @ [2Q, 2] with the
     # complex product (part_re + i part_im)(hi_re + i hi_im) written as a real 2Q x 2 matrix.
     lagged = rearrange(newest_first, "x h (q p) -> h (x q) p", p=P)
-    low = rearrange(torch.cat([low_re, low_im], dim=1), "h n p -> h p n")
+    low = torch.cat([low_re, low_im], dim=2)  # [H, P, 2N]
+    high_re, high_im = high_re.mT, high_im.mT  # [H, N, Q]
     high = torch.stack(
         [torch.cat([high_re, -high_im], dim=-1), torch.cat([high_im, high_re], dim=-1)], dim=-1
     )  # [H, N, 2Q, 2]
@@ -176,17 +179,19 @@ def log_dA(dt: torch.Tensor, A: torch.Tensor, method: str) -> tuple[torch.Tensor
 def dA_powers(
     log_dA: tuple[torch.Tensor, torch.Tensor], n: int, step: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of dA^l for l = 0, step, .. (n-1) step, each [H, N, n] real,
+    """Real and imaginary parts of dA^l for l = 0, step, .. (n-1) step, each [H, n, N] real,
     from ``log_dA`` (:func:`log_dA`).
 
     dA^l = exp(l Re log dA) (cos + i sin)(l Im log dA), in real arithmetic: one real exp,
     cos and sin per (mode, lag) vectorise on CPU where a complex exp does not (~10x faster),
-    and the Vandermonde matrix is built in parallel with an exact gradient.
+    and the Vandermonde matrix is built in parallel with an exact gradient. Modes last: a
+    product broadcast along the last dimension ran 3.5x slower on CPU than along a middle one
+    ([256, 32, 8]: 78 against 22 us).
     """
     log_re, log_im = log_dA
-    lags = torch.arange(n, device=log_re.device, dtype=log_re.dtype) * step
-    magnitude = torch.exp(log_re[..., None] * lags)
-    phase = log_im[..., None] * lags
+    lags = (torch.arange(n, device=log_re.device, dtype=log_re.dtype) * step)[:, None]
+    magnitude = torch.exp(lags * log_re[:, None])
+    phase = lags * log_im[:, None]
     return magnitude * torch.cos(phase), magnitude * torch.sin(phase)
 
 

@@ -58,15 +58,15 @@ def ssm_chunked_conv(
     # long tail of the state's sum (and torch.complex takes no bf16).
     with torch.autocast(u.device.type, enabled=False):
         _, dB = s4d_discretize(dt, A, B, method)
-        p_re, p_im = dA_powers(log_dA(dt, A, method), T + 1)  # dA^0 .. dA^T, [H, N, T+1] each
+        p_re, p_im = dA_powers(log_dA(dt, A, method), T + 1)  # dA^0 .. dA^T, [H, T+1, N] each
         # Real arithmetic on the [H, N, T] Vandermonde factors (a complex [H, N, T] product and its
         # backward were ~14x slower on CPU; kernels.ssm.dA_powers says why), einsums over n.
         w = C * dB
         k = 2 * (
-            torch.einsum("hn,hnt->ht", w.real, p_re[..., :T])
-            - torch.einsum("hn,hnt->ht", w.imag, p_im[..., :T])
+            torch.einsum("hn,htn->ht", w.real, p_re[:, :T])
+            - torch.einsum("hn,htn->ht", w.imag, p_im[:, :T])
         )  # the filter's first T taps
-        decay = torch.complex(p_re[..., T], p_im[..., T])  # dA^T: [H, N]
+        decay = torch.complex(p_re[:, T], p_im[:, T])  # dA^T: [H, N]
 
         # Zeros appended at the end change no earlier output (causality); cut off at the end.
         v = rearrange(F.pad(v, (0, chunks * T - L)), "b h (c t) -> b h c t", t=T)
@@ -84,8 +84,8 @@ def ssm_chunked_conv(
         # y from the entering state x: 2 Re sum_n C_n dA_n^(t+1) x_n, as real einsums.
         cx = C[:, None] * torch.stack(before, dim=2)  # [B, H, c, N]
         from_state = 2 * (
-            torch.einsum("bhcn,hnt->bhct", cx.real.to(dtype), p_re[..., 1:].to(dtype))
-            - torch.einsum("bhcn,hnt->bhct", cx.imag.to(dtype), p_im[..., 1:].to(dtype))
+            torch.einsum("bhcn,htn->bhct", cx.real.to(dtype), p_re[:, 1:].to(dtype))
+            - torch.einsum("bhcn,htn->bhct", cx.imag.to(dtype), p_im[:, 1:].to(dtype))
         )
     y = rearrange(local + from_state, "b h c t -> b h (c t)")[..., :L]
     return (y * postgate if postgate is not None else y).to(u.dtype)
