@@ -59,7 +59,7 @@ def ssm_chunked_conv(
     with torch.autocast(u.device.type, enabled=False):
         _, dB = s4d_discretize(dt, A, B, method)
         p_re, p_im = dA_powers(log_dA(dt, A, method), T + 1)  # dA^0 .. dA^T, [H, T+1, N] each
-        # Real arithmetic on the [H, N, T] Vandermonde factors (a complex [H, N, T] product and its
+        # Real arithmetic on the [H, T, N] Vandermonde factors (a complex [H, N, T] product and its
         # backward were ~14x slower on CPU; kernels.ssm.dA_powers says why), einsums over n.
         w = C * dB
         k = 2 * (
