@@ -16,7 +16,8 @@ faults of fresh memory. So every pass here is counted:
 - the filter spectrum is computed once per call, shared by the batch, and kept for the
   backward pass rather than recomputed; D goes into the padded filter buffer in place (not
   into a copy of k with an autograd node of its own: that took 15% of a forward at B=1,
-  H=128, L=256);
+  H=128, L=256); when one row block holds the batch, the filter and the input go through
+  one rfft call;
 - the backward pass reuses the spectrum of v and the pre-postgate output z kept from the
   forward pass (only those the requested gradients need): each saves one FFT per row;
 - products go in place or through ``out=`` where nothing else needs their inputs;
