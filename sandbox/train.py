@@ -92,7 +92,10 @@ def make_optimizer(
     ]
     for g in groups:
         g["base_lr"] = g["lr"]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.betas)
+    # foreach: the same arithmetic as the per-tensor loop (bit-identical parameters after 30
+    # steps of a 2-layer S4D model), without a Python loop over the tensors: the step took
+    # 1.8 instead of 2.4 ms on CPU, a twentieth of a training step at the tasks' sizes.
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.betas, foreach=True)
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig | PretrainTrainConfig) -> float:
