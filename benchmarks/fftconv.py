@@ -70,10 +70,13 @@ def make_case(impl: str, B: int, H: int, L: int, K: int, dtype, device, **option
 
     ``options`` (backend, method) go to kernels.fftconv for impl "ours".
     """
-    g = torch.Generator().manual_seed(0)
+    # Drawn on the device: on CUDA's largest cases (B=16, H=768, L=16K: 200M samples per
+    # tensor) one CPU thread drawing them took longer than timing them.
+    g = torch.Generator(device=device).manual_seed(0)
 
     def r(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device, dtype).requires_grad_()
+        x = scale * torch.randn(*shape, generator=g, device=device)
+        return x.to(dtype).requires_grad_()
 
     if impl == "sdpa":  # H channels as H / 64 heads of 64
         q, k, v = (r(B, H // 64, L, 64) for _ in range(3))
@@ -156,13 +159,19 @@ def _proc_status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def progress(row: dict) -> None:
+    """One line per measured row, so that a run cut short still shows what it measured."""
+    times = " ".join(f"{p} {row[p]['median_ms']:.3f}" for p in ("fwd", "fwd_bwd") if p in row)
+    print(f"{row['case']} {row['impl']} L={row['L']} K={row['K']}: {times} ms", flush=True)
+
+
 def run_side_by_side(args, device: str, dtype) -> list[dict]:
     B, H = (1, 128) if device == "cpu" else (16, 768)
     lengths = args.lengths or ([256, 1024, 4096] if args.quick else LENGTHS)
-    # On CUDA "ours" is the triton backend up to its fused length; "ours[torch]" forces torch.
+    # On CUDA "ours" picks its backend by shape; "ours[triton]" and "ours[torch]" force one.
     impls = [("ours", {}), ("naive", {}), ("sdpa", {})]
     if device == "cuda":
-        impls.insert(1, ("ours[torch]", {"backend": "torch"}))
+        impls[1:1] = [(f"ours[{b}]", {"backend": b}) for b in ("triton", "torch")]
     rows = []
     for L in lengths:
         fns = {
@@ -188,6 +197,7 @@ def run_side_by_side(args, device: str, dtype) -> list[dict]:
                 row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 row["bandwidth_frac"] = bandwidth_fraction(B, H, L, dtype, row["fwd"]["median_ms"])
             rows.append(row)
+            progress(row)
     return rows
 
 
@@ -211,7 +221,8 @@ def run_training_shapes(args, device: str, dtype) -> list[dict]:
 def run_short_filters(args, dtype) -> list[dict]:
     """CUDA, K = 64 and 256: "ours" (the Toeplitz kernel) vs the fused FFT vs torch vs naive:
     the data for kernels.fftconv.TRITON_TOEPLITZ_MAX_TAPS."""
-    impls = {"ours": {}, "ours[fft]": {"backend": "triton", "method": "fft"}}
+    impls = {"ours": {}, "ours[toeplitz]": {"backend": "triton", "method": "toeplitz"}}
+    impls |= {"ours[fft]": {"backend": "triton", "method": "fft"}}
     impls |= {"ours[torch]": {"backend": "torch"}, "naive": {}}
     rows = []
     # 32K: past the fused FFT size, where "ours[fft]" is the blocked decomposition.
@@ -224,6 +235,7 @@ def run_short_filters(args, dtype) -> list[dict]:
             for n, (fwd, fwd_bwd) in time_fwd_and_bwd(fns, args.repeats, "cuda").items():
                 row = {"case": "short K", "impl": n, "B": 16, "H": 768, "L": L, "K": K}
                 rows.append(row | {"fwd": fwd, "fwd_bwd": fwd_bwd})
+                progress(rows[-1])
     return rows
 
 

@@ -8,14 +8,11 @@
    output and every gradient, as ||got - ref|| / ||ref||, on fresh random inputs, with the
    allocator's free memory poisoned with NaN first so that an unwritten output shows.
 3. Registers, spills and shared memory of every compiled kernel variant.
-4. Speed of tuning alternatives of kernels.fft_triton (DOT_PRECISION, NUM_WARPS) at
-   B=16, H=768, bf16, K=L: forward and forward + backward medians (triton.testing.do_bench),
-   with the torch backend and causal SDPA (heads of 64) beside them, and the forward's bytes
-   (u, two gates read, y written) per second as a fraction of the measured copy.
-5. Where L + K - 1 is past kernels.fft_sizes.MAX_FUSED_FFT (the dispatch threshold) but within
-   the fused kernel's FUSED_CAPACITY: the blocked path fftconv takes there against the fused
-   kernel with the threshold raised ("fused" rows, and "fft-fused" accuracy rows), the
-   measurement that decides where the threshold belongs.
+4. Speed of tuning alternatives of kernels.fft_triton (whole plans for PLANS, DOT_PRECISION,
+   NUM_WARPS) at B=16, H=768, bf16, K=L: forward and forward + backward medians
+   (triton.testing.do_bench), with the torch backend and causal SDPA (heads of 64) beside
+   them, and the forward's bytes (u, two gates read, y written) per second as a fraction of
+   the measured copy.
 
 The table goes to stdout, everything to JSON (default benchmarks/results/triton_gpu.json).
 """
@@ -23,8 +20,6 @@ The table goes to stdout, everything to JSON (default benchmarks/results/triton_
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import time
 import traceback
 from pathlib import Path
@@ -37,7 +32,6 @@ from triton.testing import do_bench
 
 from benchmarks.fftconv import RESULTS, machine_info, make_case, write_json
 from kernels import fft_triton, fftconv, toeplitz_triton
-from kernels.fft_sizes import MAX_FUSED_FFT
 
 
 def ceilings() -> dict:
@@ -66,25 +60,8 @@ def poison_free_memory() -> None:
     del blob
 
 
-@contextlib.contextmanager
-def fused_up_to(n: int):
-    """Within the block, kernels.fftconv sends FFT sizes up to n to the fused kernel (its
-    threshold MAX_FUSED_FFT raised) instead of the blocked path."""
-    dispatch = importlib.import_module("kernels.fftconv")  # the package re-exports the function
-    saved = dispatch.MAX_FUSED_FFT
-    dispatch.MAX_FUSED_FFT = n
-    try:
-        yield
-    finally:
-        dispatch.MAX_FUSED_FFT = saved
-
-
 def accuracy_case(method: str, L: int, K: int, dtype, B: int = 2, H: int = 8) -> dict:
-    """Relative errors of the output and every gradient; method "fft-fused" is "fft" with the
-    fused kernel at any size it holds (see fused_up_to)."""
-    if method == "fft-fused":
-        with fused_up_to(fft_triton.FUSED_CAPACITY):
-            return accuracy_case("fft", L, K, dtype, B, H) | {"method": method}
+    """Relative errors of the output and every gradient."""
     g = torch.Generator(device="cuda").manual_seed(L * 7919 + K)
     args64 = [
         torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)
@@ -160,7 +137,7 @@ def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> 
     """At each L: the torch path, SDPA, and each variant "PRECISION:WARPS" of the fused kernel
     (forward), then the defaults' forward and forward + backward; rows are appended to
     ``rows`` as they come (log saves them), so a run cut short keeps what it measured."""
-    saved = (dict(fft_triton.DOT_PRECISION), fft_triton.NUM_WARPS)
+    saved = (dict(fft_triton.DOT_PRECISION), fft_triton.NUM_WARPS, dict(fft_triton.PLANS))
     for L, specs in variants.items():
         base = {
             "torch": make_case("ours", 16, 768, L, L, torch.bfloat16, "cuda", backend="torch"),
@@ -172,13 +149,11 @@ def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> 
                 log(rows[-1])
         del base
         ours = make_case("ours", 16, 768, L, L, torch.bfloat16, "cuda", backend="triton")
-        if MAX_FUSED_FFT < 2 * L - 1 <= fft_triton.FUSED_CAPACITY:  # the default is blocked
-            with fused_up_to(fft_triton.FUSED_CAPACITY):
-                for backward in (False, True):
-                    rows.append(speed_row(L, "triton[fused]", ours, backward, copy_GBps))
-                    log(rows[-1])
+        n = fft_triton.fft_size(L, L)
         for spec in [*specs, "default", "default+bwd"]:
-            if not spec.startswith("default"):
+            if "," in spec:  # a whole plan for this size
+                fft_triton.PLANS[n] = tuple(int(v) for v in spec.removesuffix("+bwd").split(","))
+            elif not spec.startswith("default"):
                 prec, warps = spec.split(":")
                 fft_triton.DOT_PRECISION[torch.bfloat16] = prec
                 fft_triton.NUM_WARPS = int(warps)
@@ -189,25 +164,26 @@ def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> 
             finally:
                 fft_triton.DOT_PRECISION.update(saved[0])
                 fft_triton.NUM_WARPS = saved[1]
+                fft_triton.PLANS.update(saved[2])
             rows.append(row)
             log(row)
 
 
-# Per L (K = L, so n = 2L; beyond L = 2048 the blocked path by default, and the fused kernel
-# beside it up to its capacity): alternatives worth timing.
-VARIANTS = {1024: [], 2048: ["tf32:8"], 4096: [], 8192: []}
+# Per L (K = L, so n = 2L): alternatives worth timing beside the default, "PRECISION:WARPS" or
+# a whole plan "n1,n2,S,C,warps" for kernels.fft_triton.PLANS (suffix "+bwd": forward +
+# backward). Those timed so far, and what won, are in the comment above PLANS.
+VARIANTS: dict[int, list[str]] = {L: [] for L in (256, 512, 1024, 2048, 4096, 8192)}
 
-# The fused kernel at n = 512 .. 4096, then the blocked path (pieces of 4096), then Toeplitz.
+# The fused kernel at n = 512 .. 16384, the blocked path (pieces of 16384), then Toeplitz.
 ACCURACY = [("fft", L, K) for L, K in [(256, 256), (1000, 1000), (2048, 2048), (3000, 1000)]]
-ACCURACY += [("fft", L, K) for L, K in [(5000, 3000), (16384, 300)]]
-ACCURACY += [("fft-fused", L, L) for L in (4096, 8192)]
-ACCURACY += [("toeplitz", 4096, 256)]
+ACCURACY += [("fft", L, K) for L, K in [(5000, 3000), (4096, 4096), (8192, 8192)]]
+ACCURACY += [("fft", 16384, 300), ("toeplitz", 4096, 256)]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(VARIANTS))
+    p.add_argument("--lengths", type=int, nargs="*", default=list(VARIANTS), help="none: no speed")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "triton_gpu.json")
     args = p.parse_args(argv)

@@ -59,7 +59,6 @@ FLAGS = {
         {"HAS_PRE": pre, "HAS_POST": post} for pre in (False, True) for post in (False, True)
     ],
 }
-BATCH = 4  # the backward kernel's batch loop bound is a constexpr; resources do not depend on it
 _FP32_POINTERS = {"k_ptr", "mats_ptr", "gk_ptr"}  # the rest hold the input dtype
 _PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -71,7 +70,7 @@ def compile_variant(kernel: str, n: int, dtype: str, flags: dict, aligned: bool 
     constexprs = fft_triton._launch_options(p, DTYPES[dtype]) | flags
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages")}
     if kernel == "backward":
-        constexprs["B"] = BATCH
+        constexprs["RB"] = fft_triton.DK_ROWS  # its batch loop's constexpr bound
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

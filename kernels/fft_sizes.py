@@ -2,12 +2,13 @@
 
 from functools import cache
 
-# Largest FFT that fftconv sends to the fused Triton kernels (L + K - 1 <= 4096); beyond it,
-# the blocked decomposition into pieces of this size. The kernels themselves launch up to
-# kernels.fft_triton.FUSED_CAPACITY (16384: every size fits an H100's shared memory in offline
-# sm_90 compiles), but only 4096 and below have been timed on a GPU, with the earlier kernel;
-# this moves once the fused kernel has been timed against the blocked path at 8K and 16K.
-MAX_FUSED_FFT = 4096
+# Largest FFT that fftconv's triton "fft" method sends to the fused kernels (L + K - 1 <=
+# 16384, their capacity kernels.fft_triton.FUSED_CAPACITY); beyond it, the blocked
+# decomposition into pieces of this size. On an H100 (B=16, H=768, K=L, bf16, forward, median
+# ms; benchmarks/results/triton_gpu_h100_tuning.json, run2) the blocked path in pieces of 4096
+# took 20.4 at L=4096 and 68.8 at 8192 against the fused kernel's 4.97 and 9.41 (2.80 and 8.24
+# with the plans timed since).
+MAX_FUSED_FFT = 16384
 # Beyond this length the diagonal-SSM layers pass state between chunks of it
 # (kernels.state_passing) instead of convolving with a length-L filter. Not the fused size:
 # chunks of 2048 (the fused kernel's K = L limit) measured slower than one long convolution,

@@ -45,10 +45,11 @@ def _blocks(B: int, H: int, n: int, device: torch.device) -> list[tuple[slice, s
     """Row blocks covering [B, H] as (batch slice, channel slice) pairs, about BLOCK_ELEMS / n
     rows each on a CPU, or [None] when one block holds them all: always on a GPU, where each
     block is a round of kernel launches and big batched FFTs are what cuFFT is fast at (blocks
-    of 2^19 samples made B=16, H=768, L=1024 take 11.6 ms forward on an H100,
-    benchmarks/results/triton_gpu.json). None rather than full slices: each view costs a few
-    microseconds, which shows at the short lengths, and one block lets the filter and the
-    input share an rfft call (_spectra)."""
+    of 2^19 samples made B=16, H=768, L=1024 take 11.6 ms forward on an H100, against 0.60
+    in one block: benchmarks/results/triton_gpu_h100.json, and triton_gpu_h100_call1.json of
+    commit 1ba5eba). None rather than full slices: each view costs a few microseconds, which
+    shows at the short lengths, and one block lets the filter and the input share an rfft
+    call (_spectra)."""
     rows = max(1, BLOCK_ELEMS // n)
     if device.type != "cpu" or rows >= B * H:
         return [None]

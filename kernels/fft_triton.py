@@ -26,7 +26,8 @@ out of the loop and keeps it in shared memory, except where STREAM makes its loa
 Backward: dpostgate = gy * conv(v, k) and dv = corr(gy * postgate, k) (a convolution with the
 conjugate spectrum; du = dv * pregate, dpregate = dv * u) are two launches of the forward
 kernel, one program per batch row; dk = sum_b corr(gz_b, v_b) has its own kernel, one program
-per channel, looping over the batch inside each slab so that the sum stays slab-sized.
+per channel and DK_ROWS batch rows, summing their spectra inside each slab (so the sum stays
+slab-sized) and writing a partial dk that torch sums over the programs of a channel.
 
 Precision. Every product is a tf32 tensor-core product whose operands are exact tf32 numbers:
 the DFT matrices rounded to the nearest tf32 once on the host (hi), the data in the kernel
@@ -43,23 +44,21 @@ fp16 4.5-5.2e-4, bf16 1.7-3.8e-3; the previous kernel under the same emulation: 
 What limits n, per program on an H100 (227 KiB of shared memory per block; 64K registers per
 SM, at most 255 per thread): shared memory holds one product's operands plus the hoisted F2 (2
 n2^2 floats, twice that for fp32); z takes n / (32 warps) registers per thread. The previous
-kernel held all six DFT matrices and whole complex spectra in each program: compiled offline
-for sm_90 (same harness), its backward asked for 360448 / 393216 bytes of shared memory at n =
-8192 in bf16 / fp32 (what the H100 reported, benchmarks/results/triton_gpu_h100_call1.json) and
-655360 / 917504 at 16384, and it spilled registers from n = 1024 on (backward and fp32). Now
-every variant fits at every n: at most 147456 bytes (bf16 / fp16) and 163840 (fp32), at 16384.
-Register spills (bytes stored / loaded): none for fp16 / bf16 up to 8192 nor for fp32 up to
-2048; 16384 fp16 / bf16: 12 / 12 forward, 140 / 244 backward; fp32: 40 / 40 and 88 / 88 at
-4096, 260 / 260 and 324 / 444 at 8192, 1220 / 1684 and 2864 / 4300 at 16384 (the 8192 fp32
-forward's are 64-bit addresses computed before the slab loop and reloaded in it; the 16384 fp32
-backward spills inside its loops too). With L, K or H not a multiple of 16 (masked loads
-vectorize less) fp16 / bf16 spill too, from 4096 on: 8 / 8 (backward) at 4096, 28 / 28 and 76 /
-80 at 8192, 236 / 236 and 424 / 488 at 16384; fp32 about as much as aligned (at 16384: 1392 /
-1776 forward, 2656 / 4104 backward). Per-size plans are in PLANS; every variant's figures in
-benchmarks/results/triton_resources_sm90.json (written by benchmarks/triton_resources.py). None
-of this is timed on a GPU yet: fftconv dispatches here up to kernels.fft_sizes.MAX_FUSED_FFT
-(4096) and to the blocked decomposition beyond it, while FUSED_CAPACITY is what the kernels can
-be launched with.
+kernel held all six DFT matrices and whole complex spectra in each program: its backward asked
+for 360448 / 393216 bytes of shared memory at n = 8192 in bf16 / fp32 (what the H100 reported)
+and 655360 / 917504 at 16384. In slabs every size to 16384 fits. The plans in PLANS were timed
+on an H100 and are the fastest that fit; they spill registers (wide slabs keep more live), the
+price of the speed: every variant's shared memory, registers and spill bytes are in
+benchmarks/results/triton_resources_sm90.json (benchmarks/triton_resources.py, offline sm_90
+compiles).
+
+Speed on an H100 (B=16, H=768, K=L, bf16, median of do_bench; forward / forward + backward
+ms; benchmarks/results/triton_gpu_h100*.json): L=256 0.16 / 1.65, 1024 0.56 / 2.10, 2048 1.23 /
+4.49, 4096 2.80 / 10.6, 8192 8.24 / 32.7, against torch's cuFFT path 0.17 / 1.76, 0.60 / 1.73,
+1.18 / 3.33, 2.32 / 6.66, 4.66 / 13.3. That is 3-6% of the device's copy bandwidth: the work is
+bound by the latency of small dependent tl.dot chains per program (about 57 TFLOP/s of tf32 at
+L=1024, a tenth of the tensor cores' rate), not by memory. fftconv therefore sends CUDA tensors
+here only up to kernels.fftconv.TRITON_FFT_MAX, where it ties or wins, and to torch beyond.
 Runs under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check it.
 """
 
@@ -81,12 +80,14 @@ _MIN_FFT = 256  # every tl.dot dimension must be at least 16
 
 # tl.dot precision by input dtype ("tf32x3": three tf32 products, see the module docstring;
 # "tf32": one, operands rounded to 10 mantissa bits). "ieee" (fp32 FMAs, no tensor cores) was
-# 44x slower than tf32 on an H100 (22.6 vs 0.51 ms forward at B=16, H=768, L=K=1024 bf16,
-# benchmarks/results/triton_gpu*.json). kernels.toeplitz_triton passes it to tl.dot; the fused
-# kernels here read it as tf32x3 or tf32.
+# 44x slower than tf32 on an H100 (22.6 vs 0.51 ms forward at B=16, H=768, L=K=1024 bf16, the
+# kernel of commit 1ba5eba, its benchmarks/results/triton_gpu_h100_call1.json).
+# kernels.toeplitz_triton passes it to tl.dot; the fused kernels here read it as tf32x3 or tf32.
 DOT_PRECISION = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
 # None: each size's plan decides; an int overrides it (benchmarks/triton_gpu.py times this).
 NUM_WARPS: int | None = None
+# Batch rows per program of the filter-gradient kernel (see _backward_kernel).
+DK_ROWS = 4
 
 
 class Plan(NamedTuple):
@@ -100,23 +101,28 @@ class Plan(NamedTuple):
     stream: bool  # load F2 before each use instead of keeping it in shared memory (fp32 only)
 
 
-# Per FFT size: (n1, n2, S, C, warps), chosen from offline sm_90 compiles of every variant
-# (benchmarks/triton_resources.py; not yet timed on a GPU). Among the fits, the one with no
-# register spills for fp16 / bf16, then the fewest for fp32. n2 is the M of every product:
-# n2 >= 64 makes them Hopper warpgroup MMAs (M = 64 per 4 warps), smaller n2 mma.sync, which
-# spilled less at 512 and 2048 (fp32: 0 B against 128 and 104 B with n2 = 32 and 64). 16 x 16
-# tiles need no more than 2 warps (the fp32 forward spilled 4 B with 4). 16384 uses 128 x 128
-# and 8 warps: z then takes 64 registers per thread (a 64 x 256 tile with 4 warps takes 128
-# and spilled 360 B in the bf16 forward).
+# Per FFT size: (n1, n2, S, C, warps), timed on an H100 (forward, B=16, H=768, K=L, bf16,
+# median ms of do_bench, benchmarks/results/triton_gpu_h100_tuning.json) among plans that fit
+# its shared memory in offline sm_90 compiles (benchmarks/triton_resources.py). The fewest,
+# widest slabs won: one slab holding the whole spectrum (S = C = n1) wherever it fits, e.g. n =
+# 2048: 0.56 against 1.17 for 64 x 32 in slabs of 16; 4096: 1.22 against 1.55 (slabs of 32);
+# 8192: 2.76 against 3.41 (32) and 4.04 (16); 16384: 7.74 against 8.14 (32), within run-to-run
+# spread, and slabs of 32 spill less. n2 is the M of every product (n2 >= 64: Hopper warpgroup
+# MMAs, M = 64 per 4 warps); 8 warps with n2 = 64 once crashed the process with an illegal
+# memory access (n = 1024, 16 x 64), so 8 warps only go with n2 = 128. Register spills remain
+# (figures in benchmarks/results/triton_resources_sm90.json).
 PLANS = {
     256: (16, 16, 16, 16, 2),
     512: (32, 16, 16, 32, 4),
     1024: (16, 64, 16, 16, 4),
-    2048: (64, 32, 16, 32, 4),
-    4096: (64, 64, 16, 32, 4),
-    8192: (128, 64, 16, 32, 4),
-    16384: (128, 128, 16, 64, 8),
+    2048: (32, 64, 32, 32, 4),
+    4096: (64, 64, 64, 64, 4),
+    8192: (64, 128, 64, 64, 8),
+    16384: (128, 128, 32, 64, 8),
 }
+# fp32 inputs keep twice the tiles (the hi and lo parts of tf32x3): one slab of 64 columns at
+# n = 8192 asks for 256 KiB of shared memory, past an H100's 227.
+_FP32_PLANS = {8192: (64, 128, 16, 32, 8)}
 # No software pipelining: num_stages > 1 multi-buffers the loads of the chunk loop and added
 # shared memory and spills everywhere it was tried (e.g. 8192 fp32 forward: 260 B of spills
 # with 1 stage, 464 with 2, 608 with 3).
@@ -136,10 +142,11 @@ def fft_size(L: int, K: int) -> int:
 
 def plan(n: int, dtype: torch.dtype) -> Plan:
     """The plan for an FFT of size n (a power of two in 256 .. FUSED_CAPACITY) and inputs of
-    ``dtype``: fp32 streams F2 once it is 128 x 128 (its hi and lo parts, 4 x 64 KiB, do not
-    fit next to the rest)."""
-    n1, n2, S, C, warps = PLANS[n]
-    return Plan(n1, n2, S, C, NUM_WARPS or warps, dtype == torch.float32 and n2 >= 128)
+    ``dtype`` (PLANS, or _FP32_PLANS for fp32 where it has one): fp32 streams F2 once it is
+    128 x 128 (its hi and lo parts, 4 x 64 KiB, do not fit next to the rest)."""
+    fp32 = dtype == torch.float32
+    n1, n2, S, C, warps = _FP32_PLANS[n] if fp32 and n in _FP32_PLANS else PLANS[n]
+    return Plan(n1, n2, S, C, NUM_WARPS or warps, fp32 and n2 >= 128)
 
 
 def _tf32_hi_host(x: torch.Tensor) -> torch.Tensor:
@@ -358,36 +365,42 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    u_ptr, pre_ptr, post_ptr, gy_ptr, mats_ptr, gk_ptr, H, L, K, B: tl.constexpr,
+    u_ptr, pre_ptr, post_ptr, gy_ptr, mats_ptr, gk_ptr, B, H, L, K, RB: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, X3: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
-    """dk[h] = sum_b corr(gy_b * postgate_b, u_b * pregate_b)[:K]: spectrum sum_b gz_hat *
-    conj(v_hat), one slab at a time (the batch loop inside, so the sum is slab-sized).
-    Grid: H programs; gk [H, K] fp32. B is a constexpr (one compile per batch size): a loop to
-    a runtime bound does not run under TRITON_INTERPRET (Triton 3.5, numpy 2), and a while loop
-    kept Triton from hoisting the F2 loads out of it (twice the shared memory)."""
+    """Partial filter gradients: program (h, p) sums the spectra gz_hat_b * conj(v_hat_b) of
+    batch rows b = p*RB .. p*RB+RB-1 (gz = gy * postgate, v = u * pregate), one slab at a time,
+    and writes the first K taps of their inverse, corr(gz_b, v_b) summed over those rows, to
+    gk[p, h] ([P, H, K] fp32; the caller sums over p). Rows past B read as zeros. Grid: (H, P =
+    ceil(B / RB)). Splitting the batch over programs: with one program per channel looping
+    over all 16 rows, this kernel took 5x a forward launch at B=16, H=768, L=256 on an H100 (768
+    programs for 132 SMs); RB is a constexpr because a loop to a runtime bound does not run
+    under TRITON_INTERPRET (Triton 3.5, numpy 2)."""
     h = tl.program_id(0)
+    p = tl.program_id(1)
     gk = tl.zeros((N2, N1), dtype=tl.float32)
     for s0 in range(0, N1, S):
         twr, twi = _twiddles(mats_ptr, s0, N1, N2, S)
         acc_r = tl.zeros((N2, S), dtype=tl.float32)
         acc_i = tl.zeros((N2, S), dtype=tl.float32)
-        for b in range(B):
+        for i in range(RB):
+            b = p * RB + i
             row = (b * H + h) * L
+            L_b = tl.where(b < B, L, 0)  # a row past the batch: every load masked off
             vr, vi = _spectrum_slab(
-                u_ptr + row, pre_ptr + row, HAS_PRE, L, mats_ptr, s0, twr, twi,
+                u_ptr + row, pre_ptr + row, HAS_PRE, L_b, mats_ptr, s0, twr, twi,
                 N1, N2, S, C, X3, STREAM,
             )  # fmt: skip
             gr, gi = _spectrum_slab(
-                gy_ptr + row, post_ptr + row, HAS_POST, L, mats_ptr, s0, twr, twi,
+                gy_ptr + row, post_ptr + row, HAS_POST, L_b, mats_ptr, s0, twr, twi,
                 N1, N2, S, C, X3, STREAM,
             )  # fmt: skip
             acc_r += gr * vr + gi * vi
             acc_i += gi * vr - gr * vi
         gk = _inverse_slab(acc_r, acc_i, gk, mats_ptr, s0, twr, twi, N1, N2, S, X3, STREAM)
     t = tl.arange(0, N2)[:, None] + tl.arange(0, N1)[None, :] * N2
-    tl.store(gk_ptr + h * K + t, gk / (N1 * N2), mask=t < K)
+    tl.store(gk_ptr + (p * H + h) * K + t, gk / (N1 * N2), mask=t < K)
 
 
 def _launch_options(p: Plan, dtype: torch.dtype) -> dict:
@@ -447,12 +460,14 @@ class TritonFFTConv(torch.autograd.Function):
             _launch_conv(gy, postgate, k_f, True, outs, p, mats)
         g_k = None
         if need_k:
-            g_k = torch.empty_like(k)
-            _backward_kernel[(H,)](
-                u, _or(pregate, u), _or(postgate, u), gy, mats, g_k, H, L, K, B=B,
+            rb = min(B, DK_ROWS)
+            partial = torch.empty((triton.cdiv(B, rb), H, K), device=k.device, dtype=k.dtype)
+            _backward_kernel[(H, partial.shape[0])](
+                u, _or(pregate, u), _or(postgate, u), gy, mats, partial, B, H, L, K, RB=rb,
                 HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
                 **_launch_options(p, u.dtype),
             )  # fmt: skip
+            g_k = partial[0] if partial.shape[0] == 1 else partial.sum(0)
         ctx.spectrum = None
         return g_u, g_k, g_pre, g_post
 

@@ -11,12 +11,15 @@ from crossovers measured on CPU by benchmarks/fftconv.py (its crossover sweep):
 The skip term D is the filter's tap 0, so every method gets it free: folded into k, or for the fft
 method added to its zero-padded filter buffer (one op fewer, and no autograd node of its own).
 
-The triton backend is chosen for CUDA tensors when triton is installed; it runs fp32/fp16/bf16
-inputs (fp32 math) at any length, by two methods:
+The triton backend runs fp32/fp16/bf16 inputs (fp32 math) at any length, by two methods:
 - "toeplitz": Toeplitz tiles times signal tiles with tl.dot (kernels.toeplitz_triton) - filters
   of up to TRITON_TOEPLITZ_MAX_TAPS taps, at any L;
 - "fft": one fused kernel per direction (kernels.fft_triton) when L + K - 1 fits its FFT size
-  (4096), and beyond it the exact blocked decomposition (kernels.blocked) into pieces that fit.
+  (MAX_FUSED_FFT), and beyond it the exact blocked decomposition (kernels.blocked) into pieces
+  that fit.
+For CUDA tensors (triton installed) backend=None picks triton where it measured faster than
+the torch path on an H100 (short filters; FFT sizes up to TRITON_FFT_MAX) and torch (cuFFT)
+elsewhere; backend="triton" forces it at any size.
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ CONV1D_MAX_TAPS = 4
 #   27) and won only at K=16, L >= 4096 (L=16384: 98 vs 112), where conv1d is as good and the
 #   margin is within this machine's noise; it is not chosen automatically. method="toeplitz"
 #   runs it at any shape.
+# On CUDA (backend None) the fused Triton FFT is chosen only up to this FFT size, L + K - 1:
+# beyond it the torch path (cuFFT) was faster forward + backward. H100, B=16, H=768, K=L, bf16,
+# median ms fwd / fwd+bwd, triton vs torch (benchmarks/results/triton_gpu_h100.json): L=256
+# 0.16 / 1.65 vs 0.17 / 1.76; 512 0.38 / 1.46 vs 0.32 / 1.08 (an earlier run: 0.34 / 1.19 vs
+# 0.45 / 1.87, so a tie); 1024 0.56 / 2.10 vs 0.60 / 1.73; 2048 1.23 / 4.49 vs 1.18 / 3.33;
+# 4096 2.80 / 10.6 vs 2.32 / 6.66; 8192 8.24 / 32.7 vs 4.66 / 13.3.
+TRITON_FFT_MAX = 1024
 # On the triton backend the direct Toeplitz-tile kernel replaces the FFT up to this many taps:
 # FlashConv's authors put the crossover at ~256-512 taps (REFERENCE.md); not yet measured on a
 # GPU here (benchmarks/fftconv.py --device cuda times both).
@@ -78,9 +88,12 @@ def choose_method(B: int, L: int, K: int, backend: str = "torch") -> str:
     return "fft"
 
 
-def _default_backend(u: torch.Tensor) -> str:
-    triton_ok = "triton" in _BACKENDS and u.is_cuda and u.dtype != torch.float64
-    return "triton" if triton_ok else "torch"
+def _default_backend(u: torch.Tensor, L: int, K: int) -> str:
+    """triton for CUDA tensors where one of its methods is the faster (TRITON_FFT_MAX, and
+    short filters by TRITON_TOEPLITZ_MAX_TAPS), else torch."""
+    if "triton" not in _BACKENDS or not u.is_cuda or u.dtype == torch.float64:
+        return "torch"
+    return "triton" if K <= TRITON_TOEPLITZ_MAX_TAPS or L + K - 1 <= TRITON_FFT_MAX else "torch"
 
 
 def _triton_blocked(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -148,7 +161,7 @@ def fftconv(
     _check_shapes(u, k, D, pregate, postgate)
     L = u.shape[-1]
     K = min(k.shape[-1], L)
-    backend = backend or _default_backend(u)
+    backend = backend or _default_backend(u, L, K)
     if backend not in _BACKENDS:
         raise ValueError(f"fftconv: unknown backend {backend!r}; available: {list(_BACKENDS)}")
     if backend == "triton" and u.dtype == torch.float64:

@@ -88,6 +88,16 @@ def test_triton_fused_every_size(L, K):
     check_against_oracle(args, 1e-4, conv=fused)
 
 
+@pytest.mark.parametrize("B, rows", [(5, 2), (3, 1), (4, 4)])
+def test_triton_filter_gradient_batch_split(B, rows, monkeypatch):
+    """The filter-gradient kernel splits the batch over programs, rows per program, and sums
+    their partial gradients: with a last program half empty (5 rows, 2 per program), one row
+    per program, and the whole batch in one. Every gradient against the oracle."""
+    monkeypatch.setattr(fft_triton, "DK_ROWS", rows)
+    args = make_inputs(B, 2, 100, 64, torch.float32, gates=True, skip=False, seed=B)
+    check_against_oracle(args, 1e-4, conv=fused)
+
+
 @pytest.fixture
 def tf32_dots(monkeypatch):
     """Interpreted tl.dot(..., input_precision="tf32") drops the low 13 mantissa bits of its
@@ -205,6 +215,23 @@ def test_blocked_decomposition_float64(L, K, max_fft):
     gz = torch.randn_like(z)
     for a, b in zip(torch.autograd.grad(z, (u, k), gz), torch.autograd.grad(ref, (u, k), gz)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_cuda_default_backend_by_shape():
+    """backend=None on CUDA tensors: triton for short filters (its Toeplitz kernel) and for FFT
+    sizes L + K - 1 <= TRITON_FFT_MAX (1024), torch's cuFFT path beyond, and never triton for
+    float64 or off CUDA. The rule by hand, on a stand-in for a CUDA tensor."""
+    from types import SimpleNamespace
+
+    from kernels.fftconv import _default_backend
+
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert _default_backend(cuda, 512, 512) == "triton"  # 1023 <= 1024
+    assert _default_backend(cuda, 513, 513) == "torch"
+    assert _default_backend(cuda, 16384, 256) == "triton"  # Toeplitz tiles
+    assert _default_backend(cuda, 16384, 257) == "torch"
+    assert _default_backend(SimpleNamespace(is_cuda=True, dtype=torch.float64), 64, 3) == "torch"
+    assert _default_backend(torch.zeros(1, device="cpu"), 64, 3) == "torch"
 
 
 def test_triton_backend_choice_and_limits():
