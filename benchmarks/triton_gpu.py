@@ -185,6 +185,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--lengths", type=int, nargs="*", default=list(VARIANTS), help="none: no speed")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--cases", nargs="+", metavar="METHOD:L:K", help="accuracy cases (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS / "triton_gpu.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -205,7 +206,10 @@ def main(argv=None) -> None:
 
     payload["accuracy"] = []
     if not args.skip_accuracy:
-        for method, L, K in ACCURACY[:3] if args.quick else ACCURACY:
+        cases = ACCURACY[:3] if args.quick else ACCURACY
+        if args.cases:
+            cases = [(m, int(L), int(K)) for m, L, K in (c.split(":") for c in args.cases)]
+        for method, L, K in cases:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 try:
                     payload["accuracy"].append(accuracy_case(method, L, K, dtype))
