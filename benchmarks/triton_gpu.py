@@ -134,8 +134,8 @@ def speed_row(L: int, variant: str, fn, backward: bool, copy_GBps: float, B=16, 
 
 
 def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> None:
-    """At each L: the torch path, SDPA, and each variant "PRECISION:WARPS" of the fused kernel
-    (forward), then the defaults' forward and forward + backward; rows are appended to
+    """At each L: the torch path, SDPA, and each variant of the fused kernel (forward; see
+    VARIANTS), then the defaults' forward and forward + backward; rows are appended to
     ``rows`` as they come (log saves them), so a run cut short keeps what it measured."""
     saved = (dict(fft_triton.DOT_PRECISION), fft_triton.NUM_WARPS, dict(fft_triton.PLANS))
     for L, specs in variants.items():

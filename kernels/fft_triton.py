@@ -106,11 +106,11 @@ class Plan(NamedTuple):
 # its shared memory in offline sm_90 compiles (benchmarks/triton_resources.py). The fewest,
 # widest slabs won: one slab holding the whole spectrum (S = C = n1) wherever it fits, e.g. n =
 # 2048: 0.56 against 1.17 for 64 x 32 in slabs of 16; 4096: 1.22 against 1.55 (slabs of 32);
-# 8192: 2.76 against 3.41 (32) and 4.04 (16); 16384: 7.74 against 8.14 (32), within run-to-run
-# spread, and slabs of 32 spill less. n2 is the M of every product (n2 >= 64: Hopper warpgroup
-# MMAs, M = 64 per 4 warps); 8 warps with n2 = 64 once crashed the process with an illegal
-# memory access (n = 1024, 16 x 64), so 8 warps only go with n2 = 128. Register spills remain
-# (figures in benchmarks/results/triton_resources_sm90.json).
+# 8192: 2.76 against 3.41 (32) and 4.04 (16). At 16384 slabs of 64 took 7.74 against 8.14 for
+# 32, within run-to-run spread, so it keeps 32, which spill less. n2 is the M of every product
+# (n2 >= 64: Hopper warpgroup MMAs, M = 64 per 4 warps); 8 warps with n2 = 64 once crashed the
+# process with an illegal memory access (n = 1024, 16 x 64), so 8 warps only go with n2 = 128.
+# Register spills remain (figures in benchmarks/results/triton_resources_sm90.json).
 PLANS = {
     256: (16, 16, 16, 16, 2),
     512: (32, 16, 16, 32, 4),
