@@ -180,12 +180,22 @@ ACCURACY += [("fft", L, K) for L, K in [(5000, 3000), (4096, 4096), (8192, 8192)
 ACCURACY += [("fft", 16384, 300), ("toeplitz", 4096, 256)]
 
 
+def accuracy_spec(text: str) -> tuple[str, int, int]:
+    """A --cases entry METHOD:L:K, e.g. fft:5000:3000, as ("fft", 5000, 3000); a bad one is
+    argparse's one-line error (exit 2)."""
+    method, *sizes = text.split(":")
+    if method not in ("fft", "toeplitz") or len(sizes) != 2 or not all(s.isdigit() for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected fft|toeplitz:L:K, got {text!r}")
+    return method, int(sizes[0]), int(sizes[1])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--lengths", type=int, nargs="*", default=list(VARIANTS), help="none: no speed")
     p.add_argument("--skip-accuracy", action="store_true")
-    p.add_argument("--cases", nargs="+", metavar="METHOD:L:K", help="accuracy cases (default: all)")
+    p.add_argument("--cases", nargs="+", type=accuracy_spec, metavar="METHOD:L:K",
+                   help="accuracy cases (default: all)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "triton_gpu.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -206,10 +216,7 @@ def main(argv=None) -> None:
 
     payload["accuracy"] = []
     if not args.skip_accuracy:
-        cases = ACCURACY[:3] if args.quick else ACCURACY
-        if args.cases:
-            cases = [(m, int(L), int(K)) for m, L, K in (c.split(":") for c in args.cases)]
-        for method, L, K in cases:
+        for method, L, K in args.cases or (ACCURACY[:3] if args.quick else ACCURACY):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 try:
                     payload["accuracy"].append(accuracy_case(method, L, K, dtype))
