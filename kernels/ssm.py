@@ -60,46 +60,50 @@ def s4d_kernel(
 
     Args: dt [H]; A, B, C [H, N] complex (B may be None); L >= 1 kernel length.
     """
-    _, dB = s4d_discretize(dt, A, B, method)
-    return VandermondeKernel.apply(C * dB, *log_dA(dt, A, method), L)
+    return S4DKernel.apply(dt, A, B, C, L, method)
 
 
-class VandermondeKernel(torch.autograd.Function):
-    """K[h, l] = 2 Re sum_n w[h, n] exp(l lam[h, n]) for l < L, with lam = lam_re + i lam_im
-    (log dA) given as its real and imaginary parts, and a hand-written backward.
+class S4DKernel(torch.autograd.Function):
+    """s4d_kernel as one autograd node with a hand-written backward: the discretisation, log dA
+    and the Vandermonde product run without autograd, and backward writes out their chain rule.
 
-    Forward: write l = a + P b with P ~ sqrt(L), so exp(l lam) = exp(a lam) exp(P b lam) and
-    K[a + P b] = 2 Re sum_n (w_n exp(a lam_n)) exp(P b lam_n), a [P, N] x [N, Q] matmul per
-    channel: powers for only ~2 sqrt(L) lags instead of L.
-    Backward, for g = dloss/dK: dloss/dw = 2 conj(sum_l g_l exp(l lam)) and
-    dloss/dlam = 2 conj(w sum_l l g_l exp(l lam)) (torch's convention for a real loss of
-    complex inputs), the lam one split into its real and imaginary parts. Both sums are the
-    transposed Vandermonde product, again over the same [P, Q] grid of lags: one matmul per
-    channel with the real powers and one with the imaginary, for both sums at once. Left to
-    autograd, the forward's dozen [H, N, sqrt(L)] ops and their backward nodes took 6.0 ms of
-    an H3 layer's 9 ms fwd+bwd at width 256, L = 64 on CPU.
+    Vandermonde product: K[h, l] = 2 Re sum_n w[h, n] exp(l lam[h, n]) for l < L, with w = C dB
+    and lam = log dA (:func:`log_dA`, real and imaginary parts). Write l = a + P b with P ~
+    sqrt(L), so exp(l lam) = exp(a lam) exp(P b lam) and K[a + P b] = 2 Re sum_n (w_n exp(a
+    lam_n)) exp(P b lam_n), a [P, N] x [N, Q] matmul per channel: powers for only ~2 sqrt(L)
+    lags instead of L. Its backward, for g = dloss/dK: dloss/dw = 2 conj(sum_l g_l exp(l lam))
+    and dloss/dlam = 2 conj(w sum_l l g_l exp(l lam)) (torch's convention for a real loss of
+    complex inputs: dloss/dRe + i dloss/dIm), both sums the transposed product over the same
+    grid of lags, one matmul per channel with the real powers and one with the imaginary.
+    Then the chain rule to dt, A, B, C (:meth:`_parameter_grads`). Left to autograd, the
+    Vandermonde product's dozen [H, N, sqrt(L)] ops took 6.0 ms of an H3 layer's 9 ms fwd+bwd
+    at width 256, L = 64 on CPU, and the discretisation and log dA another ~60 small autograd
+    ops (with complex-real conversions) per fwd+bwd.
     Computed in the inputs' precision with autocast off: a bf16 filter would lose its tail.
     """
 
     @staticmethod
-    def forward(ctx, w, lam_re, lam_im, L: int):
+    def forward(ctx, dt, A, B, C, L: int, method: str):
         P = math.isqrt(L - 1) + 1
         Q = -(-L // P)
-        with torch.autocast(w.device.type, enabled=False):
-            low = dA_powers((lam_re, lam_im), P)  # exp(a lam), a < P: [H, P, N] re, im
-            high = dA_powers((lam_re, lam_im), Q, step=P)  # exp(P b lam), b < Q: [H, Q, N]
+        with torch.autocast(dt.device.type, enabled=False):
+            _, dB = s4d_discretize(dt, A, B, method)
+            w = C * dB
+            lam = log_dA(dt, A, method)
+            low = dA_powers(lam, P)  # exp(a lam), a < P: [H, P, N] re, im
+            high = dA_powers(lam, Q, step=P)  # exp(P b lam), b < Q: [H, Q, N]
             # w's parts copied out of the complex tensor: products with strided views are slow.
             w_re, w_im = w.real.contiguous()[:, None], w.imag.contiguous()[:, None]  # [H, 1, N]
             x_re = w_re * low[0] - w_im * low[1]  # w exp(a lam)
             x_im = w_re * low[1] + w_im * low[0]
             k = 2 * (x_re @ high[0].mT - x_im @ high[1].mT)  # [H, P, Q]: [a, b] is K[a + P b]
-        ctx.save_for_backward(w, *low, *high)
-        ctx.L = L
+        ctx.save_for_backward(dt, A, B, C, w, *low, *high)
+        ctx.L, ctx.method = L, method
         return k.mT.reshape(k.shape[0], P * Q)[:, :L]
 
     @staticmethod
     def backward(ctx, g):
-        w, low_re, low_im, high_re, high_im = ctx.saved_tensors
+        dt, A, B, C, w, low_re, low_im, high_re, high_im = ctx.saved_tensors
         H, P, N = low_re.shape
         Q, L = high_re.shape[1], ctx.L
         with torch.autocast(g.device.type, enabled=False):
@@ -114,10 +118,39 @@ class VandermondeKernel(torch.autograd.Function):
             s_re = (t_re * hi_re - t_im * hi_im).sum(2)  # [H, 2, N]: sum_l g_l z^l and
             s_im = (t_re * hi_im + t_im * hi_re).sum(2)  # sum_l l g_l z^l, z = exp(lam)
             grad_w = torch.complex(2 * s_re[:, 0], -2 * s_im[:, 0])
-            w_re, w_im = w.real, w.imag  # dlam = 2 conj(w s1), in real parts
-            grad_lam_re = 2 * (w_re * s_re[:, 1] - w_im * s_im[:, 1])
-            grad_lam_im = -2 * (w_re * s_im[:, 1] + w_im * s_re[:, 1])
-        return grad_w, grad_lam_re, grad_lam_im, None
+            grad_lam = 2 * (w * torch.complex(s_re[:, 1], s_im[:, 1])).conj()
+            return S4DKernel._parameter_grads(ctx, dt, A, B, C, grad_w, grad_lam)
+
+    @staticmethod
+    def _parameter_grads(ctx, dt, A, B, C, grad_w, grad_lam):
+        """(d dt, d A, d B, d C, None, None) from the gradients of w = C B p(dt, A) and lam(dt,
+        A), p being dB without B: for a holomorphic f, the gradient of its argument is conj(f')
+        times f's (torch's convention); dt is real, so its gradient is the real part, summed
+        over the modes. zoh: lam = x = dt A, p = (e^x - 1) / A, so dp/dA = (dt e^x - p) / A,
+        dp/ddt = e^x. bilinear: lam = log((1 + x/2) / (1 - x/2)), p = dt / y with y = 1 - x/2,
+        so dp/dA = dt^2 / (2 y^2), dp/ddt = 1 / y^2, dlam/dx = 1 / ((1 + x/2) y)."""
+        x = dt[:, None] * A
+        if ctx.method == "zoh":
+            e = torch.exp(x)
+            p = (e - 1) / A
+            dp_dA, dp_ddt, dlam_dx = (dt[:, None] * e - p) / A, e, None
+        else:
+            y = 1 - x / 2
+            p = dt[:, None] / y
+            dp_dA = dt[:, None] ** 2 / (2 * y * y)
+            dp_ddt = 1 / (y * y)
+            dlam_dx = 1 / ((2 - y) * y)  # 1 + x/2 = 2 - y
+        cb = C if B is None else C * B
+        grad_p = cb.conj() * grad_w
+        grad_A = dp_dA.conj() * grad_p
+        dt_terms = dp_ddt.conj() * grad_p
+        lam_dA = dt[:, None] if dlam_dx is None else dt[:, None] * dlam_dx
+        lam_ddt = A if dlam_dx is None else A * dlam_dx
+        grad_A = grad_A + lam_dA.conj() * grad_lam
+        grad_dt = (dt_terms + lam_ddt.conj() * grad_lam).real.sum(-1)
+        pb = p if B is None else p * B
+        grad_B = None if B is None else (C * p).conj() * grad_w
+        return grad_dt, grad_A, grad_B, pb.conj() * grad_w, None, None
 
 
 def s4d_state(

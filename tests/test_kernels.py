@@ -237,9 +237,11 @@ def test_s4d_kernel_factorised_equals_vandermonde_sum(L):
 
 @pytest.mark.parametrize("method", ["zoh", "bilinear"])
 @pytest.mark.parametrize("L", [1, 2, 17, 300])
-def test_s4d_kernel_gradients_float64(method, L):
-    """s4d_kernel's hand-written backward (kernels.ssm.VandermondeKernel) against autograd
-    through the plain complex sum over all L lags, for dt, A, B and C."""
+@pytest.mark.parametrize("with_b", [True, False])
+def test_s4d_kernel_gradients_float64(method, L, with_b):
+    """s4d_kernel's hand-written backward (kernels.ssm.S4DKernel: the Vandermonde product, log
+    dA and the discretisation) against autograd through the plain complex sum over all L lags,
+    for dt, A, B (or B = None) and C."""
     g = torch.Generator().manual_seed(L + 7)
     H, N = 3, 4
     dt = (torch.rand(H, generator=g, dtype=torch.float64) * 0.1 + 0.001).requires_grad_()
@@ -248,7 +250,8 @@ def test_s4d_kernel_gradients_float64(method, L):
     B, C = (
         torch.randn(H, N, generator=g, dtype=torch.complex128).requires_grad_() for _ in range(2)
     )
-    params = (dt, A_re, A_im, B, C)
+    params = (dt, A_re, A_im, B, C) if with_b else (dt, A_re, A_im, C)
+    B = B if with_b else None
     A = torch.complex(A_re, A_im)
     got = s4d_kernel(dt, A, B, C, L, method)
     dA, dB = s4d_discretize(dt, A, B, method)
