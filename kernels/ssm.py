@@ -87,8 +87,8 @@ class S4DKernel(torch.autograd.Function):
         P = math.isqrt(L - 1) + 1
         Q = -(-L // P)
         with torch.autocast(dt.device.type, enabled=False):
-            _, dB = s4d_discretize(dt, A, B, method)
-            w = C * dB
+            dA, p = s4d_discretize(dt, A, None, method)  # p: dB without B, for backward
+            w = C * (p if B is None else p * B)
             lam = log_dA(dt, A, method)
             low = dA_powers(lam, P)  # exp(a lam), a < P: [H, P, N] re, im
             high = dA_powers(lam, Q, step=P)  # exp(P b lam), b < Q: [H, Q, N]
@@ -97,13 +97,13 @@ class S4DKernel(torch.autograd.Function):
             x_re = w_re * low[0] - w_im * low[1]  # w exp(a lam)
             x_im = w_re * low[1] + w_im * low[0]
             k = 2 * (x_re @ high[0].mT - x_im @ high[1].mT)  # [H, P, Q]: [a, b] is K[a + P b]
-        ctx.save_for_backward(dt, A, B, C, w, *low, *high)
+        ctx.save_for_backward(dt, A, B, C, dA, p, w, *low, *high)
         ctx.L, ctx.method = L, method
         return k.mT.reshape(k.shape[0], P * Q)[:, :L]
 
     @staticmethod
     def backward(ctx, g):
-        dt, A, B, C, w, low_re, low_im, high_re, high_im = ctx.saved_tensors
+        dt, A, B, C, dA, p, w, low_re, low_im, high_re, high_im = ctx.saved_tensors
         H, P, N = low_re.shape
         Q, L = high_re.shape[1], ctx.L
         with torch.autocast(g.device.type, enabled=False):
@@ -119,32 +119,28 @@ class S4DKernel(torch.autograd.Function):
             s_im = (t_re * hi_im + t_im * hi_re).sum(2)  # sum_l l g_l z^l, z = exp(lam)
             grad_w = torch.complex(2 * s_re[:, 0], -2 * s_im[:, 0])
             grad_lam = 2 * (w * torch.complex(s_re[:, 1], s_im[:, 1])).conj()
-            return S4DKernel._parameter_grads(ctx, dt, A, B, C, grad_w, grad_lam)
+            return S4DKernel._parameter_grads(ctx.method, dt, A, B, C, dA, p, grad_w, grad_lam)
 
     @staticmethod
-    def _parameter_grads(ctx, dt, A, B, C, grad_w, grad_lam):
+    def _parameter_grads(method, dt, A, B, C, dA, p, grad_w, grad_lam):
         """(d dt, d A, d B, d C, None, None) from the gradients of w = C B p(dt, A) and lam(dt,
         A), p being dB without B: for a holomorphic f, the gradient of its argument is conj(f')
         times f's (torch's convention); dt is real, so its gradient is the real part, summed
-        over the modes. zoh: lam = x = dt A, p = (e^x - 1) / A, so dp/dA = (dt e^x - p) / A,
-        dp/ddt = e^x. bilinear: lam = log((1 + x/2) / (1 - x/2)), p = dt / y with y = 1 - x/2,
-        so dp/dA = dt^2 / (2 y^2), dp/ddt = 1 / y^2, dlam/dx = 1 / ((1 + x/2) y)."""
-        x = dt[:, None] * A
-        if ctx.method == "zoh":
-            e = torch.exp(x)
-            p = (e - 1) / A
-            dp_dA, dp_ddt, dlam_dx = (dt[:, None] * e - p) / A, e, None
+        over the modes. With x = dt A: zoh: lam = x, dA = e^x, p = (dA - 1) / A, so dp/dA =
+        (dt dA - p) / A, dp/ddt = dA. bilinear: y = 1 - x/2, dA = (1 + x/2) / y, p = dt / y,
+        lam = log dA, so dp/dA = dt^2 / (2 y^2) = p^2 / 2, dp/ddt = 1 / y^2 = (p / dt)^2 and
+        dlam/dx = 1 / ((1 + x/2) y) = (p / dt)^2 / dA."""
+        dt = dt[:, None]
+        if method == "zoh":
+            dp_dA, dp_ddt, dlam_dx = (dt * dA - p) / A, dA, None
         else:
-            y = 1 - x / 2
-            p = dt[:, None] / y
-            dp_dA = dt[:, None] ** 2 / (2 * y * y)
-            dp_ddt = 1 / (y * y)
-            dlam_dx = 1 / ((2 - y) * y)  # 1 + x/2 = 2 - y
+            dp_ddt = (p / dt) ** 2
+            dp_dA, dlam_dx = p * p / 2, dp_ddt / dA
         cb = C if B is None else C * B
         grad_p = cb.conj() * grad_w
         grad_A = dp_dA.conj() * grad_p
         dt_terms = dp_ddt.conj() * grad_p
-        lam_dA = dt[:, None] if dlam_dx is None else dt[:, None] * dlam_dx
+        lam_dA = dt if dlam_dx is None else dt * dlam_dx
         lam_ddt = A if dlam_dx is None else A * dlam_dx
         grad_A = grad_A + lam_dA.conj() * grad_lam
         grad_dt = (dt_terms + lam_ddt.conj() * grad_lam).real.sum(-1)
