@@ -10,16 +10,17 @@ where window_j = v[j P - C : (j+1) P] (zeros before 0) carries C = min(K, P) - 1
 left context, enough for P taps. For each filter block d, all windows j = 0 .. nB-1-d (nB =
 ceil(L / P)) go through one batched call of the piece convolution, whose causal convolution
 of P + C samples with <= P taps needs an FFT of P + 2C: so P = (max_fft + 2) // 3 when K >= P
-(e.g. 1366 for the fused 4096), and one larger block P = max_fft - 2 (K - 1) for shorter
+(e.g. 5462 for the fused 16384), and one larger block P = max_fft - 2 (K - 1) for shorter
 filters. Every piece is an ordinary differentiable call, so autograd gives all gradients.
 
 Cost, the trade-off: nB (nB + 1) / 2 windows through FFTs of size max_fft for K = L, i.e.
-O(L^2 / P) work instead of one O(L log L) FFT: with pieces of 4096 (P = 1366), ~4.5x the FFT
-flops of a single transform at L = 8K and ~8x at 16K. What it buys: exactness at any length
-with every piece in the fused kernel (fp32 math, no length-L spectra in memory); a single
-cuFFT of the whole length may still win at large L (benchmarks/fftconv.py --device cuda times
-both). The windows take (P + C) / P <= 2x the
-signal's memory.
+O(L^2 / P) work instead of one O(L log L) FFT. What it buys: exactness at any length with
+every piece in the fused kernel (fp32 math, no length-L spectra in memory). On an H100 a single
+cuFFT of the whole length won clearly: at B=16, H=768, L = K = 16K, bf16, 155 / 511 ms
+fwd / fwd+bwd blocked against 10.4 / 27.8 for the torch path
+(benchmarks/results/fftconv_cuda.json), which is why fftconv's default sends such shapes to
+torch; backend="triton" still comes here. The windows take (P + C) / P <= 2x the signal's
+memory.
 """
 
 from __future__ import annotations
