@@ -170,9 +170,18 @@ def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> 
 
 
 # Per L (K = L, so n = 2L): alternatives worth timing beside the default, "PRECISION:WARPS" or
-# a whole plan "n1,n2,S,C,warps" for kernels.fft_triton.PLANS (suffix "+bwd": forward +
-# backward). Those timed so far, and what won, are in the comment above PLANS.
-VARIANTS: dict[int, list[str]] = {L: [] for L in (256, 512, 1024, 2048, 4096, 8192)}
+# a whole plan "n1,n2,S,C,warps[,rows]" for kernels.fft_triton.PLANS (suffix "+bwd": forward +
+# backward). Those timed so far, and what won, are in the comment above PLANS. Untimed yet:
+# several batch rows per program (the sixth entry), the variants that compiled for sm_90 with
+# few or no spills (benchmarks/results/triton_resources_sm90_rows.json).
+VARIANTS: dict[int, list[str]] = {
+    256: ["32,16,16,32,4,4", "32,16,32,32,4,4", "32,16,16,32,4,8", "32,16,32,32,4,4+bwd"],
+    512: ["16,64,16,16,4,2", "16,64,16,16,8,4", "16,64,16,16,4,2+bwd"],
+    1024: ["32,64,32,32,4,2", "32,64,32,32,8,2", "32,64,32,32,8,4", "32,64,32,32,8,2+bwd"],
+    2048: ["64,64,32,32,8,2", "64,64,64,64,8,2"],
+    4096: ["64,128,32,32,8,2"],
+    8192: [],
+}
 
 # The fused kernel at n = 512 .. 16384, the blocked path (pieces of 16384), then Toeplitz.
 ACCURACY = [("fft", L, K) for L, K in [(256, 256), (1000, 1000), (2048, 2048), (3000, 1000)]]

@@ -2,6 +2,7 @@
 without one.
 
     python3 -m benchmarks.triton_resources [--sizes 8192 16384] [--dtypes bf16] [--jobs 2]
+    python3 -m benchmarks.triton_resources --plan 2048:32,64,32,32,4,4 --dtypes bf16  # a variant
 
 Every variant that kernels.fft_triton.TritonFFTConv launches (FFT sizes 256 .. FUSED_CAPACITY;
 fp32, fp16 and bf16 inputs; the flag sets of the forward kernel's three uses and of the backward
@@ -14,7 +15,9 @@ Triton makes: -lineinfo --gpu-name=sm_90a). A launch needs shared <= 232448 byte
 the H100's per-block limit); spills go to local memory (slow, not fatal). The compiler is the
 installed Triton's (a GPU session may use another version). About 8 minutes on 2 cores. The
 table goes to stdout, everything to JSON (default
-benchmarks/results/triton_resources_sm90.json).
+benchmarks/results/triton_resources_sm90.json). ``--plan N:n1,n2,S,C,warps[,rows]`` compiles
+that plan for size N instead of PLANS[N] (for every dtype), e.g. to see what more batch rows
+per program cost before a GPU session times them.
 """
 
 from __future__ import annotations
@@ -63,14 +66,21 @@ _FP32_POINTERS = {"k_ptr", "mats_ptr", "gk_ptr"}  # the rest hold the input dtyp
 _PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
-def compile_variant(kernel: str, n: int, dtype: str, flags: dict, aligned: bool = True) -> dict:
-    """Compile one variant for sm_90; its resources as a row (an "error" entry if it fails)."""
+def compile_variant(
+    kernel: str, n: int, dtype: str, flags: dict, aligned: bool = True, spec: tuple | None = None
+) -> dict:
+    """Compile one variant for sm_90 with the plan for size n (or ``spec``, a PLANS entry);
+    its resources as a row (an "error" entry if it fails)."""
     fn = getattr(fft_triton, f"_{kernel}_kernel")
     p = fft_triton.plan(n, DTYPES[dtype])
+    if spec is not None:
+        p = fft_triton.Plan(*spec[:5], p.stream, *spec[5:])
     constexprs = fft_triton._launch_options(p, DTYPES[dtype]) | flags
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages")}
     if kernel == "backward":
         constexprs["RB"] = fft_triton.DK_ROWS  # its batch loop's constexpr bound
+    else:
+        constexprs["R"] = p.rows
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -84,6 +94,7 @@ def compile_variant(kernel: str, n: int, dtype: str, flags: dict, aligned: bool 
                 attrs[(i,)] = [["tt.divisibility", 16]]
     row = {"kernel": kernel, "n": n, "dtype": dtype, **flags, "aligned": aligned}
     row |= {"n1": p.n1, "n2": p.n2, "S": p.S, "C": p.C, "warps": p.warps, "stream": p.stream}
+    row |= {"rows": p.rows} if kernel == "forward" else {}
     start = time.perf_counter()
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -94,6 +105,22 @@ def compile_variant(kernel: str, n: int, dtype: str, flags: dict, aligned: bool 
     row["fits"] = row["shared"] <= H100_SHARED
     row["compile_s"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def plan_spec(text: str) -> tuple[int, tuple[int, ...]]:
+    """A --plan entry N:n1,n2,S,C,warps[,rows] as (N, plan); a bad one is argparse's one-line
+    error (exit 2)."""
+    n, _, values = text.partition(":")
+    spec = tuple(int(v) for v in values.split(",") if v.isdigit())
+    n1, n2, S, C, _, *rows = spec + (0,) * (5 - len(spec))
+    ok = n in map(str, SIZES) and len(spec) == len(values.split(",")) in (5, 6)
+    ok = ok and S > 0 and C > 0 and n1 * n2 == int(n) and n1 % S == n1 % C == 0
+    if not ok or any(r < 1 or r & (r - 1) for r in rows):
+        raise argparse.ArgumentTypeError(
+            f"expected N:n1,n2,S,C,warps[,rows] with N in {SIZES}, n1 * n2 = N, S and C "
+            f"dividing n1, rows a power of two; got {text!r}"
+        )
+    return int(n), spec
 
 
 def ptxas_usage(ptx: str) -> dict:
@@ -148,13 +175,18 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--kernels", nargs="+", default=list(FLAGS), choices=list(FLAGS))
     p.add_argument("--jobs", type=int, default=os.cpu_count())
+    p.add_argument("--plan", type=plan_spec, action="append", default=[], metavar="N:PLAN",
+                   help="compile this plan for size N, e.g. 2048:32,64,32,32,4,4")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "triton_resources_sm90.json")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")  # exit 2, one line
+    specs = dict(args.plan)
+    if specs:
+        args.sizes = sorted(specs)
     start = time.perf_counter()
     jobs = [
-        (kernel, n, dtype, flags, aligned)
+        (kernel, n, dtype, flags, aligned, specs.get(n))
         for kernel in args.kernels
         for n in args.sizes
         for dtype in args.dtypes
@@ -168,7 +200,7 @@ def main(argv=None) -> None:
         "triton": triton.__version__,
         "target": "cuda sm_90 (ptxas --gpu-name=sm_90a)",
         "shared_limit": H100_SHARED,
-        "plans": {n: fft_triton.PLANS[n] for n in args.sizes},  # (n1, n2, S, C, warps)
+        "plans": {n: specs.get(n, fft_triton.PLANS[n]) for n in args.sizes},  # n1, n2, S, C, warps
         "num_stages": fft_triton._NUM_STAGES,
         "wall_s": round(time.perf_counter() - start, 1),
         "rows": rows,

@@ -23,9 +23,22 @@ out of the loop and keeps it in shared memory, except where STREAM makes its loa
 (fp32 at n2 = 128, whose four 64 KiB parts would not fit). The filter spectrum (torch.fft of k,
 [H, n] complex) is computed once per forward in natural order and kept for the backward pass.
 
+Rows per program (Plan.rows = R, a power of two): the convolution kernel may take R batch rows
+of one channel. Their [n2, C] signal tiles are stacked into one [R n2, C] operand of the first
+stage (X @ F1 is row-wise), and their [n2, S] slabs set side by side, [n2, R S], for the second
+(F2 @ B is column-wise), one permute in between each way (_side_by_side, _stack). Each DFT-matrix
+tile, twiddle tile and filter-spectrum tile is then loaded once per R rows instead of once per
+row, and every product is R times larger. The motive is the H100 profile below: at L = K =
+1024 (n = 2048, bf16) a program reads F1 twice (8 KB each), F2 (32 KB), the twiddles (16 KB)
+and the filter spectrum (16 KB), about 80 KB from L2, for the 6 KB of inputs of its one row,
+and its products are too small to keep the tensor cores busy. All
+plans have R = 1 until a GPU session times the variants in benchmarks/triton_gpu.py (VARIANTS);
+offline sm_90 compiles put them at 0-200 B of spills for R = 2 at n <= 4096 and R = 4 at n <=
+1024 (benchmarks/results/triton_resources_sm90_rows.json).
+
 Backward: dpostgate = gy * conv(v, k) and dv = corr(gy * postgate, k) (a convolution with the
 conjugate spectrum; du = dv * pregate, dpregate = dv * u) are two launches of the forward
-kernel, one program per batch row; dk = sum_b corr(gz_b, v_b) has its own kernel, one program
+kernel, R batch rows per program; dk = sum_b corr(gz_b, v_b) has its own kernel, one program
 per channel and DK_ROWS batch rows, summing their spectra inside each slab (so the sum stays
 slab-sized) and writing a partial dk that torch sums over the programs of a channel.
 
@@ -99,6 +112,7 @@ class Plan(NamedTuple):
     C: int  # signal columns per stage-1 chunk
     warps: int
     stream: bool  # load F2 before each use instead of keeping it in shared memory (fp32 only)
+    rows: int = 1  # batch rows per program of the convolution kernel (a power of two)
 
 
 # Per FFT size: (n1, n2, S, C, warps), timed on an H100 (forward, B=16, H=768, K=L, bf16,
@@ -110,7 +124,8 @@ class Plan(NamedTuple):
 # 32, within run-to-run spread, so it keeps 32, which spill less. n2 is the M of every product
 # (n2 >= 64: Hopper warpgroup MMAs, M = 64 per 4 warps); 8 warps with n2 = 64 once crashed the
 # process with an illegal memory access (n = 1024, 16 x 64), so 8 warps only go with n2 = 128.
-# Register spills remain (figures in benchmarks/results/triton_resources_sm90.json).
+# Register spills remain (figures in benchmarks/results/triton_resources_sm90.json). An optional
+# sixth entry is Plan.rows (default 1: no plan sets it yet, see the module docstring).
 PLANS = {
     256: (16, 16, 16, 16, 2),
     512: (32, 16, 16, 32, 4),
@@ -145,8 +160,8 @@ def plan(n: int, dtype: torch.dtype) -> Plan:
     ``dtype`` (PLANS, or _FP32_PLANS for fp32 where it has one): fp32 streams F2 once it is
     128 x 128 (its hi and lo parts, 4 x 64 KiB, do not fit next to the rest)."""
     fp32 = dtype == torch.float32
-    n1, n2, S, C, warps = _FP32_PLANS[n] if fp32 and n in _FP32_PLANS else PLANS[n]
-    return Plan(n1, n2, S, C, NUM_WARPS or warps, fp32 and n2 >= 128)
+    n1, n2, S, C, warps, *rows = _FP32_PLANS[n] if fp32 and n in _FP32_PLANS else PLANS[n]
+    return Plan(n1, n2, S, C, NUM_WARPS or warps, fp32 and n2 >= 128, *rows)
 
 
 def _tf32_hi_host(x: torch.Tensor) -> torch.Tensor:
@@ -222,9 +237,39 @@ def _pair_offsets(R: tl.constexpr, C: tl.constexpr, stride):
 
 
 @triton.jit
-def _ctile(ptr, R: tl.constexpr, C: tl.constexpr, stride):
-    """(re, im) of the [R, C] complex tile at ptr (see _pair_offsets)."""
-    return tl.split(tl.load(ptr + _pair_offsets(R, C, stride)))
+def _ctile(ptr, rows, cols, stride):
+    """(re, im) of the complex tile [len(rows), len(cols)] at ptr: entry (i, j) at row rows[i],
+    column cols[j] of a matrix of (re, im) pairs, rows ``stride`` floats apart (see
+    _pair_offsets). Index vectors rather than ranges: stacked rows repeat the same tile."""
+    offs = rows[:, None] * stride + 2 * cols[None, :]
+    return tl.split(tl.load(ptr + offs[:, :, None] + tl.arange(0, 2)[None, None, :]))
+
+
+@triton.jit
+def _stacked(R: tl.constexpr, N2: tl.constexpr):
+    """(r, t2) of the R * N2 rows of a tile stacking R batch rows' [N2, ...] tiles: [R * N2]
+    each, batch row r's tile row t2."""
+    m = tl.arange(0, R * N2)
+    if R == 1:
+        return tl.zeros_like(m), m
+    return m // N2, m % N2
+
+
+@triton.jit
+def _side_by_side(x, R: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
+    """[R * N2, S] (R tiles stacked) -> [N2, R * S] (the same tiles side by side), so that one
+    product F2 @ x serves all R."""
+    if R > 1:
+        x = tl.reshape(tl.permute(tl.reshape(x, (R, N2, S)), (1, 0, 2)), (N2, R * S))
+    return x
+
+
+@triton.jit
+def _stack(x, R: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
+    """[N2, R * S] -> [R * N2, S], the inverse of _side_by_side."""
+    if R > 1:
+        x = tl.reshape(tl.permute(tl.reshape(x, (N2, R, S)), (1, 0, 2)), (R * N2, S))
+    return x
 
 
 @triton.jit
@@ -259,30 +304,34 @@ def _f2(mats_ptr, IM: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, X3: tl.c
 
 @triton.jit
 def _spectrum_slab(
-    x_ptr, g_ptr, HAS_G: tl.constexpr, L, mats_ptr, s0, twr, twi,
-    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+    x_ptr, g_ptr, HAS_G: tl.constexpr, row_off, t2, lim, mats_ptr, s0, twr, twi,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
     X3: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
-    """Columns s0 .. s0+S of the spectrum Y [N2, N1] of the row x * g (x_ptr: its first of L
-    samples, zero beyond), given those columns of the twiddles: (yr, yi), [N2, S] fp32 each."""
+    """Columns s0 .. s0+S of the spectra Y [N2, N1] of R rows x * g, side by side: (yr, yi),
+    [N2, R * S] fp32 each. Tile row m (of R * N2, see _stacked) reads its row's samples from
+    x_ptr + row_off[m], tile row t2[m], zero from sample lim[m] on (the row's length, or 0 for
+    a row past the batch); twr, twi are those columns of the twiddles at rows t2, [R * N2, S]."""
     LO: tl.constexpr = 2 * N1 * N1 + 2 * N2 * N2  # offsets in _packed_matrices
-    ar = tl.zeros((N2, S), dtype=tl.float32)
-    ai = tl.zeros((N2, S), dtype=tl.float32)
-    # A = X @ F1[:, s], C columns of X at a time
+    ar = tl.zeros((R * N2, S), dtype=tl.float32)
+    ai = tl.zeros((R * N2, S), dtype=tl.float32)
+    # A = X @ F1[:, s], C columns of X at a time (the R rows' X stacked: one product for all)
     for c0 in range(0, N1, C):
-        t = tl.arange(0, N2)[:, None] + (c0 + tl.arange(0, C))[None, :] * N2
-        x = tl.load(x_ptr + t, mask=t < L, other=0.0).to(tl.float32)
+        t = t2[:, None] + (c0 + tl.arange(0, C))[None, :] * N2
+        mask = t < lim[:, None]
+        offs = row_off[:, None] + t
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_G:
-            x *= tl.load(g_ptr + t, mask=t < L, other=0.0).to(tl.float32)
+            x *= tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         f1r, f1i, f1r_lo, f1i_lo = _cmat(mats_ptr + 2 * (c0 * N1 + s0), C, S, 2 * N1, LO, X3)
         ar = _dm(x, f1r, f1r_lo, ar, X3)
         ai = _dm(x, f1i, f1i_lo, ai, X3)
-    br = ar * twr - ai * twi
-    bi = ar * twi + ai * twr
+    br = _side_by_side(ar * twr - ai * twi, R, N2, S)
+    bi = _side_by_side(ar * twi + ai * twr, R, N2, S)
     # Y = F2 @ B
     f2r, f2r_lo = _f2(mats_ptr, 0, N1, N2, X3, STREAM)
-    yr = _md(f2r, f2r_lo, br, tl.zeros((N2, S), dtype=tl.float32), X3)
-    yi = _md(f2r, f2r_lo, bi, tl.zeros((N2, S), dtype=tl.float32), X3)
+    yr = _md(f2r, f2r_lo, br, tl.zeros((N2, R * S), dtype=tl.float32), X3)
+    yi = _md(f2r, f2r_lo, bi, tl.zeros((N2, R * S), dtype=tl.float32), X3)
     f2i, f2i_lo = _f2(mats_ptr, 1, N1, N2, X3, STREAM)
     yr = _md(f2i, f2i_lo, -bi, yr, X3)
     yi = _md(f2i, f2i_lo, br, yi, X3)
@@ -292,18 +341,20 @@ def _spectrum_slab(
 @triton.jit
 def _inverse_slab(
     zr, zi, acc, mats_ptr, s0, twr, twi,
-    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, X3: tl.constexpr, STREAM: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, R: tl.constexpr, X3: tl.constexpr,
+    STREAM: tl.constexpr,
 ):  # fmt: skip
-    """acc + n * Re(inverse DFT) of a spectrum that is zero outside columns s0 .. s0+S, where it
-    is (zr, zi) [N2, S]: the [N2, N1] tile of the time signal, laid out as X."""
+    """acc + n * Re(inverse DFT) of R spectra that are zero outside columns s0 .. s0+S, where
+    they are (zr, zi) [N2, R * S] (side by side, as _spectrum_slab gives them): the [N2, N1]
+    tiles of the R time signals, laid out as X and stacked, [R * N2, N1]."""
     LO: tl.constexpr = 2 * N1 * N1 + 2 * N2 * N2
     # C = conj(F2) @ Z
     f2r, f2r_lo = _f2(mats_ptr, 0, N1, N2, X3, STREAM)
-    cr = _md(f2r, f2r_lo, zr, tl.zeros((N2, S), dtype=tl.float32), X3)
-    ci = _md(f2r, f2r_lo, zi, tl.zeros((N2, S), dtype=tl.float32), X3)
+    cr = _md(f2r, f2r_lo, zr, tl.zeros((N2, R * S), dtype=tl.float32), X3)
+    ci = _md(f2r, f2r_lo, zi, tl.zeros((N2, R * S), dtype=tl.float32), X3)
     f2i, f2i_lo = _f2(mats_ptr, 1, N1, N2, X3, STREAM)
-    cr = _md(f2i, f2i_lo, zi, cr, X3)
-    ci = _md(f2i, f2i_lo, -zr, ci, X3)
+    cr = _stack(_md(f2i, f2i_lo, zi, cr, X3), R, N2, S)
+    ci = _stack(_md(f2i, f2i_lo, -zr, ci, X3), R, N2, S)
     # D = C * conj(T); Re(D @ conj(F1)[s, :]) = dr @ F1r[s, :] + di @ F1i[s, :]
     dr = cr * twr + ci * twi
     di = ci * twr - cr * twi
@@ -313,46 +364,57 @@ def _inverse_slab(
 
 
 @triton.jit
-def _twiddles(mats_ptr, s0, N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
-    """Columns s0 .. s0+S of T (re, im), [N2, S] each."""
+def _twiddles(mats_ptr, s0, t2, N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
+    """Columns s0 .. s0+S of T (re, im) at rows t2: [len(t2), S] each."""
     TW: tl.constexpr = 4 * N1 * N1 + 4 * N2 * N2
-    return _ctile(mats_ptr + TW + 2 * s0, N2, S, 2 * N1)
+    return _ctile(mats_ptr + TW, t2, s0 + tl.arange(0, S), 2 * N1)
 
 
 @triton.jit
 def _forward_kernel(
     x_ptr, gin_ptr, k_ptr, mats_ptr, out_ptr, gout_ptr, out2_ptr, gout2_ptr, B, H, L,
-    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
     HAS_GIN: tl.constexpr, HAS_GOUT: tl.constexpr, OUT2: tl.constexpr, CONJ: tl.constexpr,
     X3: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
-    """z = IDFT(DFT(x * gin) * khat) for one batch row (conj(khat) if CONJ); out = z * gout,
-    out2 = z * gout2. khat: [H, n] complex (re, im pairs) at k_ptr. Grid: B * H programs.
+    """z = IDFT(DFT(x * gin) * khat) for R batch rows of one channel (conj(khat) if CONJ);
+    out = z * gout, out2 = z * gout2. khat: [H, n] complex (re, im pairs) at k_ptr. Grid: H *
+    ceil(B / R) programs; rows past B are masked off.
 
     The forward pass (x = u, gin = pregate, gout = postgate) and, in the backward pass,
     dpostgate (gout = gy) and dv = corr(gy * postgate, k) (CONJ; x = gy, gin = postgate; out,
     out2 = du (gout = pregate), dpregate (gout2 = u)).
+
+    R > 1 stacks the rows' tiles, so that each DFT-matrix tile and the channel's spectrum are
+    loaded once for R rows and every product is R times larger (_stacked, _side_by_side).
     """
     # Consecutive programs take the batch rows of one channel, which share its spectrum: it
     # is read from HBM once and from L2 after.
-    h = tl.program_id(0) // B
-    row = (tl.program_id(0) % B) * H + h
-    z = tl.zeros((N2, N1), dtype=tl.float32)
+    P = tl.cdiv(B, R)
+    h = tl.program_id(0) // P
+    r, t2 = _stacked(R, N2)
+    b = (tl.program_id(0) % P) * R + r
+    row_off = (b * H + h) * L
+    lim = tl.where(b < B, L, 0)
+    # The spectrum's columns for the side-by-side layout: s0 + j % S at column j.
+    k_cols = tl.arange(0, R * S) % S
+    z = tl.zeros((R * N2, N1), dtype=tl.float32)
     for s0 in range(0, N1, S):
-        twr, twi = _twiddles(mats_ptr, s0, N1, N2, S)
+        twr, twi = _twiddles(mats_ptr, s0, t2, N1, N2, S)
         yr, yi = _spectrum_slab(
-            x_ptr + row * L, gin_ptr + row * L, HAS_GIN, L, mats_ptr, s0, twr, twi,
-            N1, N2, S, C, X3, STREAM,
+            x_ptr, gin_ptr, HAS_GIN, row_off, t2, lim, mats_ptr, s0, twr, twi,
+            N1, N2, S, C, R, X3, STREAM,
         )  # fmt: skip
-        kr, ki = _ctile(k_ptr + 2 * (h * N1 * N2 + s0), N2, S, 2 * N1)
+        kr, ki = _ctile(k_ptr + 2 * h * N1 * N2, tl.arange(0, N2), s0 + k_cols, 2 * N1)
         if CONJ:
             ki = -ki
         z = _inverse_slab(
-            yr * kr - yi * ki, yr * ki + yi * kr, z, mats_ptr, s0, twr, twi, N1, N2, S, X3, STREAM
-        )
-    t = tl.arange(0, N2)[:, None] + tl.arange(0, N1)[None, :] * N2
-    mask = t < L
-    offs = row * L + t
+            yr * kr - yi * ki, yr * ki + yi * kr, z, mats_ptr, s0, twr, twi,
+            N1, N2, S, R, X3, STREAM,
+        )  # fmt: skip
+    t = t2[:, None] + tl.arange(0, N1)[None, :] * N2
+    mask = t < lim[:, None]
+    offs = row_off[:, None] + t
     z = z / (N1 * N2)
     out = z
     if HAS_GOUT:
@@ -379,27 +441,28 @@ def _backward_kernel(
     under TRITON_INTERPRET (Triton 3.5, numpy 2)."""
     h = tl.program_id(0)
     p = tl.program_id(1)
+    _, t2 = _stacked(1, N2)
     gk = tl.zeros((N2, N1), dtype=tl.float32)
     for s0 in range(0, N1, S):
-        twr, twi = _twiddles(mats_ptr, s0, N1, N2, S)
+        twr, twi = _twiddles(mats_ptr, s0, t2, N1, N2, S)
         acc_r = tl.zeros((N2, S), dtype=tl.float32)
         acc_i = tl.zeros((N2, S), dtype=tl.float32)
         for i in range(RB):
             b = p * RB + i
-            row = (b * H + h) * L
-            L_b = tl.where(b < B, L, 0)  # a row past the batch: every load masked off
+            row_off = tl.zeros_like(t2) + (b * H + h) * L
+            lim = tl.zeros_like(t2) + tl.where(b < B, L, 0)  # past the batch: all masked off
             vr, vi = _spectrum_slab(
-                u_ptr + row, pre_ptr + row, HAS_PRE, L_b, mats_ptr, s0, twr, twi,
-                N1, N2, S, C, X3, STREAM,
+                u_ptr, pre_ptr, HAS_PRE, row_off, t2, lim, mats_ptr, s0, twr, twi,
+                N1, N2, S, C, 1, X3, STREAM,
             )  # fmt: skip
             gr, gi = _spectrum_slab(
-                gy_ptr + row, post_ptr + row, HAS_POST, L_b, mats_ptr, s0, twr, twi,
-                N1, N2, S, C, X3, STREAM,
+                gy_ptr, post_ptr, HAS_POST, row_off, t2, lim, mats_ptr, s0, twr, twi,
+                N1, N2, S, C, 1, X3, STREAM,
             )  # fmt: skip
             acc_r += gr * vr + gi * vi
             acc_i += gi * vr - gr * vi
-        gk = _inverse_slab(acc_r, acc_i, gk, mats_ptr, s0, twr, twi, N1, N2, S, X3, STREAM)
-    t = tl.arange(0, N2)[:, None] + tl.arange(0, N1)[None, :] * N2
+        gk = _inverse_slab(acc_r, acc_i, gk, mats_ptr, s0, twr, twi, N1, N2, S, 1, X3, STREAM)
+    t = t2[:, None] + tl.arange(0, N1)[None, :] * N2
     tl.store(gk_ptr + (p * H + h) * K + t, gk / (N1 * N2), mask=t < K)
 
 
@@ -419,10 +482,10 @@ def _launch_conv(x, gin, spectrum, conj, outs, p: Plan, mats: torch.Tensor) -> N
     B, H, L = x.shape
     (out, gout), *second = outs
     out2, gout2 = second[0] if second else (None, None)
-    _forward_kernel[(B * H,)](
+    _forward_kernel[(H * triton.cdiv(B, p.rows),)](
         x, _or(gin, x), spectrum, mats, out, _or(gout, x), _or(out2, x), _or(gout2, x),
-        B, H, L, HAS_GIN=gin is not None, HAS_GOUT=gout is not None, OUT2=out2 is not None,
-        CONJ=conj, **_launch_options(p, x.dtype),
+        B, H, L, R=p.rows, HAS_GIN=gin is not None, HAS_GOUT=gout is not None,
+        OUT2=out2 is not None, CONJ=conj, **_launch_options(p, x.dtype),
     )  # fmt: skip
 
 

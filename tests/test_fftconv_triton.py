@@ -98,6 +98,26 @@ def test_triton_filter_gradient_batch_split(B, rows, monkeypatch):
     check_against_oracle(args, 1e-4, conv=fused)
 
 
+@pytest.mark.parametrize(
+    "B, L, K, rows_plan",
+    [
+        (5, 100, 64, (16, 16, 16, 16, 2, 2)),  # 3 programs, the last half empty
+        (3, 100, 64, (16, 16, 16, 16, 2, 4)),  # one program, one of its rows past the batch
+        (4, 200, 200, (32, 16, 16, 16, 4, 2)),  # n = 512: two slabs of two chunks each
+    ],
+)
+def test_triton_rows_per_program(B, L, K, rows_plan, monkeypatch):
+    """The convolution kernel with several batch rows per program (Plan.rows), their tiles
+    stacked for the first DFT stage and side by side for the second: forward, and the two
+    backward launches of the same kernel (dpostgate, and du / dpregate through the conjugate
+    spectrum), against the oracle. Three channels, so that a program's rows must all come
+    from its own channel."""
+    monkeypatch.setitem(PLANS, fft_size(L, K), rows_plan)
+    assert fft_triton.plan(fft_size(L, K), torch.float32).rows == rows_plan[-1]
+    args = make_inputs(B, 3, L, K, torch.float32, gates=True, skip=False, seed=B + L)
+    check_against_oracle(args, 1e-4, conv=fused)
+
+
 @pytest.fixture
 def tf32_dots(monkeypatch):
     """Interpreted tl.dot(..., input_precision="tf32") drops the low 13 mantissa bits of its
