@@ -77,10 +77,9 @@ def compile_variant(
         p = fft_triton.Plan(*spec[:5], p.stream, *spec[5:])
     constexprs = fft_triton._launch_options(p, DTYPES[dtype]) | flags
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages")}
-    if kernel == "backward":
-        constexprs["RB"] = fft_triton.DK_ROWS  # its batch loop's constexpr bound
-    else:
-        constexprs["R"] = p.rows
+    constexprs["R"] = p.rows
+    if kernel == "backward":  # its batch loop's constexpr bound
+        constexprs["RB"] = max(fft_triton.DK_ROWS, p.rows)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -94,7 +93,7 @@ def compile_variant(
                 attrs[(i,)] = [["tt.divisibility", 16]]
     row = {"kernel": kernel, "n": n, "dtype": dtype, **flags, "aligned": aligned}
     row |= {"n1": p.n1, "n2": p.n2, "S": p.S, "C": p.C, "warps": p.warps, "stream": p.stream}
-    row |= {"rows": p.rows} if kernel == "forward" else {}
+    row["rows"] = p.rows
     start = time.perf_counter()
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

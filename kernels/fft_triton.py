@@ -33,14 +33,16 @@ row, and every product is R times larger. The motive is the H100 profile below: 
 and the filter spectrum (16 KB), about 80 KB from L2, for the 6 KB of inputs of its one row,
 and its products are too small to keep the tensor cores busy. All
 plans have R = 1 until a GPU session times the variants in benchmarks/triton_gpu.py (VARIANTS);
-offline sm_90 compiles put them at 0-200 B of spills for R = 2 at n <= 4096 and R = 4 at n <=
-1024 (benchmarks/results/triton_resources_sm90_rows.json).
+offline sm_90 compiles (benchmarks/results/triton_resources_sm90_rows.json, bf16) put the
+convolution kernel at 0-200 B of spills for R = 2 at n <= 2048 and R = 4 at n <= 1024, the
+filter-gradient kernel at 0-56 B up to n = 1024 and about 1 KB at 2048.
 
 Backward: dpostgate = gy * conv(v, k) and dv = corr(gy * postgate, k) (a convolution with the
 conjugate spectrum; du = dv * pregate, dpregate = dv * u) are two launches of the forward
 kernel, R batch rows per program; dk = sum_b corr(gz_b, v_b) has its own kernel, one program
-per channel and DK_ROWS batch rows, summing their spectra inside each slab (so the sum stays
-slab-sized) and writing a partial dk that torch sums over the programs of a channel.
+per channel and max(DK_ROWS, R) batch rows (taken R at a time), summing their spectra inside
+each slab (so the sum stays slab-sized) and writing a partial dk that torch sums over the
+programs of a channel.
 
 Precision. Every product is a tf32 tensor-core product whose operands are exact tf32 numbers:
 the DFT matrices rounded to the nearest tf32 once on the host (hi), the data in the kernel
@@ -265,6 +267,14 @@ def _side_by_side(x, R: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
+def _sum_side_by_side(x, R: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
+    """[N2, R * S] -> [N2, S]: the sum of the R side-by-side tiles."""
+    if R > 1:
+        x = tl.sum(tl.reshape(x, (N2, R, S)), axis=1)
+    return x
+
+
+@triton.jit
 def _stack(x, R: tl.constexpr, N2: tl.constexpr, S: tl.constexpr):
     """[N2, R * S] -> [R * N2, S], the inverse of _side_by_side."""
     if R > 1:
@@ -428,41 +438,45 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     u_ptr, pre_ptr, post_ptr, gy_ptr, mats_ptr, gk_ptr, B, H, L, K, RB: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, X3: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
     """Partial filter gradients: program (h, p) sums the spectra gz_hat_b * conj(v_hat_b) of
     batch rows b = p*RB .. p*RB+RB-1 (gz = gy * postgate, v = u * pregate), one slab at a time,
     and writes the first K taps of their inverse, corr(gz_b, v_b) summed over those rows, to
-    gk[p, h] ([P, H, K] fp32; the caller sums over p). Rows past B read as zeros. Grid: (H, P =
-    ceil(B / RB)). Splitting the batch over programs: with one program per channel looping
-    over all 16 rows, this kernel took 5x a forward launch at B=16, H=768, L=256 on an H100 (768
-    programs for 132 SMs); RB is a constexpr because a loop to a runtime bound does not run
-    under TRITON_INTERPRET (Triton 3.5, numpy 2)."""
+    gk[p, h] ([P, H, K] fp32; the caller sums over p). Grid: (H, P = ceil(B / RB)). The rows go
+    R at a time, stacked as in _forward_kernel; rows past B or past the program's RB read as
+    zeros. Splitting the batch over programs: with one program per channel looping over all 16
+    rows, this kernel took 5x a forward launch at B=16, H=768, L=256 on an H100 (768 programs
+    for 132 SMs); RB is a constexpr because a loop to a runtime bound does not run under
+    TRITON_INTERPRET (Triton 3.5, numpy 2)."""
     h = tl.program_id(0)
     p = tl.program_id(1)
-    _, t2 = _stacked(1, N2)
+    r, t2 = _stacked(R, N2)
+    _, t2_one = _stacked(1, N2)
     gk = tl.zeros((N2, N1), dtype=tl.float32)
     for s0 in range(0, N1, S):
         twr, twi = _twiddles(mats_ptr, s0, t2, N1, N2, S)
         acc_r = tl.zeros((N2, S), dtype=tl.float32)
         acc_i = tl.zeros((N2, S), dtype=tl.float32)
-        for i in range(RB):
-            b = p * RB + i
-            row_off = tl.zeros_like(t2) + (b * H + h) * L
-            lim = tl.zeros_like(t2) + tl.where(b < B, L, 0)  # past the batch: all masked off
+        for i in range(0, RB, R):
+            b = p * RB + i + r
+            row_off = (b * H + h) * L
+            lim = tl.where((b < B) & (i + r < RB), L, 0)  # a row not ours: all masked off
             vr, vi = _spectrum_slab(
                 u_ptr, pre_ptr, HAS_PRE, row_off, t2, lim, mats_ptr, s0, twr, twi,
-                N1, N2, S, C, 1, X3, STREAM,
+                N1, N2, S, C, R, X3, STREAM,
             )  # fmt: skip
             gr, gi = _spectrum_slab(
                 gy_ptr, post_ptr, HAS_POST, row_off, t2, lim, mats_ptr, s0, twr, twi,
-                N1, N2, S, C, 1, X3, STREAM,
+                N1, N2, S, C, R, X3, STREAM,
             )  # fmt: skip
-            acc_r += gr * vr + gi * vi
-            acc_i += gi * vr - gr * vi
+            acc_r += _sum_side_by_side(gr * vr + gi * vi, R, N2, S)
+            acc_i += _sum_side_by_side(gi * vr - gr * vi, R, N2, S)
+        if R > 1:  # _inverse_slab's one row takes the twiddles unstacked
+            twr, twi = _twiddles(mats_ptr, s0, t2_one, N1, N2, S)
         gk = _inverse_slab(acc_r, acc_i, gk, mats_ptr, s0, twr, twi, N1, N2, S, 1, X3, STREAM)
-    t = t2[:, None] + tl.arange(0, N1)[None, :] * N2
+    t = t2_one[:, None] + tl.arange(0, N1)[None, :] * N2
     tl.store(gk_ptr + (p * H + h) * K + t, gk / (N1 * N2), mask=t < K)
 
 
@@ -523,10 +537,11 @@ class TritonFFTConv(torch.autograd.Function):
             _launch_conv(gy, postgate, k_f, True, outs, p, mats)
         g_k = None
         if need_k:
-            rb = min(B, DK_ROWS)
+            rb = min(B, max(DK_ROWS, p.rows))  # a program's rows, p.rows of them at a time
             partial = torch.empty((triton.cdiv(B, rb), H, K), device=k.device, dtype=k.dtype)
             _backward_kernel[(H, partial.shape[0])](
                 u, _or(pregate, u), _or(postgate, u), gy, mats, partial, B, H, L, K, RB=rb,
+                R=p.rows,
                 HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
                 **_launch_options(p, u.dtype),
             )  # fmt: skip

@@ -99,20 +99,23 @@ def test_triton_filter_gradient_batch_split(B, rows, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "B, L, K, rows_plan",
+    "B, L, K, rows_plan, dk_rows",
     [
-        (5, 100, 64, (16, 16, 16, 16, 2, 2)),  # 3 programs, the last half empty
-        (3, 100, 64, (16, 16, 16, 16, 2, 4)),  # one program, one of its rows past the batch
-        (4, 200, 200, (32, 16, 16, 16, 4, 2)),  # n = 512: two slabs of two chunks each
+        # 3 programs, the last half empty; the filter gradient's programs take 3 rows, 2 at a
+        # time, so their second pair holds a row of the next program, which must not count
+        (5, 100, 64, (16, 16, 16, 16, 2, 2), 3),
+        (3, 100, 64, (16, 16, 16, 16, 2, 4), 4),  # one program, one of its rows past the batch
+        (4, 200, 200, (32, 16, 16, 16, 4, 2), 4),  # n = 512: two slabs of two chunks each
     ],
 )
-def test_triton_rows_per_program(B, L, K, rows_plan, monkeypatch):
-    """The convolution kernel with several batch rows per program (Plan.rows), their tiles
-    stacked for the first DFT stage and side by side for the second: forward, and the two
-    backward launches of the same kernel (dpostgate, and du / dpregate through the conjugate
-    spectrum), against the oracle. Three channels, so that a program's rows must all come
-    from its own channel."""
+def test_triton_rows_per_program(B, L, K, rows_plan, dk_rows, monkeypatch):
+    """Both kernels with several batch rows at a time (Plan.rows), their tiles stacked for the
+    first DFT stage and side by side for the second: the forward and the two backward launches
+    of the convolution kernel (dpostgate, and du / dpregate through the conjugate spectrum),
+    and the filter-gradient kernel summing its rows' spectra, against the oracle. Three
+    channels, so that a program's rows must all come from its own channel."""
     monkeypatch.setitem(PLANS, fft_size(L, K), rows_plan)
+    monkeypatch.setattr(fft_triton, "DK_ROWS", dk_rows)
     assert fft_triton.plan(fft_size(L, K), torch.float32).rows == rows_plan[-1]
     args = make_inputs(B, 3, L, K, torch.float32, gates=True, skip=False, seed=B + L)
     check_against_oracle(args, 1e-4, conv=fused)
