@@ -23,19 +23,19 @@ out of the loop and keeps it in shared memory, except where STREAM makes its loa
 (fp32 at n2 = 128, whose four 64 KiB parts would not fit). The filter spectrum (torch.fft of k,
 [H, n] complex) is computed once per forward in natural order and kept for the backward pass.
 
-Rows per program (Plan.rows = R, a power of two): the convolution kernel may take R batch rows
-of one channel. Their [n2, C] signal tiles are stacked into one [R n2, C] operand of the first
-stage (X @ F1 is row-wise), and their [n2, S] slabs set side by side, [n2, R S], for the second
-(F2 @ B is column-wise), one permute in between each way (_side_by_side, _stack). Each DFT-matrix
-tile, twiddle tile and filter-spectrum tile is then loaded once per R rows instead of once per
-row, and every product is R times larger. The motive is the H100 profile below: at L = K =
-1024 (n = 2048, bf16) a program reads F1 twice (8 KB each), F2 (32 KB), the twiddles (16 KB)
-and the filter spectrum (16 KB), about 80 KB from L2, for the 6 KB of inputs of its one row,
-and its products are too small to keep the tensor cores busy. All
-plans have R = 1 until a GPU session times the variants in benchmarks/triton_gpu.py (VARIANTS);
-offline sm_90 compiles (benchmarks/results/triton_resources_sm90_rows.json, bf16) put the
-convolution kernel at 0-200 B of spills for R = 2 at n <= 2048 and R = 4 at n <= 1024, the
-filter-gradient kernel at 0-56 B up to n = 1024 and about 1 KB at 2048.
+Rows per program (Plan.rows = R, a power of two): both kernels may take R batch rows of one
+channel at a time. Their [n2, C] signal tiles are stacked into one [R n2, C] operand of the
+first stage (X @ F1 is row-wise), and their [n2, S] slabs set side by side, [n2, R S], for the
+second (F2 @ B is column-wise), one permute in between each way (_side_by_side, _stack). Each
+DFT-matrix tile, twiddle tile and filter-spectrum tile is then loaded once per R rows instead
+of once per row, and every product is R times larger. The motive is the H100 profile below: at
+L = K = 1024 (n = 2048, bf16) a program reads F1 twice (8 KB each), F2 (32 KB), the twiddles
+(16 KB) and the filter spectrum (16 KB), about 80 KB from L2, for the 6 KB of inputs of its one
+row, and its products are too small to keep the tensor cores busy. All plans have R = 1 until a
+GPU session times the variants in benchmarks/triton_gpu.py (VARIANTS); offline sm_90 compiles
+(benchmarks/results/triton_resources_sm90_rows.json, bf16) put the convolution kernel at 0-200
+B of spills for R = 2 at n <= 2048 and R = 4 at n <= 1024, the filter-gradient kernel at 0-56 B
+up to n = 1024 and about 1 KB at 2048.
 
 Backward: dpostgate = gy * conv(v, k) and dv = corr(gy * postgate, k) (a convolution with the
 conjugate spectrum; du = dv * pregate, dpregate = dv * u) are two launches of the forward
@@ -114,7 +114,7 @@ class Plan(NamedTuple):
     C: int  # signal columns per stage-1 chunk
     warps: int
     stream: bool  # load F2 before each use instead of keeping it in shared memory (fp32 only)
-    rows: int = 1  # batch rows per program of the convolution kernel (a power of two)
+    rows: int = 1  # batch rows a program stacks (both kernels; a power of two)
 
 
 # Per FFT size: (n1, n2, S, C, warps), timed on an H100 (forward, B=16, H=768, K=L, bf16,
