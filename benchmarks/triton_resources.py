@@ -72,9 +72,7 @@ def compile_variant(
     """Compile one variant for sm_90 with the plan for size n (or ``spec``, a PLANS entry);
     its resources as a row (an "error" entry if it fails)."""
     fn = getattr(fft_triton, f"_{kernel}_kernel")
-    p = fft_triton.plan(n, DTYPES[dtype])
-    if spec is not None:
-        p = fft_triton.Plan(*spec[:5], p.stream, *spec[5:])
+    p = fft_triton.plan(n, DTYPES[dtype], spec)
     constexprs = fft_triton._launch_options(p, DTYPES[dtype]) | flags
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages")}
     constexprs["R"] = p.rows
@@ -110,11 +108,13 @@ def plan_spec(text: str) -> tuple[int, tuple[int, ...]]:
     """A --plan entry N:n1,n2,S,C,warps[,rows] as (N, plan); a bad one is argparse's one-line
     error (exit 2)."""
     n, _, values = text.partition(":")
-    spec = tuple(int(v) for v in values.split(",") if v.isdigit())
-    n1, n2, S, C, _, *rows = spec + (0,) * (5 - len(spec))
-    ok = n in map(str, SIZES) and len(spec) == len(values.split(",")) in (5, 6)
-    ok = ok and S > 0 and C > 0 and n1 * n2 == int(n) and n1 % S == n1 % C == 0
-    if not ok or any(r < 1 or r & (r - 1) for r in rows):
+    parts = values.split(",")
+    ok = n in map(str, SIZES) and len(parts) in (5, 6) and all(v.isdigit() for v in parts)
+    if ok:
+        n1, n2, S, C, _, *rows = spec = tuple(map(int, parts))
+        ok = S > 0 and C > 0 and n1 * n2 == int(n) and n1 % S == n1 % C == 0
+        ok = ok and all(r >= 1 and not r & (r - 1) for r in rows)  # powers of two
+    if not ok:
         raise argparse.ArgumentTypeError(
             f"expected N:n1,n2,S,C,warps[,rows] with N in {SIZES}, n1 * n2 = N, S and C "
             f"dividing n1, rows a power of two; got {text!r}"

@@ -157,12 +157,15 @@ def fft_size(L: int, K: int) -> int:
     return n
 
 
-def plan(n: int, dtype: torch.dtype) -> Plan:
+def plan(n: int, dtype: torch.dtype, entry: tuple[int, ...] | None = None) -> Plan:
     """The plan for an FFT of size n (a power of two in 256 .. FUSED_CAPACITY) and inputs of
-    ``dtype`` (PLANS, or _FP32_PLANS for fp32 where it has one): fp32 streams F2 once it is
-    128 x 128 (its hi and lo parts, 4 x 64 KiB, do not fit next to the rest)."""
+    ``dtype`` from ``entry`` (n1, n2, S, C, warps[, rows]), by default PLANS[n] or for fp32
+    _FP32_PLANS[n] where it has one: fp32 streams F2 once it is 128 x 128 (its hi and lo
+    parts, 4 x 64 KiB, do not fit next to the rest)."""
     fp32 = dtype == torch.float32
-    n1, n2, S, C, warps, *rows = _FP32_PLANS[n] if fp32 and n in _FP32_PLANS else PLANS[n]
+    if entry is None:
+        entry = _FP32_PLANS[n] if fp32 and n in _FP32_PLANS else PLANS[n]
+    n1, n2, S, C, warps, *rows = entry
     return Plan(n1, n2, S, C, NUM_WARPS or warps, fp32 and n2 >= 128, *rows)
 
 

@@ -1,7 +1,11 @@
 """benchmarks.gpu's step runner, exercised with CPU steps: a step's output goes to its log and
-its JSON where asked, and a failing step is reported by its exit status, not raised."""
+its JSON where asked, and a failing step is reported by its exit status, not raised. And
+benchmarks.triton_resources' --plan entries: parsed into the kernels' Plan, or rejected."""
 
 import json
+
+import pytest
+import torch
 
 from benchmarks import gpu
 
@@ -20,3 +24,37 @@ def test_gpu_steps_report_status_and_keep_output(monkeypatch, tmp_path):
     assert status == 2
     assert "no CUDA device" in (tmp_path / "nogpu.log").read_text()
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "2048:32,64,32,32",  # too few values
+        "2048:32,64,32,32,4,3",  # rows not a power of two
+        "2048:32,32,32,32,4",  # n1 * n2 != N
+        "2048:32,64,24,32,4",  # S does not divide n1
+        "3000:32,64,32,32,4",  # not a fused size
+        "2048:32,64,x,32,4",
+    ],
+)
+def test_triton_resources_rejects_a_bad_plan(entry, capsys):
+    """A malformed --plan is one argparse error line naming the entry, exit 2, nothing
+    compiled."""
+    triton_resources = pytest.importorskip("benchmarks.triton_resources")
+    with pytest.raises(SystemExit) as exit_info:
+        triton_resources.main(["--plan", entry, "--out", "/nonexistent/never-written.json"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--plan" in err and repr(entry) in err
+
+
+def test_triton_resources_reads_a_plan():
+    """A well-formed entry gives its size and plan; the plan builds the kernels' Plan with
+    its rows."""
+    triton_resources = pytest.importorskip("benchmarks.triton_resources")
+    from kernels import fft_triton
+
+    n, spec = triton_resources.plan_spec("2048:32,64,32,32,4,2")
+    assert (n, spec) == (2048, (32, 64, 32, 32, 4, 2))
+    p = fft_triton.plan(n, torch.bfloat16, spec)
+    assert (p.n1, p.n2, p.S, p.C, p.warps, p.rows, p.stream) == (32, 64, 32, 32, 4, 2, False)
