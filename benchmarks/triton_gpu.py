@@ -90,6 +90,7 @@ def kernel_resources() -> list[dict]:
     kernels = {
         "fft.forward": fft_triton._forward_kernel,
         "fft.backward": fft_triton._backward_kernel,
+        "fft.fused_backward": fft_triton._fused_backward_kernel,
         "toeplitz.forward": toeplitz_triton._forward_kernel,
         "toeplitz.grad_signal": toeplitz_triton._grad_signal_kernel,
         "toeplitz.grad_filter": toeplitz_triton._grad_filter_kernel,
@@ -135,9 +136,12 @@ def speed_row(L: int, variant: str, fn, backward: bool, copy_GBps: float, B=16, 
 
 def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> None:
     """At each L: the torch path, SDPA, and each variant of the fused kernel (forward; see
-    VARIANTS), then the defaults' forward and forward + backward; rows are appended to
-    ``rows`` as they come (log saves them), so a run cut short keeps what it measured."""
+    VARIANTS), then the defaults' forward and forward + backward, and forward + backward with
+    the other backward path ("fused+bwd" or "unfused+bwd": one launch or three, whichever
+    FUSED_BACKWARD_MAX does not pick at this size); rows are appended to ``rows`` as they come
+    (log saves them), so a run cut short keeps what it measured."""
     saved = (dict(fft_triton.DOT_PRECISION), fft_triton.NUM_WARPS, dict(fft_triton.PLANS))
+    saved_max = fft_triton.FUSED_BACKWARD_MAX
     for L, specs in variants.items():
         base = {
             "torch": make_case("ours", 16, 768, L, L, torch.bfloat16, "cuda", backend="torch"),
@@ -150,10 +154,14 @@ def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> 
         del base
         ours = make_case("ours", 16, 768, L, L, torch.bfloat16, "cuda", backend="triton")
         n = fft_triton.fft_size(L, L)
-        for spec in [*specs, "default", "default+bwd"]:
-            if "," in spec:  # a whole plan for this size
+        other = "unfused" if n <= fft_triton.FUSED_BACKWARD_MAX else "fused"
+        for spec in [*specs, "default", "default+bwd", f"{other}+bwd"]:
+            if spec.endswith("fused+bwd"):
+                fused = spec == "fused+bwd"
+                fft_triton.FUSED_BACKWARD_MAX = fft_triton.FUSED_CAPACITY if fused else 0
+            elif "," in spec:  # a whole plan for this size
                 fft_triton.PLANS[n] = tuple(int(v) for v in spec.removesuffix("+bwd").split(","))
-            elif not spec.startswith("default"):
+            elif not spec.startswith("default"):  # PRECISION:WARPS
                 prec, warps = spec.split(":")
                 fft_triton.DOT_PRECISION[torch.bfloat16] = prec
                 fft_triton.NUM_WARPS = int(warps)
@@ -165,6 +173,7 @@ def speed(variants: dict[int, list[str]], copy_GBps: float, rows: list, log) -> 
                 fft_triton.DOT_PRECISION.update(saved[0])
                 fft_triton.NUM_WARPS = saved[1]
                 fft_triton.PLANS.update(saved[2])
+                fft_triton.FUSED_BACKWARD_MAX = saved_max
             rows.append(row)
             log(row)
 

@@ -5,8 +5,8 @@ without one.
     python3 -m benchmarks.triton_resources --plan 2048:32,64,32,32,4,4 --dtypes bf16  # a variant
 
 Every variant that kernels.fft_triton.TritonFFTConv launches (FFT sizes 256 .. FUSED_CAPACITY;
-fp32, fp16 and bf16 inputs; the flag sets of the forward kernel's three uses and of the backward
-kernel) is compiled by triton.compile for target sm_90 (CUDA capability 9.0) with the plan's
+fp32, fp16 and bf16 inputs; the flag sets of the forward kernel's three uses, of the unfused
+backward's filter-gradient kernel and of the fused backward kernel, at every size) is compiled by triton.compile for target sm_90 (CUDA capability 9.0) with the plan's
 warp count and pipelining depth, specialised as the launcher would: pointer arguments 16-byte
 aligned, and L, K, H either multiples of 16 ("aligned", e.g. power-of-two lengths) or not
 (masked loads then vectorize less). Shared memory is the compiled kernel's own figure;
@@ -60,6 +60,13 @@ FLAGS = {
     ],
     "backward": [
         {"HAS_PRE": pre, "HAS_POST": post} for pre in (False, True) for post in (False, True)
+    ],
+    # _fused_backward_kernel: gates and every gradient (an H3 layer's case), no gates (u and
+    # k, a plain SSM), and a frozen filter (no dk).
+    "fused_backward": [
+        {"HAS_PRE": gates, "HAS_POST": gates, "NEED_U": True, "NEED_PRE": gates,
+         "NEED_POST": gates, "NEED_K": need_k}  # fmt: skip
+        for gates, need_k in ((True, True), (False, True), (True, False))
     ],
 }
 _FP32_POINTERS = {"k_ptr", "mats_ptr", "gk_ptr"}  # the rest hold the input dtype

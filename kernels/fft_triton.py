@@ -37,12 +37,14 @@ GPU session times the variants in benchmarks/triton_gpu.py (VARIANTS); offline s
 B of spills for R = 2 at n <= 2048 and R = 4 at n <= 1024, the filter-gradient kernel at 0-56 B
 up to n = 1024 and about 1 KB at 2048.
 
-Backward: dpostgate = gy * conv(v, k) and dv = corr(gy * postgate, k) (a convolution with the
-conjugate spectrum; du = dv * pregate, dpregate = dv * u) are two launches of the forward
-kernel, R batch rows per program; dk = sum_b corr(gz_b, v_b) has its own kernel, one program
-per channel and max(DK_ROWS, R) batch rows (taken R at a time), summing their spectra inside
-each slab (so the sum stays slab-sized) and writing a partial dk that torch sums over the
-programs of a channel.
+Backward: dpostgate = gy * conv(v, k), dv = corr(gy * postgate, k) (a convolution with the
+conjugate spectrum; du = dv * pregate, dpregate = dv * u) and dk = sum_b corr(gz_b, v_b). Up to
+FFT size FUSED_BACKWARD_MAX they come from one launch (_fused_backward_kernel): per slab, the
+spectra of v and gz are computed once and serve all three, and each program's rows' dk spectra
+are summed and inverted into a partial dk that torch sums over the programs. Beyond it, where
+that kernel's three live [n2, n1] accumulators spill kilobytes, three launches: two of the
+forward kernel and a filter-gradient kernel (_backward_kernel: one program per channel and
+max(DK_ROWS, R) batch rows, taken R at a time, summing their spectra inside each slab).
 
 Precision. Every product is a tf32 tensor-core product whose operands are exact tf32 numbers:
 the DFT matrices rounded to the nearest tf32 once on the host (hi), the data in the kernel
@@ -103,6 +105,14 @@ DOT_PRECISION = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16:
 NUM_WARPS: int | None = None
 # Batch rows per program of the filter-gradient kernel (see _backward_kernel).
 DK_ROWS = 4
+# The largest FFT size whose backward pass is the one fused launch (_fused_backward_kernel);
+# beyond it, three launches (_unfused_backward). Set by offline sm_90 compiles, not yet timed
+# (benchmarks/triton_gpu.py times both paths): the fused kernel keeps z, dv and dk's
+# accumulator live at once, and spills nothing in fp16 / bf16 up to n = 2048 (40 B with
+# unaligned lengths) but 4.4-6.1 KB at 4096 and 6-8 KB beyond, where the unfused kernels
+# spill 0.2-0.7 KB (forward) and 3.3 KB (filter gradient) at 4096
+# (benchmarks/results/triton_resources_sm90.json).
+FUSED_BACKWARD_MAX = 2048
 
 
 class Plan(NamedTuple):
@@ -483,6 +493,94 @@ def _backward_kernel(
     tl.store(gk_ptr + (p * H + h) * K + t, gk / (N1 * N2), mask=t < K)
 
 
+@triton.jit
+def _fused_backward_kernel(
+    u_ptr, pre_ptr, post_ptr, gy_ptr, k_ptr, mats_ptr, gu_ptr, gpre_ptr, gpost_ptr, gk_ptr,
+    B, H, L, K,
+    N1: tl.constexpr, N2: tl.constexpr, S: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, NEED_U: tl.constexpr,
+    NEED_PRE: tl.constexpr, NEED_POST: tl.constexpr, NEED_K: tl.constexpr,
+    X3: tl.constexpr, STREAM: tl.constexpr,
+):  # fmt: skip
+    """The whole backward pass of R batch rows of one channel in one launch: each slab of the
+    spectra of v = u * pregate and gz = gy * postgate is computed once and serves all three
+    products,
+        dpostgate = gy * IDFT(v_hat khat),   dv = IDFT(gz_hat conj(khat)),
+        dk (this program's part) = IDFT(sum over the R rows of gz_hat conj(v_hat)),
+    with du = dv * pregate, dpregate = dv * u. (The unfused backward, _unfused_backward, takes
+    two launches of _forward_kernel and one of _backward_kernel: four spectra per row between
+    them, and u, pregate and gy read two or three times.) The NEED_* flags drop what no
+    gradient needs. Grid: H * ceil(B / R) as _forward_kernel's, rows past B masked off; gk
+    [ceil(B / R), H, K] fp32 takes each program's part, summed by the caller.
+
+    No loop over more rows per program (as _backward_kernel's DK_ROWS) to sum dk spectra
+    before one inverse: the row-invariant tiles it hoisted kept registers live across the loop
+    (offline sm_90 compiles, bf16, 4 rows: 508 B of spills at n = 1024 and up to 2 KB at 2048,
+    against 0 and 208-544 B without), and one program per row keeps 16 x 768 programs busy.
+    """
+    P = tl.cdiv(B, R)
+    h = tl.program_id(0) // P
+    r, t2 = _stacked(R, N2)
+    _, t2_one = _stacked(1, N2)
+    b = (tl.program_id(0) % P) * R + r
+    row_off = (b * H + h) * L
+    lim = tl.where(b < B, L, 0)
+    k_cols = tl.arange(0, R * S) % S
+    NEED_V: tl.constexpr = NEED_U or NEED_PRE
+    z = tl.zeros((R * N2, N1), dtype=tl.float32)
+    dv = tl.zeros((R * N2, N1), dtype=tl.float32)
+    gk = tl.zeros((N2, N1), dtype=tl.float32)
+    for s0 in range(0, N1, S):
+        twr, twi = _twiddles(mats_ptr, s0, t2, N1, N2, S)
+        kr, ki = _ctile(k_ptr + 2 * h * N1 * N2, tl.arange(0, N2), s0 + k_cols, 2 * N1)
+        if NEED_POST or NEED_K:
+            vr, vi = _spectrum_slab(
+                u_ptr, pre_ptr, HAS_PRE, row_off, t2, lim, mats_ptr, s0, twr, twi,
+                N1, N2, S, C, R, X3, STREAM,
+            )  # fmt: skip
+        if NEED_V or NEED_K:
+            gr, gi = _spectrum_slab(
+                gy_ptr, post_ptr, HAS_POST, row_off, t2, lim, mats_ptr, s0, twr, twi,
+                N1, N2, S, C, R, X3, STREAM,
+            )  # fmt: skip
+        if NEED_POST:
+            z = _inverse_slab(
+                vr * kr - vi * ki, vr * ki + vi * kr, z, mats_ptr, s0, twr, twi,
+                N1, N2, S, R, X3, STREAM,
+            )  # fmt: skip
+        if NEED_V:  # the conjugate spectrum: a correlation
+            dv = _inverse_slab(
+                gr * kr + gi * ki, gi * kr - gr * ki, dv, mats_ptr, s0, twr, twi,
+                N1, N2, S, R, X3, STREAM,
+            )  # fmt: skip
+        if NEED_K:
+            acc_r = _sum_side_by_side(gr * vr + gi * vi, R, N2, S)
+            acc_i = _sum_side_by_side(gi * vr - gr * vi, R, N2, S)
+            if R > 1:  # _inverse_slab's one row takes the twiddles unstacked
+                twr, twi = _twiddles(mats_ptr, s0, t2_one, N1, N2, S)
+            gk = _inverse_slab(acc_r, acc_i, gk, mats_ptr, s0, twr, twi, N1, N2, S, 1, X3, STREAM)
+    t = t2[:, None] + tl.arange(0, N1)[None, :] * N2
+    mask = t < lim[:, None]
+    offs = row_off[:, None] + t
+    if NEED_POST:
+        gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gpost = z / (N1 * N2) * gy
+        tl.store(gpost_ptr + offs, gpost.to(gpost_ptr.dtype.element_ty), mask=mask)
+    dv = dv / (N1 * N2)
+    if NEED_U:
+        gu = dv
+        if HAS_PRE:
+            gu = dv * tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
+    if NEED_PRE:
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gpre_ptr + offs, (dv * u).to(gpre_ptr.dtype.element_ty), mask=mask)
+    if NEED_K:
+        t = t2_one[:, None] + tl.arange(0, N1)[None, :] * N2
+        gk_off = (tl.program_id(0) % P * H + h) * K
+        tl.store(gk_ptr + gk_off + t, gk / (N1 * N2), mask=t < K)
+
+
 def _launch_options(p: Plan, dtype: torch.dtype) -> dict:
     """The constexprs and launch options both kernels take from the plan and the dtype."""
     precision = DOT_PRECISION[dtype]
@@ -524,33 +622,63 @@ class TritonFFTConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(ctx)
-        need_u, need_k, need_pre, need_post = needs
+        (u, k, pregate, postgate), needs, grads = backward_inputs(ctx)
         B, H, L = u.shape
         K = k.shape[-1]
         p = plan(fft_size(L, K), u.dtype)
         mats = _packed_matrices(p.n1, p.n2, u.device)
-        gy = gy.contiguous()
-        k_f = ctx.spectrum
-        if need_post:  # z is recomputed, never stored
-            _launch_conv(u, pregate, k_f, False, [(g_post, gy)], p, mats)
-        if need_u or need_pre:  # dv = corr(gz, k): the spectrum gz_hat * conj(k_hat)
-            outs = [(g_u, pregate)] if need_u else []
-            outs += [(g_pre, u)] if need_pre else []
-            _launch_conv(gy, postgate, k_f, True, outs, p, mats)
-        g_k = None
-        if need_k:
-            rb = min(B, max(DK_ROWS, p.rows))  # a program's rows, p.rows of them at a time
-            partial = torch.empty((triton.cdiv(B, rb), H, K), device=k.device, dtype=k.dtype)
-            _backward_kernel[(H, partial.shape[0])](
-                u, _or(pregate, u), _or(postgate, u), gy, mats, partial, B, H, L, K, RB=rb,
-                R=p.rows,
-                HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
-                **_launch_options(p, u.dtype),
-            )  # fmt: skip
-            g_k = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+        fused = p.n1 * p.n2 <= FUSED_BACKWARD_MAX
+        run = _fused_backward if fused else _unfused_backward
+        g_k = run(u, pregate, postgate, gy.contiguous(), ctx.spectrum, grads, K, needs, p, mats)
+        g_u, g_pre, g_post = grads
         ctx.spectrum = None
         return g_u, g_k, g_pre, g_post
+
+
+def _fused_backward(u, pregate, postgate, gy, k_f, grads, K, needs, p: Plan, mats):
+    """Every requested gradient in one _fused_backward_kernel launch; returns dk (or None) and
+    fills the [B, H, L] buffers ``grads`` = (g_u, g_pre, g_post) (None where not needed)."""
+    need_u, need_k, need_pre, need_post = needs
+    (g_u, g_pre, g_post), (B, H, L) = grads, u.shape
+    P = triton.cdiv(B, p.rows)
+    partial = torch.empty((P, H, K), device=u.device, dtype=k_f.dtype) if need_k else None
+    _fused_backward_kernel[(H * P,)](
+        u, _or(pregate, u), _or(postgate, u), gy, k_f, mats, _or(g_u, u), _or(g_pre, u),
+        _or(g_post, u), _or(partial, k_f), B, H, L, K, R=p.rows,
+        HAS_PRE=pregate is not None, HAS_POST=postgate is not None, NEED_U=need_u,
+        NEED_PRE=need_pre, NEED_POST=need_post, NEED_K=need_k, **_launch_options(p, u.dtype),
+    )  # fmt: skip
+    return _sum_partial(partial)
+
+
+def _unfused_backward(u, pregate, postgate, gy, k_f, grads, K, needs, p: Plan, mats):
+    """As _fused_backward, in up to three launches: dpostgate and dv each by _forward_kernel,
+    dk by _backward_kernel (the FFT sizes past FUSED_BACKWARD_MAX)."""
+    need_u, need_k, need_pre, need_post = needs
+    (g_u, g_pre, g_post), (B, H, L) = grads, u.shape
+    if need_post:  # z is recomputed, never stored
+        _launch_conv(u, pregate, k_f, False, [(g_post, gy)], p, mats)
+    if need_u or need_pre:  # dv = corr(gz, k): the spectrum gz_hat * conj(k_hat)
+        outs = [(g_u, pregate)] if need_u else []
+        outs += [(g_pre, u)] if need_pre else []
+        _launch_conv(gy, postgate, k_f, True, outs, p, mats)
+    if not need_k:
+        return None
+    rb = min(B, max(DK_ROWS, p.rows))  # a program's rows, p.rows of them at a time
+    partial = torch.empty((triton.cdiv(B, rb), H, K), device=u.device, dtype=k_f.dtype)
+    _backward_kernel[(H, partial.shape[0])](
+        u, _or(pregate, u), _or(postgate, u), gy, mats, partial, B, H, L, K, RB=rb, R=p.rows,
+        HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
+        **_launch_options(p, u.dtype),
+    )  # fmt: skip
+    return _sum_partial(partial)
+
+
+def _sum_partial(partial: torch.Tensor | None) -> torch.Tensor | None:
+    """[P, H, K] partial filter gradients -> [H, K] (None stays None)."""
+    if partial is None or partial.shape[0] == 1:
+        return partial if partial is None else partial[0]
+    return partial.sum(0)
 
 
 def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:

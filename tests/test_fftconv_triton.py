@@ -88,14 +88,56 @@ def test_triton_fused_every_size(L, K):
     check_against_oracle(args, 1e-4, conv=fused)
 
 
+@pytest.fixture(params=["fused", "unfused"])
+def backward_path(request, monkeypatch):
+    """Runs the test with the backward pass in one launch (_fused_backward) or in three
+    (_unfused_backward) at every FFT size; yields that name and, once the test ran, checks that
+    this path and only it was taken."""
+    fused = request.param == "fused"
+    monkeypatch.setattr(fft_triton, "FUSED_BACKWARD_MAX", FUSED_CAPACITY if fused else 0)
+    calls = {"fused": 0, "unfused": 0}
+    for name in calls:
+        run = getattr(fft_triton, f"_{name}_backward")
+
+        def spy(*a, _run=run, _name=name):
+            calls[_name] += 1
+            return _run(*a)
+
+        monkeypatch.setattr(fft_triton, f"_{name}_backward", spy)
+    yield request.param
+    assert calls[request.param] > 0 and sum(calls.values()) == calls[request.param]
+
+
 @pytest.mark.parametrize("B, rows", [(5, 2), (3, 1), (4, 4)])
 def test_triton_filter_gradient_batch_split(B, rows, monkeypatch):
-    """The filter-gradient kernel splits the batch over programs, rows per program, and sums
-    their partial gradients: with a last program half empty (5 rows, 2 per program), one row
-    per program, and the whole batch in one. Every gradient against the oracle."""
+    """The unfused backward's filter-gradient kernel splits the batch over programs, rows per
+    program, and sums their partial gradients: with a last program half empty (5 rows, 2 per
+    program), one row per program, and the whole batch in one. Every gradient against the
+    oracle."""
+    monkeypatch.setattr(fft_triton, "FUSED_BACKWARD_MAX", 0)
     monkeypatch.setattr(fft_triton, "DK_ROWS", rows)
     args = make_inputs(B, 2, 100, 64, torch.float32, gates=True, skip=False, seed=B)
     check_against_oracle(args, 1e-4, conv=fused)
+
+
+@pytest.mark.parametrize(
+    "wanted", [("u",), ("k",), ("pre",), ("post",), ("u", "post"), ("k", "pre"), ("u", "k")]
+)
+@pytest.mark.parametrize("L, K", [(100, 64), (200, 200)])  # FFT sizes 256 (one slab), 512 (two)
+def test_triton_backward_gradient_subsets(wanted, L, K, backward_path):
+    """Either backward path computes only what is asked for (the kernels' NEED_* flags and the
+    launches they skip): each subset of the inputs requiring grad gets the oracle's gradients,
+    the rest none."""
+    u, k, _, pre, post = make_inputs(2, 3, L, K, torch.float32, gates=True, skip=False, seed=L)
+    args = dict(u=u, k=k, pre=pre, post=post)
+    args = {n: a.detach().requires_grad_(n in wanted) for n, a in args.items()}
+    y = fused(args["u"], args["k"], None, args["pre"], args["post"])
+    ref = direct_conv(args["u"], args["k"], None, args["pre"], args["post"])
+    gy = torch.randn_like(y)
+    inputs = [args[n] for n in wanted]
+    want = torch.autograd.grad(ref, inputs, gy.double())
+    for got, want in zip(torch.autograd.grad(y, inputs, gy), want):
+        assert_close_scaled(got, want, 1e-4)
 
 
 @pytest.mark.parametrize(
@@ -108,12 +150,13 @@ def test_triton_filter_gradient_batch_split(B, rows, monkeypatch):
         (4, 200, 200, (32, 16, 16, 16, 4, 2), 4),  # n = 512: two slabs of two chunks each
     ],
 )
-def test_triton_rows_per_program(B, L, K, rows_plan, dk_rows, monkeypatch):
-    """Both kernels with several batch rows at a time (Plan.rows), their tiles stacked for the
-    first DFT stage and side by side for the second: the forward and the two backward launches
-    of the convolution kernel (dpostgate, and du / dpregate through the conjugate spectrum),
-    and the filter-gradient kernel summing its rows' spectra, against the oracle. Three
-    channels, so that a program's rows must all come from its own channel."""
+def test_triton_rows_per_program(B, L, K, rows_plan, dk_rows, monkeypatch, backward_path):
+    """Every kernel with several batch rows at a time (Plan.rows), their tiles stacked for the
+    first DFT stage and side by side for the second, against the oracle: the forward; the fused
+    backward, summing its rows' filter-gradient spectra; and the unfused one's two launches of
+    the convolution kernel (dpostgate, and du / dpregate through the conjugate spectrum) and
+    its filter-gradient kernel. Three channels, so that a program's rows must all come from its
+    own channel."""
     monkeypatch.setitem(PLANS, fft_size(L, K), rows_plan)
     monkeypatch.setattr(fft_triton, "DK_ROWS", dk_rows)
     assert fft_triton.plan(fft_size(L, K), torch.float32).rows == rows_plan[-1]
