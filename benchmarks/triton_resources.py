@@ -6,10 +6,11 @@ without one.
 
 Every variant that kernels.fft_triton.TritonFFTConv launches (FFT sizes 256 .. FUSED_CAPACITY;
 fp32, fp16 and bf16 inputs; the flag sets of the forward kernel's three uses, of the unfused
-backward's filter-gradient kernel and of the fused backward kernel, at every size) is compiled by triton.compile for target sm_90 (CUDA capability 9.0) with the plan's
-warp count and pipelining depth, specialised as the launcher would: pointer arguments 16-byte
-aligned, and L, K, H either multiples of 16 ("aligned", e.g. power-of-two lengths) or not
-(masked loads then vectorize less). Shared memory is the compiled kernel's own figure;
+backward's filter-gradient kernel and of the fused backward kernel, at every size) is compiled
+by triton.compile for target sm_90 (CUDA capability 9.0) with the plan's warp count and
+pipelining depth, specialised as the launcher would: pointer arguments 16-byte aligned, and L,
+K, H either multiples of 16 ("aligned", e.g. power-of-two lengths) or not (masked loads then
+vectorize less). Shared memory is the compiled kernel's own figure;
 registers per thread and spill bytes come from the bundled ptxas -v on its PTX (the call
 Triton makes: -lineinfo --gpu-name=sm_90a). A launch needs shared <= 232448 bytes (227 KiB,
 the H100's per-block limit); spills go to local memory (slow, not fatal). The compiler is the
@@ -45,6 +46,7 @@ H100_SHARED = 232448  # bytes of shared memory per block (cudaDevAttrMaxSharedMe
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIZES = [256 << i for i in range(7)]
 assert SIZES[-1] == fft_triton.FUSED_CAPACITY
+_GATE_FLAGS = ("HAS_PRE", "HAS_POST", "NEED_PRE", "NEED_POST")
 # The flag sets TritonFFTConv launches. _forward_kernel: the forward pass and dpostgate
 # (HAS_GIN: pregate given; HAS_GOUT: postgate given, or gy), and dv (CONJ; HAS_GIN: postgate
 # given; du alone: HAS_GOUT = pregate given; dpregate alone: HAS_GOUT; both: HAS_GOUT, OUT2).
@@ -61,11 +63,10 @@ FLAGS = {
     "backward": [
         {"HAS_PRE": pre, "HAS_POST": post} for pre in (False, True) for post in (False, True)
     ],
-    # _fused_backward_kernel: gates and every gradient (an H3 layer's case), no gates (u and
-    # k, a plain SSM), and a frozen filter (no dk).
+    # _fused_backward_kernel (_GATE_FLAGS all on or all off): gates and every gradient (an H3
+    # layer's case), no gates (u and k, a plain SSM), and a frozen filter (no dk).
     "fused_backward": [
-        {"HAS_PRE": gates, "HAS_POST": gates, "NEED_U": True, "NEED_PRE": gates,
-         "NEED_POST": gates, "NEED_K": need_k}  # fmt: skip
+        dict(NEED_U=True, NEED_K=need_k, **dict.fromkeys(_GATE_FLAGS, gates))
         for gates, need_k in ((True, True), (False, True), (True, False))
     ],
 }

@@ -135,8 +135,8 @@ def test_triton_backward_gradient_subsets(wanted, L, K, backward_path):
     ref = direct_conv(args["u"], args["k"], None, args["pre"], args["post"])
     gy = torch.randn_like(y)
     inputs = [args[n] for n in wanted]
-    want = torch.autograd.grad(ref, inputs, gy.double())
-    for got, want in zip(torch.autograd.grad(y, inputs, gy), want):
+    wants = torch.autograd.grad(ref, inputs, gy.double())
+    for got, want in zip(torch.autograd.grad(y, inputs, gy), wants):
         assert_close_scaled(got, want, 1e-4)
 
 
