@@ -14,7 +14,7 @@ vectorize less). Shared memory is the compiled kernel's own figure;
 registers per thread and spill bytes come from the bundled ptxas -v on its PTX (the call
 Triton makes: -lineinfo --gpu-name=sm_90a). A launch needs shared <= 232448 bytes (227 KiB,
 the H100's per-block limit); spills go to local memory (slow, not fatal). The compiler is the
-installed Triton's (a GPU session may use another version). About 8 minutes on 2 cores. The
+installed Triton's (a GPU session may use another version). About 15 minutes on 2 cores. The
 table goes to stdout, everything to JSON (default
 benchmarks/results/triton_resources_sm90.json). ``--plan N:n1,n2,S,C,warps[,rows]`` compiles
 that plan for size N instead of PLANS[N] (for every dtype), e.g. to see what more batch rows
