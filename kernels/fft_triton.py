@@ -107,10 +107,11 @@ NUM_WARPS: int | None = None
 DK_ROWS = 4
 # The largest FFT size whose backward pass is the one fused launch (_fused_backward_kernel);
 # beyond it, three launches (_unfused_backward). Set by offline sm_90 compiles, not yet timed
-# (benchmarks/triton_gpu.py times both paths): the fused kernel keeps z, dv and dk's
-# accumulator live at once, and spills nothing in fp16 / bf16 up to n = 2048 (40 B with
-# unaligned lengths) but 4.4-6.1 KB at 4096 and 6-8 KB beyond, where the unfused kernels
-# spill 0.2-0.7 KB (forward) and 3.3 KB (filter gradient) at 4096
+# (benchmarks/triton_gpu.py times both paths). The fused kernel keeps z, dv and the dk
+# accumulator live at once: in fp16 / bf16 it spills nothing up to n = 2048 (40 B with
+# unaligned lengths), but 4.4-6.1 KB at 4096 and 6.0-8.2 KB beyond, where the unfused kernels
+# spill 0.2-0.7 KB (forward) and 2.3-3.3 KB (filter gradient) at 4096; in fp32 it spills 2.1-2.6
+# KB at 2048, the unfused ones 0.1-0.2 and 1.0-1.3 KB
 # (benchmarks/results/triton_resources_sm90.json).
 FUSED_BACKWARD_MAX = 2048
 

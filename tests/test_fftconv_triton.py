@@ -79,10 +79,10 @@ def fused(u, k, D, pregate, postgate):
     [(400, 300), (1500, 500), (3000, 1000)]  # FFT sizes 1024, 2048, 4096
     + [(4000, 4000), (5000, 100), (5000, 5000), (9000, 300)],  # 8192 and 16384
 )
-def test_triton_fused_every_size(L, K):
+def test_triton_fused_every_size(L, K, backward_path):
     """Every FFT size from 1024 on (256 and 512 are covered above), each with its own plan
-    (tile shape, slab and chunk widths); up to 16384 by calling the fused kernels directly.
-    Gates on, fp32; forward and all gradients."""
+    (tile shape, slab and chunk widths); up to 16384 by calling the fused kernels directly,
+    with either backward path at every size. Gates on, fp32; forward and all gradients."""
     assert fft_size(L, K) in PLANS
     args = make_inputs(2, 1, L, K, torch.float32, gates=True, skip=False, seed=L + K)
     check_against_oracle(args, 1e-4, conv=fused)
