@@ -515,9 +515,10 @@ def _fused_backward_kernel(
     [ceil(B / R), H, K] fp32 takes each program's part, summed by the caller.
 
     No loop over more rows per program (as _backward_kernel's DK_ROWS) to sum dk spectra
-    before one inverse: the row-invariant tiles it hoisted kept registers live across the loop
-    (offline sm_90 compiles, bf16, 4 rows: 508 B of spills at n = 1024 and up to 2 KB at 2048,
-    against 0 and 208-544 B without), and one program per row keeps 16 x 768 programs busy.
+    before one inverse: a version with one, 4 rows per program, kept the row-invariant tiles
+    it hoisted out of the loop live in registers (offline sm_90 compiles, bf16: 0-508 B of
+    spills at n = 1024 and 1.0-2.1 KB at 2048, against 0 and 0-40 B here), and one program per
+    row keeps 16 x 768 programs busy where a loop over 4 rows leaves a quarter of that.
     """
     P = tl.cdiv(B, R)
     h = tl.program_id(0) // P
