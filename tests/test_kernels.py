@@ -264,6 +264,46 @@ def test_s4d_kernel_gradients_float64(method, L, with_b):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["zoh", "bilinear"])
+def test_s4d_powers_flush_denormals_float32(method):
+    """Fast-decaying modes at L = 3000 in float32: dA_powers sets magnitudes below 1e-19 to 0
+    (their products would be denormals, slow on CPU) and leaves no denormal, where the plain
+    formula exp(l Re log dA) (cos, sin)(l Im log dA) gives many; every other power is that
+    formula's, bit for bit. The kernel and its gradients still match the float64 oracle's."""
+    from kernels.ssm import dA_powers, log_dA
+
+    g = torch.Generator().manual_seed(5)
+    H, N, L = 2, 6, 3000
+    dt = torch.full((H,), 0.05, dtype=torch.float64)
+    # decay rates from 0.0025 to 1 per step (dt |Re A|): e^-3000 underflows many times over
+    A = torch.complex(-torch.logspace(-1.3, 1.3, N, dtype=torch.float64).expand(H, N),
+                      torch.randn(H, N, generator=g, dtype=torch.float64))  # fmt: skip
+    B, C = (torch.randn(H, N, generator=g, dtype=torch.complex128) for _ in range(2))
+    tiny = torch.finfo(torch.float32).tiny
+    log_re, log_im = log_dA(dt.float(), A.to(torch.complex64), method)
+    for step in (1, 55):
+        got = dA_powers((log_re, log_im), L // step, step)
+        lags = (torch.arange(L // step, dtype=torch.float32) * step)[:, None]
+        magnitude = torch.exp(lags * log_re[:, None])
+        phase = lags * log_im[:, None]
+        plain = (magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        assert ((plain[0] != 0) & (plain[0].abs() < tiny)).any()  # the formula's denormals
+        for part, want in zip(got, plain):
+            assert not ((part != 0) & (part.abs() < tiny)).any()
+            assert (part[magnitude < 1e-19 / 2] == 0).all()
+            kept = magnitude > 2e-19
+            assert torch.equal(part[kept], want[kept])
+    params = [x.detach().clone().requires_grad_() for x in (dt, A, B, C)]
+    params32 = [x.detach().to(torch.float32 if x.is_floating_point() else torch.complex64)
+                .requires_grad_() for x in (dt, A, B, C)]  # fmt: skip
+    want, got = s4d_kernel(*params, L, method), s4d_kernel(*params32, L, method)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, params32, gy.float()),
+                    torch.autograd.grad(want, params, gy)):  # fmt: skip
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=0, atol=1e-4 * b.abs().max().item())
+
+
 def test_s4d_bad_method():
     with pytest.raises(ValueError, match="discretization"):
         s4d_discretize(torch.ones(1), torch.ones(1, 1, dtype=torch.complex64), None, "euler")
