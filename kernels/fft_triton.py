@@ -70,7 +70,8 @@ benchmarks/results/triton_resources_sm90.json (benchmarks/triton_resources.py, o
 compiles).
 
 Speed on an H100 (B=16, H=768, K=L, bf16, median of do_bench; forward / forward + backward
-ms; benchmarks/results/triton_gpu_h100*.json): L=256 0.16 / 1.65, 1024 0.56 / 2.10, 2048 1.23 /
+ms, the backward then in three launches, before _fused_backward_kernel;
+benchmarks/results/triton_gpu_h100*.json): L=256 0.16 / 1.65, 1024 0.56 / 2.10, 2048 1.23 /
 4.49, 4096 2.80 / 10.6, 8192 8.24 / 32.7, against torch's cuFFT path 0.17 / 1.76, 0.60 / 1.73,
 1.18 / 3.33, 2.32 / 6.66, 4.66 / 13.3. That is 3-6% of the device's copy bandwidth: the work is
 bound by the latency of small dependent tl.dot chains per program (about 57 TFLOP/s of tf32 at
@@ -512,7 +513,8 @@ def _fused_backward_kernel(
     two launches of _forward_kernel and one of _backward_kernel: four spectra per row between
     them, and u, pregate and gy read two or three times.) The NEED_* flags drop what no
     gradient needs. Grid: H * ceil(B / R) as _forward_kernel's, rows past B masked off; gk
-    [ceil(B / R), H, K] fp32 takes each program's part, summed by the caller.
+    [ceil(B / R), H, K] fp32 takes each program's part, summed by the caller (transient memory
+    of 2K / (R L) times a bf16 input's, e.g. 2x at K = L with one row per program).
 
     No loop over more rows per program (as _backward_kernel's DK_ROWS) to sum dk spectra
     before one inverse: a version with one, 4 rows per program, kept the row-invariant tiles
@@ -584,7 +586,8 @@ def _fused_backward_kernel(
 
 
 def _launch_options(p: Plan, dtype: torch.dtype) -> dict:
-    """The constexprs and launch options both kernels take from the plan and the dtype."""
+    """The constexprs and launch options every fused kernel takes from the plan and the
+    dtype."""
     precision = DOT_PRECISION[dtype]
     if precision not in ("tf32", "tf32x3"):  # e.g. a tuning run asking for "ieee"
         raise ValueError(f"fftconv[triton]: fused kernels run tf32 or tf32x3, not {precision!r}")
@@ -678,9 +681,9 @@ def _unfused_backward(u, pregate, postgate, gy, k_f, grads, K, needs, p: Plan, m
 
 def _sum_partial(partial: torch.Tensor | None) -> torch.Tensor | None:
     """[P, H, K] partial filter gradients -> [H, K] (None stays None)."""
-    if partial is None or partial.shape[0] == 1:
-        return partial if partial is None else partial[0]
-    return partial.sum(0)
+    if partial is None:
+        return None
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
 
 
 def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
