@@ -570,7 +570,21 @@ def _fused_backward_kernel(
         gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gpost = z / (N1 * N2) * gy
         tl.store(gpost_ptr + offs, gpost.to(gpost_ptr.dtype.element_ty), mask=mask)
-    dv = dv / (N1 * N2)
+    store_signal_grads(dv / (N1 * N2), u_ptr, pre_ptr, gu_ptr, gpre_ptr, offs, mask, HAS_PRE,
+                       NEED_U, NEED_PRE)  # fmt: skip
+    if NEED_K:
+        t = t2_one[:, None] + tl.arange(0, N1)[None, :] * N2
+        gk_off = (tl.program_id(0) % P * H + h) * K
+        tl.store(gk_ptr + gk_off + t, gk / (N1 * N2), mask=t < K)
+
+
+@triton.jit
+def store_signal_grads(
+    dv, u_ptr, pre_ptr, gu_ptr, gpre_ptr, offs, mask,
+    HAS_PRE: tl.constexpr, NEED_U: tl.constexpr, NEED_PRE: tl.constexpr,
+):  # fmt: skip
+    """Stores du = dv * pregate (dv without a pregate) and dpregate = dv * u at ``offs`` where
+    asked for, from dv, the fp32 gradient of v = u * pregate (also kernels.toeplitz_triton's)."""
     if NEED_U:
         gu = dv
         if HAS_PRE:
@@ -579,10 +593,6 @@ def _fused_backward_kernel(
     if NEED_PRE:
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(gpre_ptr + offs, (dv * u).to(gpre_ptr.dtype.element_ty), mask=mask)
-    if NEED_K:
-        t = t2_one[:, None] + tl.arange(0, N1)[None, :] * N2
-        gk_off = (tl.program_id(0) % P * H + h) * K
-        tl.store(gk_ptr + gk_off + t, gk / (N1 * N2), mask=t < K)
 
 
 def _launch_options(p: Plan, dtype: torch.dtype) -> dict:

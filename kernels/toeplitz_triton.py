@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.fft_torch import backward_inputs
-from kernels.fft_triton import DOT_PRECISION, _contiguous, _or
+from kernels.fft_triton import DOT_PRECISION, _contiguous, _or, store_signal_grads
 
 
 class Tiles(NamedTuple):
@@ -137,14 +137,8 @@ def _grad_signal_kernel(
             gz = _gated(gy_ptr, post_ptr, offs_d, mask_d, HAS_POST)
             wt = _toeplitz_tile(k_ptr, h, K, d, BT, True)
             gv += tl.dot(wt, gz, input_precision=P)
-        if NEED_U:
-            gu = gv
-            if HAS_PRE:
-                gu = gv * tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=mask)
-        if NEED_PRE:
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(gpre_ptr + offs, (gv * u).to(gpre_ptr.dtype.element_ty), mask=mask)
+        store_signal_grads(gv, u_ptr, pre_ptr, gu_ptr, gpre_ptr, offs, mask, HAS_PRE, NEED_U,
+                           NEED_PRE)  # fmt: skip
 
 
 @triton.jit
