@@ -58,3 +58,23 @@ def test_triton_resources_reads_a_plan():
     assert (n, spec) == (2048, (32, 64, 32, 32, 4, 2))
     p = fft_triton.plan(n, torch.bfloat16, spec)
     assert (p.n1, p.n2, p.S, p.C, p.warps, p.rows, p.stream) == (32, 64, 32, 32, 4, 2, False)
+
+
+def test_state_passing_benchmark_compares_both_paths(tmp_path, capsys):
+    """benchmarks.state_passing: the full convolution and every chunk size shorter than L
+    side by side, with their ratio to the full path; a chunk of 0 exits 2 with one line and
+    writes nothing."""
+    from benchmarks import state_passing
+
+    out = tmp_path / "sp.json"
+    args = ["--lengths", "64", "--chunks", "16", "100", "--channels", "4", "--repeats", "1"]
+    state_passing.main([*args, "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["L"], r["impl"]) for r in rows] == [(64, "full"), (64, "T=16")]  # 100 >= L
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert "1.00x" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    with pytest.raises(SystemExit) as e:
+        state_passing.main(["--chunks", "0", "--out", str(bad)])
+    assert e.value.code == 2 and not bad.exists()
+    assert "chunks" in capsys.readouterr().err.strip().splitlines()[-1]
