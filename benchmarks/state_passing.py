@@ -51,9 +51,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "state_passing_cpu.json")
     args = p.parse_args(argv)
-    bad = [n for n in (*args.lengths, *args.chunks, args.channels, args.repeats) if n < 1]
+    numbers = (*args.lengths, *args.chunks, args.channels, args.repeats, args.threads)
+    bad = [n for n in numbers if n < 1]
     if bad:
-        p.error(f"lengths, chunks, --channels and --repeats must be >= 1, got {bad[0]}")
+        p.error(f"lengths, chunks, --channels, --repeats and --threads must be >= 1, got {bad[0]}")
     torch.set_num_threads(args.threads)
     start, rows = time.perf_counter(), []
     for L in args.lengths:
