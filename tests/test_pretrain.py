@@ -4,10 +4,12 @@ going down, 2-process DDP/FSDP equal to one process, kill-and-resume equal to on
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
-import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,47 +141,52 @@ def test_kill_and_resume_continues_exactly(reference, data_dir, tmp_path):
         pretrain(small(data_dir), out, progress=False)
 
 
-@pytest.mark.timeout(240)
+def _torchrun_pretrain(args: list[str], out: Path, timeout: float) -> None:
+    """``torchrun --standalone --nproc_per_node 2 -m sandbox.cli pretrain *args --out out`` (the
+    README's command), asserting that it succeeds.
+
+    One retry, only when the first failure is a worker killed by a signal: with Gloo on CPU,
+    about 1 launch in 100 (2 of 171 on the 2-core dev machine, and once in CI) had a worker die
+    in torch's C++ (SIGSEGV, or SIGABRT: "terminate called without an active exception") with
+    no Python error, so no code of ours raised it. An error of ours exits 1 and fails at once,
+    as does a second crash.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for attempt in (1, 2):
+        proc = subprocess.Popen(
+            [*cmd, "-m", "sandbox.cli", "pretrain", *args, "--quiet", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            start_new_session=True,  # its own process group: a hang kills launcher and workers
+        )
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(f"torchrun did not finish in {timeout} s")
+        if proc.returncode == 0:
+            return
+        # torchrun's summary names the first worker to fail under "Root Cause"; a negative
+        # exit code there is the signal that killed it.
+        root = err.rpartition("Root Cause")[2]
+        if attempt == 2 or not re.search(r"exitcode\s*:\s*-\d+", root):
+            break
+        warnings.warn(f"torchrun worker killed by a signal, retrying: {root[-600:]}", stacklevel=2)
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run refuses a used directory
+    pytest.fail(f"torchrun failed (exit {proc.returncode}): {err[-3000:]}")
+
+
+@pytest.mark.timeout(300)
 def test_two_processes_match_one(reference, data_dir, tmp_path):
     """torchrun, 2 processes x 1 micro-batch (DDP, then FSDP2) vs 1 process x 2 micro-batches."""
     ref_out, _ = reference
     config = tmp_path / "small.yaml"
     config.write_text(yaml.safe_dump(small(data_dir).model_dump(mode="json")))
-    # One launch for both runs (process start-up dominates): the script owns the process group.
-    script = tmp_path / "two_runs.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            import torch.distributed as dist
-            from sandbox.cli import main
-
-            dist.init_process_group("gloo")
-            base = ["pretrain", {str(config)!r}, "--quiet", "--out"]
-            codes = [main([*base, {str(tmp_path / "ddp")!r}]),
-                     main(["pretrain", {str(config)!r}, "train.fsdp=true", "--quiet",
-                           "--out", {str(tmp_path / "fsdp")!r}])]
-            dist.destroy_process_group()
-            sys.exit(max(codes))
-            """
-        )
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen(
-        [*cmd, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,  # its own process group: a hang kills the launcher and workers
-    )
-    try:
-        _, err = proc.communicate(timeout=200)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun did not finish in 200 s")
-    assert proc.returncode == 0, err[-3000:]
+    _torchrun_pretrain([str(config)], tmp_path / "ddp", timeout=120)
+    _torchrun_pretrain([str(config), "train.fsdp=true"], tmp_path / "fsdp", timeout=120)
     assert json.loads((tmp_path / "ddp" / "result.json").read_text())["processes"] == 2
     ref_curve, ref_weights = curve(ref_out), weights(ref_out / "model.safetensors")
     for run in ("ddp", "fsdp"):
