@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fft_torch, fftconv, s4d_discretize, s4d_kernel, shift_kernel
+from kernels import direct, fft_torch, fftconv, s4d_discretize, s4d_kernel, shift_kernel
 from kernels.fft_sizes import next_fast_len
 from kernels.fftconv import METHODS, choose_method
 
@@ -111,6 +111,20 @@ def test_fft_row_blocks_float64(monkeypatch, block_elems):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(fftconv(*args, method="fft"), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block_elems", [1, 2**14, 2**15, 2**30])
+@pytest.mark.parametrize("L, K", [(30, 30), (100, 40)])  # one Toeplitz block, and several
+def test_toeplitz_filter_gradient_in_channel_blocks_float64(monkeypatch, block_elems, L, K):
+    """The Toeplitz block's backward sums diagonals a few channels at a time: 1 channel per
+    block, blocks of 9 (L=30) and 3 (L=100) of the 11 with the last one short, and all in one."""
+    monkeypatch.setattr(direct, "_DIAGONAL_BLOCK_ELEMS", block_elems)
+    args = make_inputs(2, 11, L, K, torch.float64, seed=block_elems)
+    y = fftconv(*args, method="toeplitz")
+    ref = direct_conv(*args)
+    gy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(ref, args, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (4,), (0, 2), (1, 2), (2, 3, 4)])
