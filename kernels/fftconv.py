@@ -48,7 +48,7 @@ _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 #   L=16 0.75 vs 1.26, L=32 1.20 vs 1.96, L=48 1.67 vs 2.18, L=64 3.48 vs 4.13, L=96 6.19 vs
 #   6.25 (an earlier run: 2.05 vs 2.16 at 64, 3.79 vs 3.05 at 96). H=256, L=32 by batch: B=1
 #   1.76 vs 0.74, B=4 1.89 vs 1.44, B=8 2.83 vs 2.40 (1.65 vs 2.01 in an earlier run: a tie),
-#   B=32 3.74 vs 6.29. With the Toeplitz block's hand-written backward (kernels.direct), in a
+#   B=32 3.74 vs 6.29. With the first version of the Toeplitz block's own backward, in a
 #   noisier spell: B=32, H=64 L=64 2.99 vs 3.01, L=96 4.48 vs 3.33; H=256, L=32, B=8 1.99 vs
 #   1.44, B=32 3.50 vs 5.20. The limits stand.
 TOEPLITZ_MAX_LEN = 48
