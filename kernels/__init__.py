@@ -5,8 +5,10 @@
 - :func:`shift_kernel` - the shift SSM kernel of H3 (a learned FIR filter).
 - :func:`ssm_chunked_conv` - a diagonal SSM's convolution in chunks with state passing, used
   beyond :data:`STATE_PASSING_LEN`.
+- :func:`contiguous_grad` - the identity, with its gradient made contiguous on the way back.
 """
 
+from kernels.direct import contiguous_grad
 from kernels.fft_sizes import STATE_PASSING_LEN
 from kernels.fftconv import backends, fftconv
 from kernels.ssm import s4d_discretize, s4d_kernel, shift_kernel
@@ -15,6 +17,7 @@ from kernels.state_passing import ssm_chunked_conv
 __all__ = [
     "STATE_PASSING_LEN",
     "backends",
+    "contiguous_grad",
     "fftconv",
     "s4d_discretize",
     "s4d_kernel",

@@ -25,6 +25,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from kernels import contiguous_grad
 from layers.base import Mixer, State, register
 from layers.ssm import SSM_KINDS, check_diagonal_args, make_ssm
 
@@ -82,17 +83,28 @@ class H3(Mixer):
 
     def _heads_in(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """k', v [B, D, *T] -> second-SSM input [B, H * hd * hd, *T] (T: time axis or none)."""
+        # k' and v arrive as strided views (the shift SSM's output, a transposed projection);
+        # the outer product of strided operands comes out strided and its reshape copies it.
+        # Copying the small operands instead: see _heads_out.
+        k, v = k.contiguous(), v.contiguous()
         k = rearrange(k, "b (h i) ... -> b h i 1 ...", i=self.head_dim)
         v = rearrange(v, "b (h j) ... -> b h 1 j ...", j=self.head_dim)
         kv = k * v if self.kv_gate else k + v
         return rearrange(kv, "b h i j ... -> b (h i j) ...")
 
     def _heads_out(self, q: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        """q [B, D, *T] or None, y [B, H * hd * hd, *T] -> sum_i q_i y_ij: [B, D, *T]."""
+        """q [B, D, *T] or None, y [B, H * hd * hd, *T] -> sum_i q_i y_ij: [B, D, *T].
+
+        The [B, D, *T] tensors are made contiguous both ways (q, and the output's gradient, a
+        transposed [B, L, D] view), so that the products over all hd * hd channels, forward
+        and backward, run on contiguous memory: with _heads_in's copies, fwd+bwd of a layer
+        (D=64, hd=8, B=32, L=30, 1 thread, 240 steps in rotation) took 12.0 ms median against
+        15.6 with none and 13.4 with only these.
+        """
         y = rearrange(y, "b (h i j) ... -> b h i j ...", i=self.head_dim, j=self.head_dim)
         if q is not None:
-            y = y * rearrange(q, "b (h i) ... -> b h i 1 ...", i=self.head_dim)
-        return rearrange(y.sum(2), "b h j ... -> b (h j) ...")
+            y = y * rearrange(q.contiguous(), "b (h i) ... -> b h i 1 ...", i=self.head_dim)
+        return contiguous_grad(rearrange(y.sum(2), "b h j ... -> b (h j) ..."))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._mix(x, prefill=False)[0]
