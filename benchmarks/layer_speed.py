@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.layer_speed [--threads 1] [--repeats 5] [--width 256] [--batch 1]
     python3 -m benchmarks.layer_speed --device cuda --width 768 --batch 8 --max-len 16384
+    python3 -m benchmarks.layer_speed --task-shapes [--repeats 21]
 
 Both layers come from layers.build ("h3" with its defaults: shift SSM then diagonal SSM, head
 dim 1; "attention" with heads of 64). Each length is timed after one warm-up, the two layers in
@@ -10,6 +11,10 @@ kernels.STATE_PASSING_LEN), attention O(L^2), so the ratio column shows where H3
 On CUDA both run under bf16 autocast, as in pretraining (attention through SDPA's flash
 kernel, H3's convolutions through the Triton kernels).
 JSON to benchmarks/results/layer_speed_{cpu,cuda}.json (or --out).
+
+``--task-shapes`` times instead every mixer of the h3-table2 preset as that preset trains it
+(width 64, batch 32, L = 20 and 30, H3 with heads of 8): what a `sandbox compare` step costs
+per layer. JSON to benchmarks/results/layer_speed_tasks_{cpu,cuda}.json.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import layers
 from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
 
 LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+# The h3-table2 preset's mixers and shapes (configs/compare/h3-table2.yaml).
+TASK_MIXERS = {"s4d": {}, "gss": {}, "h3": {"head_dim": 8}, "attention": {}, "hyena": {}}
+TASK_WIDTH, TASK_BATCH, TASK_LENGTHS = 64, 32, (20, 30)
 
 
 def main(argv=None) -> None:
@@ -36,15 +44,21 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--task-shapes", action="store_true", help="the h3-table2 preset's shapes")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")  # exit 2, one line
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    mixers = {
-        name: layers.build(name, d_model=args.width).to(args.device) for name in ("h3", "attention")
-    }
+    if args.task_shapes:
+        names, width, batch, lengths = list(TASK_MIXERS), TASK_WIDTH, TASK_BATCH, TASK_LENGTHS
+        mixers = {n: layers.build(n, d_model=width, **TASK_MIXERS[n]) for n in names}
+    else:
+        names, width, batch = ["h3", "attention"], args.width, args.batch
+        lengths = [L for L in LENGTHS if L <= args.max_len]
+        mixers = {n: layers.build(n, d_model=width) for n in names}
+    mixers = {n: m.to(args.device) for n, m in mixers.items()}
     cuda = args.device == "cuda"
 
     def call(mixer, x):
@@ -52,33 +66,33 @@ def main(argv=None) -> None:
             return mixer(x)
 
     start, rows = time.perf_counter(), []
-    for L in (L for L in LENGTHS if L <= args.max_len):
-        x = torch.randn(args.batch, L, args.width, device=args.device, requires_grad=True)
+    for L in lengths:
+        x = torch.randn(batch, L, width, device=args.device, requires_grad=True)
         fns = {name: (lambda m=mixer, x=x: call(m, x)) for name, mixer in mixers.items()}
         row = {"L": L, **time_round_robin(fns, True, args.repeats, args.device)}
-        row["attention_over_h3"] = row["attention"]["median_ms"] / row["h3"]["median_ms"]
+        if not args.task_shapes:
+            row["attention_over_h3"] = row["attention"]["median_ms"] / row["h3"]["median_ms"]
         rows.append(row)
 
-    table = Table(title=f"fwd+bwd median ms, B={args.batch}, width {args.width}")
-    for col in ("L", "h3", "attention", "attention / h3"):
+    table = Table(title=f"fwd+bwd median ms, B={batch}, width {width}")
+    ratio = not args.task_shapes
+    for col in ["L", *names] + (["attention / h3"] if ratio else []):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(
-            str(r["L"]),
-            f"{r['h3']['median_ms']:.2f}",
-            f"{r['attention']['median_ms']:.2f}",
-            f"{r['attention_over_h3']:.2f}",
-        )
+        cells = [f"{r[n]['median_ms']:.2f}" for n in names]
+        table.add_row(str(r["L"]), *cells, *([f"{r['attention_over_h3']:.2f}"] if ratio else []))
     Console().print(table)
     payload = {
         "machine": machine_info(args.device, args.threads),
-        "batch": args.batch,
-        "width": args.width,
+        "batch": batch,
+        "width": width,
+        "mixers": {n: TASK_MIXERS.get(n, {}) for n in names},
         "repeats": args.repeats,
         "wall_s": time.perf_counter() - start,
         "rows": rows,
     }
-    write_json(payload, args.out or RESULTS / f"layer_speed_{args.device}.json")
+    name = "layer_speed_tasks" if args.task_shapes else "layer_speed"
+    write_json(payload, args.out or RESULTS / f"{name}_{args.device}.json")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,19 @@ def test_state_passing_benchmark_compares_both_paths(tmp_path, capsys):
         state_passing.main(["--chunks", "0", "--out", str(bad)])
     assert e.value.code == 2 and not bad.exists()
     assert "chunks" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_layer_speed_task_shapes(tmp_path, capsys):
+    """benchmarks.layer_speed --task-shapes: every mixer of the h3-table2 preset, built as the
+    preset builds it (multi-head H3), at its training lengths."""
+    from benchmarks import layer_speed
+
+    out = tmp_path / "tasks.json"
+    layer_speed.main(["--task-shapes", "--repeats", "1", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert (payload["batch"], payload["width"]) == (32, 64)
+    assert payload["mixers"]["h3"] == {"head_dim": 8}
+    assert [r["L"] for r in payload["rows"]] == [20, 30]
+    for row in payload["rows"]:
+        assert all(row[n]["median_ms"] > 0 for n in ("s4d", "gss", "h3", "attention", "hyena"))
+    assert "hyena" in capsys.readouterr().out
