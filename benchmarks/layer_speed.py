@@ -59,7 +59,7 @@ def main(argv=None) -> None:
         lengths = [L for L in LENGTHS if L <= args.max_len]
         mixers = {n: layers.build(n, d_model=width) for n in names}
     mixers = {n: m.to(args.device) for n, m in mixers.items()}
-    cuda = args.device == "cuda"
+    cuda, ratio = args.device == "cuda", not args.task_shapes
 
     def call(mixer, x):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -70,12 +70,11 @@ def main(argv=None) -> None:
         x = torch.randn(batch, L, width, device=args.device, requires_grad=True)
         fns = {name: (lambda m=mixer, x=x: call(m, x)) for name, mixer in mixers.items()}
         row = {"L": L, **time_round_robin(fns, True, args.repeats, args.device)}
-        if not args.task_shapes:
+        if ratio:
             row["attention_over_h3"] = row["attention"]["median_ms"] / row["h3"]["median_ms"]
         rows.append(row)
 
     table = Table(title=f"fwd+bwd median ms, B={batch}, width {width}")
-    ratio = not args.task_shapes
     for col in ["L", *names] + (["attention / h3"] if ratio else []):
         table.add_column(col, justify="right")
     for r in rows:
