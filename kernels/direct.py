@@ -92,7 +92,10 @@ def toeplitz_conv(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
     """x itself, whose gradient is made contiguous on its way back: for ops whose backward is
-    slow on strided gradients (CPU bmm, broadcast products feeding a reshape)."""
+    slow on strided gradients (CPU bmm, broadcast products feeding a reshape). Without a
+    gradient to come (generation's per-token steps) it skips the autograd Function's call."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x
     return _ContiguousGrad.apply(x)
 
 
