@@ -5,7 +5,8 @@
 
 Every case is timed after one warm-up call, the implementations being compared in turn
 within each repeat (a shared machine's slow spells then hit all alike); the table shows
-medians of ``--repeats`` runs (the JSON also keeps the minimum). The thread count is fixed
+medians of ``--repeats`` runs, or of more in the side-by-side table where a round of calls is
+short (``--min-seconds``; the JSON keeps the count and the minimum). The thread count is fixed
 (default 1: on a shared 2-core machine a second thread mostly measures the neighbours).
 
 - "ours": kernels.fftconv(u, k, D, pregate, postgate), method chosen by shape.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -95,11 +97,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_round_robin(fns: dict, backward: bool, repeats: int, device: str) -> dict[str, dict]:
+def time_round_robin(
+    fns: dict, backward: bool, repeats: int, device: str, min_seconds: float = 0.0
+) -> dict[str, dict]:
     """Median and min ms of each callable, timed in turn repeat by repeat, so that a slow spell
     of a shared machine hits all of them alike (one warm-up call each first). The order rotates
     each repeat: a call pays for what the one before it left behind (a cold cache, heap
-    returned to the OS by a big free), so no callable may always follow the same one."""
+    returned to the OS by a big free), so no callable may always follow the same one.
+
+    ``min_seconds``: take more than ``repeats`` rounds where one round (the warm-up calls
+    together) is short, so that the timed rounds fill about that long. A 0.3 ms call's median
+    of 9 moved by 10-40% from run to run on this shared machine; one of ~1000 is steadier.
+    """
 
     def once(fn):
         _sync(device)
@@ -110,24 +119,30 @@ def time_round_robin(fns: dict, backward: bool, repeats: int, device: str) -> di
         _sync(device)
         return time.perf_counter() - start
 
+    # The first call pays for allocation, FFT plans and dispatch caches; the second estimates
+    # a round.
     for fn in fns.values():
-        once(fn)  # first-call allocation, FFT plans, dispatch caches
+        once(fn)
+    round_s = sum(once(fn) for fn in fns.values())
+    repeats = max(repeats, math.ceil(min_seconds / max(round_s, 1e-9)))
     seconds = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             seconds[name].append(once(fns[name]))
     return {
-        name: {"median_ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s)}
+        name: {"median_ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s), "repeats": repeats}
         for name, s in seconds.items()
     }
 
 
-def time_fwd_and_bwd(fns: dict, repeats: int, device: str) -> dict[str, tuple[dict, dict]]:
+def time_fwd_and_bwd(
+    fns: dict, repeats: int, device: str, min_seconds: float = 0.0
+) -> dict[str, tuple[dict, dict]]:
     """{name: (forward times, forward + backward times)}, each pass timed round robin."""
     forward_only = {n: (lambda fn=f: fn().detach()) for n, f in fns.items()}
-    fwd = time_round_robin(forward_only, False, repeats, device)
-    fwd_bwd = time_round_robin(fns, True, repeats, device)
+    fwd = time_round_robin(forward_only, False, repeats, device, min_seconds)
+    fwd_bwd = time_round_robin(fns, True, repeats, device, min_seconds)
     return {n: (fwd[n], fwd_bwd[n]) for n in fns}
 
 
@@ -185,7 +200,7 @@ def run_side_by_side(args, device: str, dtype) -> list[dict]:
         groups += [({n: fns[n]}, 2) for n in slow]
         times = {}
         for group, repeats in groups:
-            times.update(time_fwd_and_bwd(group, repeats, device))
+            times.update(time_fwd_and_bwd(group, repeats, device, args.min_seconds))
         for name, fn in fns.items():
             row = {"case": "K=L", "impl": name, "B": B, "H": H, "L": L, "K": L}
             row["fwd"], row["fwd_bwd"] = times[name]
@@ -357,6 +372,13 @@ def main(argv=None) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="side-by-side table: more repeats where a round of calls is short, to fill about "
+        "this long per pass (default 1.0)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer lengths (a smoke run)")
     p.add_argument("--lengths", type=int, nargs="+", help=f"K = L lengths (default {LENGTHS})")
     p.add_argument("--out", type=Path, default=None)

@@ -1,6 +1,7 @@
 """benchmarks.gpu's step runner, exercised with CPU steps: a step's output goes to its log and
 its JSON where asked, and a failing step is reported by its exit status, not raised. And
-benchmarks.triton_resources' --plan entries: parsed into the kernels' Plan, or rejected."""
+benchmarks.triton_resources' --plan entries: parsed into the kernels' Plan, or rejected. And
+the round-robin timer's repeat count."""
 
 import json
 
@@ -94,3 +95,29 @@ def test_layer_speed_task_shapes(tmp_path, capsys):
     for row in payload["rows"]:
         assert all(row[n]["median_ms"] > 0 for n in ("s4d", "gss", "h3", "attention", "hyena"))
     assert "hyena" in capsys.readouterr().out
+
+
+def test_round_robin_takes_more_repeats_for_short_calls():
+    """--min-seconds: a round of two ~2 ms calls gets more than the 3 repeats asked for, but no
+    more than fit 0.1 s (sleep never returns early), each call counted once per repeat plus
+    the two warm-up calls; without it, exactly the repeats asked for."""
+    import time
+
+    from benchmarks.fftconv import time_round_robin
+
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def call():
+            calls[name] += 1
+            time.sleep(0.002)
+            return torch.zeros(())
+
+        return call
+
+    fns = {name: make(name) for name in calls}
+    out = time_round_robin(fns, False, 3, "cpu", min_seconds=0.1)
+    assert 3 < out["a"]["repeats"] == out["b"]["repeats"] <= 25
+    assert calls == {"a": out["a"]["repeats"] + 2, "b": out["b"]["repeats"] + 2}
+    assert out["a"]["min_ms"] >= 2.0
+    assert time_round_robin(fns, False, 3, "cpu")["a"]["repeats"] == 3
