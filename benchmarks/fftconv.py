@@ -257,6 +257,7 @@ def run_short_filters(args, dtype) -> list[dict]:
 def run_crossovers(args) -> list[dict]:
     """Each torch method forced, fwd + bwd: the data behind kernels/fftconv.py's thresholds."""
     grid = [(B, 64, L, L) for B in (4, 32) for L in (16, 24, 32, 48, 64, 96)]
+    grid += [(B, 64, L, L) for B in (16, 64) for L in (32, 48, 64, 96, 128)]
     grid += [(B, 256, 32, 32) for B in (1, 4, 8, 32)]
     for L in (1024, 4096) if args.quick else (1024, 4096, 16384):
         grid += [(4, 64, L, K) for K in (3, 4, 8, 16, 64, 128, 256, 512)]

@@ -5,7 +5,7 @@ reach an output position, so K > L is accepted and truncated to L.
 
 The torch backend has three exact methods (fp32 math, fp64 for fp64 inputs), picked by shape
 from crossovers measured on CPU by benchmarks/fftconv.py (its crossover sweep):
-- "toeplitz": matmuls with Toeplitz blocks (kernels.direct) - tiny L with a batch;
+- "toeplitz": matmuls with Toeplitz blocks (kernels.direct) - short L with a batch of >= L / 2;
 - "conv1d": grouped conv1d (kernels.direct) - a handful of taps;
 - "fft": blocked rfft with a hand-written backward (kernels.fft_torch) - everything else.
 The skip term D is the filter's tap 0, so every method gets it free: folded into k, or for the fft
@@ -44,14 +44,20 @@ _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 # benchmarks/results/fftconv_cpu.json ("crossover"; three earlier runs agreed within noise).
 # Times in ms.
 # - One [L, L] Toeplitz matmul beats the FFT at the synthetic tasks' lengths once a batch
-#   amortises building the matrix and its backward. B=32, H=64, K=L, toeplitz vs fft:
-#   L=16 0.75 vs 1.26, L=32 1.20 vs 1.96, L=48 1.67 vs 2.18, L=64 3.48 vs 4.13, L=96 6.19 vs
-#   6.25 (an earlier run: 2.05 vs 2.16 at 64, 3.79 vs 3.05 at 96). H=256, L=32 by batch: B=1
-#   1.76 vs 0.74, B=4 1.89 vs 1.44, B=8 2.83 vs 2.40 (1.65 vs 2.01 in an earlier run: a tie),
-#   B=32 3.74 vs 6.29. With the first version of the Toeplitz block's own backward, in a
-#   noisier spell: B=32, H=64 L=64 2.99 vs 3.01, L=96 4.48 vs 3.33; H=256, L=32, B=8 1.99 vs
-#   1.44, B=32 3.50 vs 5.20. The limits stand.
-TOEPLITZ_MAX_LEN = 48
+#   amortises building the matrix and its backward, and the larger the batch, the longer the
+#   lengths it wins at (its bmm gets more rows per matrix). With the Toeplitz block's own
+#   backward (kernels.direct), H=64, K=L, median fft vs toeplitz, at least 1.5 s per method:
+#   B=16 L=32 1.14 vs 1.09; B=24 (H=128) L=48 2.43 vs 2.02, L=64 3.45 vs 3.37; B=32 L=48 2.35
+#   vs 1.86, L=64 2.76 vs 2.32, L=96 3.83 vs 4.14, L=128 4.90 vs 6.34; B=48 L=96 5.46 vs 5.04;
+#   B=64 L=64 6.84 vs 4.28, L=96 8.79 vs 6.54, L=128 11.9 vs 11.3. Wider: B=16, H=256 L=48
+#   4.09 vs 4.03, L=64 5.84 vs 7.06; B=32, H=256 L=64 10.4 vs 8.96, L=96 15.9 vs 15.9; B=32,
+#   H=512 L=64 22.0 vs 17.9; B=48, H=256 L=96 28.2 vs 23.6. So toeplitz where B >= L / 2 (and
+#   B >= 16) up to L = 96: each of those shapes won or tied. Below B=16 the FFT won: H=256,
+#   L=32, B=1 1.76 vs 0.74 (toeplitz vs fft), B=4 1.89 vs 1.44, B=8 a tie. The forward pass
+#   alone (no_grad) at evaluation batches, B=500: H=64 L=64 14.3 vs 6.5, H=512 L=30 144 vs 66,
+#   L=48 78 vs 58, but L=64 126 vs 138 and L=80 152 vs 168, where 100 MB operands make the
+#   per-channel gemms memory-bound. Training steps dominate a run's time, so fwd+bwd decides.
+TOEPLITZ_MAX_LEN = 96
 TOEPLITZ_MIN_BATCH = 16
 # - Grouped conv1d wins for a handful of taps. B=4, H=64, conv1d vs fft, K=4: L=1024 3.56 vs
 #   4.81, L=4096 15.1 vs 27.8, L=16384 66 vs 120. K=8 won here too but lost in an earlier run
@@ -85,7 +91,7 @@ def choose_method(B: int, L: int, K: int, backend: str = "torch") -> str:
     """The fastest method of ``backend`` for batch B, length L and K <= L taps (see above)."""
     if backend == "triton":
         return "toeplitz" if K <= TRITON_TOEPLITZ_MAX_TAPS else "fft"
-    if L <= TOEPLITZ_MAX_LEN and B >= TOEPLITZ_MIN_BATCH:
+    if L <= TOEPLITZ_MAX_LEN and B >= max(TOEPLITZ_MIN_BATCH, L / 2):
         return "toeplitz"
     if K <= CONV1D_MAX_TAPS:
         return "conv1d"

@@ -156,6 +156,10 @@ def test_fft_second_backward_is_a_clear_error():
 def test_method_choice():
     assert choose_method(32, 20, 20) == choose_method(32, 30, 30) == "toeplitz"  # training
     assert choose_method(1, 30, 30) == choose_method(8, 30, 30) == "fft"
+    # the Toeplitz limit grows with the batch: B >= L / 2, up to L = 96
+    assert choose_method(16, 32, 32) == choose_method(32, 64, 64) == "toeplitz"
+    assert choose_method(16, 48, 48) == choose_method(64, 128, 128) == "fft"
+    assert choose_method(500, 96, 96) == "toeplitz" != choose_method(500, 97, 97)
     assert choose_method(4, 4096, 3) == "conv1d"
     assert choose_method(4, 4096, 4096) == "fft"
     with pytest.raises(ValueError, match="method"):
