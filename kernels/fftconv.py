@@ -1,7 +1,9 @@
 """Causal long convolution ``y = postgate * (k * (u * pregate) + D * (u * pregate))``: dispatch.
 
-Shapes: u, pregate, postgate [B, H, L]; k [H, K]; D [H]. Taps of k beyond L can never
-reach an output position, so K > L is accepted and truncated to L.
+Shapes: u, pregate, postgate [B, H, L]; k [G, K]; D [G], where G = H (a filter per channel) or
+divides H (filters shared by groups of H / G consecutive channels: channel h takes filter
+h // (H / G), as multi-head H3's second SSM shares each head's filter). Taps of k beyond L can
+never reach an output position, so K > L is accepted and truncated to L.
 
 The torch backend has three exact methods (fp32 math, fp64 for fp64 inputs), picked by shape
 from crossovers measured on CPU by benchmarks/fftconv.py (its crossover sweep):
@@ -28,7 +30,7 @@ import importlib.util
 
 import torch
 
-from kernels.direct import conv1d_conv, toeplitz_conv
+from kernels.direct import conv1d_conv, per_channel, toeplitz_conv
 from kernels.fft_sizes import MAX_FUSED_FFT
 from kernels.fft_torch import fft_conv
 
@@ -129,11 +131,13 @@ def _as(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _check_shapes(u, k, D, pregate, postgate) -> None:
     if u.dim() != 3:
         raise ValueError(f"fftconv: u must be [B, H, L], got shape {tuple(u.shape)}")
-    _, H, _ = u.shape
-    if k.dim() != 2 or k.shape[0] != H or k.shape[1] < 1:
-        raise ValueError(f"fftconv: k must be [H={H}, K>=1], got shape {tuple(k.shape)}")
-    if D is not None and tuple(D.shape) != (H,):
-        raise ValueError(f"fftconv: D must be [H={H}], got shape {tuple(D.shape)}")
+    H = u.shape[1]
+    if k.dim() != 2 or k.shape[1] < 1 or k.shape[0] < 1 or H % k.shape[0]:
+        raise ValueError(
+            f"fftconv: k must be [G, K>=1] with G dividing H={H}, got shape {tuple(k.shape)}"
+        )
+    if D is not None and tuple(D.shape) != (k.shape[0],):
+        raise ValueError(f"fftconv: D must be [G={k.shape[0]}] like k, got shape {tuple(D.shape)}")
     for name, g in (("pregate", pregate), ("postgate", postgate)):
         if g is not None and g.shape != u.shape:
             raise ValueError(
@@ -152,12 +156,14 @@ def fftconv(
 ) -> torch.Tensor:
     """Causal convolution of each channel of ``u`` with its filter, plus skip and gates.
 
-    ``v = u * pregate``; ``y[b,h,t] = postgate * (sum_{s<=t} k[h,t-s] v[b,h,s] + D[h] v[b,h,t])``.
+    ``v = u * pregate``; ``y[b,h,t] = postgate * (sum_{s<=t} k[g,t-s] v[b,h,s] + D[g] v[b,h,t])``
+    with ``g = h // (H / G)`` (g = h for a filter per channel).
 
     Args:
         u: [B, H, L] input (float32, float16, bfloat16 or float64).
-        k: [H, K] filters; taps past L are ignored.
-        D: [H] skip weights, or None.
+        k: [G, K] filters, G = H or a divisor of it (shared by H / G consecutive channels);
+            taps past L are ignored.
+        D: [G] skip weights, one per filter, or None.
         pregate, postgate: [B, H, L] multiplicative gates, or None.
         backend: "torch" or "triton", or None: triton for CUDA tensors (when installed),
             torch otherwise.
@@ -184,12 +190,15 @@ def fftconv(
         )
     dtype = _compute_dtype(u.dtype)
     # Casts and slices only where needed: at the short lengths each call costs microseconds.
-    k = _as(k if K == k.shape[-1] else k[:, :K], dtype)
+    k, D = _as(k if K == k.shape[-1] else k[:, :K], dtype), _as(D, dtype)
+    if backend != "torch" or method != "toeplitz":  # only it uses shared filters as such
+        r = u.shape[1] // k.shape[0]
+        k, D = per_channel(k, r), None if D is None else per_channel(D, r)
     if backend == "torch" and method == "fft":  # D goes into its padded filter buffer
-        return fft_conv(u, k, _as(D, dtype), pregate, postgate)
+        return fft_conv(u, k, D, pregate, postgate)
     if D is not None:  # in place on a copy: about half the time of adding a padded D
         k = k.clone()
-        k[:, 0] += _as(D, dtype)
+        k[:, 0] += D
     if backend == "triton" and method == "toeplitz":
         from kernels.toeplitz_triton import TritonToeplitzConv
 

@@ -35,12 +35,15 @@ INITS = ("lin", "inv")
 SSM_KINDS = ("diag", "shift")
 
 
-def _per_channel(p: torch.Tensor, channels: int) -> torch.Tensor:
-    """Head parameters [H, ...] -> [channels, ...], each head repeated channels / H times."""
-    heads = p.shape[0]
+def _check_channels(heads: int, channels: int) -> None:
     if channels % heads:
         raise ValueError(f"SSM with {heads} heads got {channels} channels, not a multiple")
-    return repeat(p, "h ... -> (h r) ...", r=channels // heads)
+
+
+def _per_channel(p: torch.Tensor, channels: int) -> torch.Tensor:
+    """Head parameters [H, ...] -> [channels, ...], each head repeated channels / H times."""
+    _check_channels(p.shape[0], channels)
+    return repeat(p, "h ... -> (h r) ...", r=channels // p.shape[0])
 
 
 def _step_params(ssm: nn.Module, channels: int, compute):
@@ -135,14 +138,14 @@ class DiagonalSSM(nn.Module):
         """
         dt, A, B, C = self._continuous()
         channels, L = u.shape[1], u.shape[-1]
-        D = _per_channel(self.D, channels)
         if L > STATE_PASSING_LEN:
-            dt, A, B, C = (_per_channel(p, channels) for p in (dt, A, B, C))
+            dt, A, B, C, D = (_per_channel(p, channels) for p in (dt, A, B, C, self.D))
             return ssm_chunked_conv(
                 u, dt, A, B, C, D, STATE_PASSING_LEN, self.discretization, pregate, postgate
             )
+        _check_channels(self.D.shape[0], channels)  # fftconv shares each head's filter
         k = s4d_kernel(dt, A, B, C, L, self.discretization)
-        return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
+        return fftconv(u, k, self.D, pregate, postgate)
 
     def prefill(self, u, pregate=None, postgate=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` and the state after the last position: x_L = sum_s dA^(L-1-s) dB v_s
@@ -202,10 +205,9 @@ class ShiftSSM(nn.Module):
 
     def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
         """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L]."""
+        _check_channels(self.D.shape[0], u.shape[1])  # fftconv shares each head's filter
         k = shift_kernel(self.C, self.B, L=u.shape[-1])
-        channels = u.shape[1]
-        D = _per_channel(self.D, channels)
-        return fftconv(u, _per_channel(k, channels), D, pregate, postgate)
+        return fftconv(u, k, self.D, pregate, postgate)
 
     def prefill(self, u, pregate=None, postgate=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` and the state after the last position. u, gates [B, C, L] -> ([B, C, L],

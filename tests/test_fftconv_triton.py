@@ -68,6 +68,23 @@ def test_triton_forward_and_grads(method, L, K, gates, skip):
     check_against_oracle(args, 1e-4, backend="triton", method=method)
 
 
+@pytest.mark.parametrize("method", ["fft", "toeplitz"])
+def test_triton_shared_filters(method):
+    """k [2, K] and D [2] shared by pairs of channels: the oracle repeats them by hand, so
+    their gradients are sums over each pair."""
+    u, _, _, pre, post = make_inputs(2, 4, 17, 17, torch.float32, seed=5)
+    _, k, D, _, _ = make_inputs(1, 2, 1, 17, torch.float32, seed=6)
+    leaves = [t.detach().to(DEVICE).requires_grad_() for t in (u, k, D, pre, post)]
+    y = fftconv(*leaves, backend="triton", method=method)
+    index = torch.arange(4, device=DEVICE) // 2
+    ref = direct_conv(leaves[0], leaves[1][index], leaves[2][index], *leaves[3:])
+    assert_close_scaled(y, ref, 1e-4)
+    gy = torch.randn(y.shape, dtype=torch.float64).to(y.device)
+    got = torch.autograd.grad(y, leaves, gy.float())
+    for a, b in zip(got, torch.autograd.grad(ref, leaves, gy)):
+        assert_close_scaled(a, b, 1e-4)
+
+
 def fused(u, k, D, pregate, postgate):
     """The fused kernels themselves, whatever fftconv's dispatch threshold (no skip term)."""
     assert D is None

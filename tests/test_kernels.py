@@ -97,6 +97,27 @@ def test_strided_inputs_and_gradient_float64(method, L, K):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("G, r, L, K", [(2, 4, 30, 30), (3, 32, 20, 20), (2, 3, 100, 40)])
+def test_shared_filters_float64(method, G, r, L, K):
+    """k [G, K] and D [G] shared by groups of r channels: the oracle convolves each channel
+    with its group's filter repeated by hand, so the filter and skip gradients are sums over
+    each group. Covers the Toeplitz method's per-channel repeat (r = 4), its one-matmul-per-group
+    form (r = 32 >= GROUP_MATMUL_MIN) and its blocked form (L > K), and the other methods'."""
+    u, _, _, pre, post = make_inputs(2, G * r, L, K, torch.float64, seed=G * r)
+    _, k, D, _, _ = make_inputs(1, G, 1, K, torch.float64, seed=G + r)
+    assert (r >= direct.GROUP_MATMUL_MIN) == (r == 32)
+    y = fftconv(u, k, D, pre, post, method=method)
+    index = torch.arange(G * r) // r  # channel h takes filter h // r
+    ref = direct_conv(u, k[index], D[index], pre, post)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(y)
+    leaves = [u, k, D, pre, post]
+    got = torch.autograd.grad(y, leaves, gy)
+    for a, b in zip(got, torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("block_elems", [2**7, 2**9, 2**12])
 def test_fft_row_blocks_float64(monkeypatch, block_elems):
     """The fft method split into row blocks (whole batches of channels, and channel ranges of
@@ -194,7 +215,7 @@ def test_filter_longer_than_sequence_is_truncated():
     "bad, match",
     [
         (lambda u, k: (u[0], k), "u must be"),
-        (lambda u, k: (u, k[:1]), "k must be"),
+        (lambda u, k: (u, k[:2]), "k must be"),  # 2 filters cannot be shared by 3 channels
         (lambda u, k: (u, k, torch.ones(7)), "D must be"),
         (lambda u, k: (u, k, None, u[:, :1]), "pregate must match"),
     ],
