@@ -6,9 +6,10 @@
 - :func:`ssm_chunked_conv` - a diagonal SSM's convolution in chunks with state passing, used
   beyond :data:`STATE_PASSING_LEN`.
 - :func:`contiguous_grad` - the identity, with its gradient made contiguous on the way back.
+- :func:`causal_toeplitz` - the [L, L] matrix of a causal convolution with a filter.
 """
 
-from kernels.direct import contiguous_grad
+from kernels.direct import causal_toeplitz, contiguous_grad
 from kernels.fft_sizes import STATE_PASSING_LEN
 from kernels.fftconv import backends, fftconv
 from kernels.ssm import s4d_discretize, s4d_kernel, shift_kernel
@@ -17,6 +18,7 @@ from kernels.state_passing import ssm_chunked_conv
 __all__ = [
     "STATE_PASSING_LEN",
     "backends",
+    "causal_toeplitz",
     "contiguous_grad",
     "fftconv",
     "s4d_discretize",

@@ -75,6 +75,13 @@ class _Toeplitz(torch.autograd.Function):
         return dk, None, None
 
 
+def causal_toeplitz(k: torch.Tensor, L: int) -> torch.Tensor:
+    """k [H, K] -> T [H, L, L], T[h, t, s] = k[h, t - s] for 0 <= t - s < K, else 0: the matrix
+    of the causal convolution y_t = sum_s T[t, s] v_s. Differentiable (the block's own
+    backward: diagonal sums)."""
+    return _toeplitz(k[:, :L], L, 0).transpose(-1, -2)
+
+
 def toeplitz_conv(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Causal convolution as matmuls with Toeplitz blocks of P = max(32, K) outputs.
 

@@ -136,16 +136,20 @@ class DiagonalSSM(nn.Module):
         Beyond kernels.STATE_PASSING_LEN the convolution runs in chunks with the state passed
         between them (exact, linear in L, no length-L kernel).
         """
-        dt, A, B, C = self._continuous()
         channels, L = u.shape[1], u.shape[-1]
         if L > STATE_PASSING_LEN:
-            dt, A, B, C, D = (_per_channel(p, channels) for p in (dt, A, B, C, self.D))
+            parameters = (*self._continuous(), self.D)
+            dt, A, B, C, D = (_per_channel(p, channels) for p in parameters)
             return ssm_chunked_conv(
                 u, dt, A, B, C, D, STATE_PASSING_LEN, self.discretization, pregate, postgate
             )
         _check_channels(self.D.shape[0], channels)  # fftconv shares each head's filter
-        k = s4d_kernel(dt, A, B, C, L, self.discretization)
-        return fftconv(u, k, self.D, pregate, postgate)
+        return fftconv(u, self.filter(L), self.D, pregate, postgate)
+
+    def filter(self, L: int) -> torch.Tensor:
+        """The convolution kernel [H, L] of each head (without the skip D)."""
+        dt, A, B, C = self._continuous()
+        return s4d_kernel(dt, A, B, C, L, self.discretization)
 
     def prefill(self, u, pregate=None, postgate=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` and the state after the last position: x_L = sum_s dA^(L-1-s) dB v_s
@@ -206,8 +210,11 @@ class ShiftSSM(nn.Module):
     def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
         """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L]."""
         _check_channels(self.D.shape[0], u.shape[1])  # fftconv shares each head's filter
-        k = shift_kernel(self.C, self.B, L=u.shape[-1])
-        return fftconv(u, k, self.D, pregate, postgate)
+        return fftconv(u, self.filter(u.shape[-1]), self.D, pregate, postgate)
+
+    def filter(self, L: int) -> torch.Tensor:
+        """The convolution kernel [H, min(N, L)] of each head (without the skip D)."""
+        return shift_kernel(self.C, self.B, L=L)
 
     def prefill(self, u, pregate=None, postgate=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` and the state after the last position. u, gates [B, C, L] -> ([B, C, L],

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import layers
+import layers.h3 as h3_module
 from layers import DiagonalSSM, ShiftSSM
 
 D_MODEL, SEQ_LEN, BATCH, D_STATE = 16, 12, 2, 8
@@ -360,6 +361,40 @@ def test_h3_matches_loop_oracle(head_dim, discretization):
     x = inputs()
     with torch.no_grad():
         torch.testing.assert_close(mixer(x), h3_loop(mixer, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"head_dim": 2},
+        {"head_dim": 4, "second_ssm": "shift"},
+        {"head_dim": 2, "q_gate": False},
+        {"head_dim": 2, "second_ssm": "shift", "learn_shift_b": True, "discretization": "zoh"},
+    ],
+    ids=str,
+)
+def test_h3_regrouped_matches_convolution(params, monkeypatch):
+    """Multi-head H3's regrouped form (linear attention with a Toeplitz mask, taken up to
+    REGROUPED_MAX_LEN) against its convolution form: the output and the gradients of the input
+    and of every parameter, float64."""
+    mixer = make("h3", params)
+    x = inputs().requires_grad_()
+    gy = torch.randn_like(x)
+    calls = []
+    regrouped = layers.H3._heads_regrouped
+    monkeypatch.setattr(layers.H3, "_heads_regrouped", lambda *a: calls.append(1) or regrouped(*a))
+
+    def run():
+        y = mixer(x)
+        return (y, *torch.autograd.grad(y, [x, *mixer.parameters()], gy))
+
+    got = run()
+    assert calls == [1]  # SEQ_LEN <= REGROUPED_MAX_LEN
+    monkeypatch.setattr(h3_module, "REGROUPED_MAX_LEN", SEQ_LEN - 1)
+    want = run()
+    assert calls == [1]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_diagonal_ssm_init():
