@@ -7,7 +7,9 @@ Default (the paper and its release, head_dim 1), for x [B, L, D]:
     out = Linear(q * y)                 no norm or activation inside the layer
 With head_dim = hd > 1 there are H = D / hd heads; per head h the second SSM sees hd x hd
 channels kv[h, i, j] = k'[h, i] v[h, j] sharing head h's parameters, and
-out[h, j] = sum_i q[h, i] (ssm(kv[h, i, j]) + D_h kv[h, i, j]).
+out[h, j] = sum_i q[h, i] (ssm(kv[h, i, j]) + D_h kv[h, i, j]). Up to REGROUPED_MAX_LEN
+positions that sum is taken in another order, as linear attention with the head's filter as a
+Toeplitz mask (exact, and cheaper at short lengths; see the constant).
 
 Ablation knobs:
     first_ssm   "shift" (default) | "diag" (diag + diag) | "none" (k' = k)
