@@ -7,9 +7,10 @@
   beyond :data:`STATE_PASSING_LEN`.
 - :func:`contiguous_grad` - the identity, with its gradient made contiguous on the way back.
 - :func:`causal_toeplitz` - the [L, L] matrix of a causal convolution with a filter.
+- :func:`per_channel` - per-filter parameters repeated for the channels that share them.
 """
 
-from kernels.direct import causal_toeplitz, contiguous_grad
+from kernels.direct import causal_toeplitz, contiguous_grad, per_channel
 from kernels.fft_sizes import STATE_PASSING_LEN
 from kernels.fftconv import backends, fftconv
 from kernels.ssm import s4d_discretize, s4d_kernel, shift_kernel
@@ -21,6 +22,7 @@ __all__ = [
     "causal_toeplitz",
     "contiguous_grad",
     "fftconv",
+    "per_channel",
     "s4d_discretize",
     "s4d_kernel",
     "shift_kernel",

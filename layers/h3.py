@@ -35,9 +35,10 @@ from layers.ssm import SSM_KINDS, check_diagonal_args, make_ssm
 # attention with a Toeplitz mask: out[h, :, t] = sum_{s <= t} (q_t . k'_s) T_h[t - s] v_s, where
 # T_h is head h's filter with D_h at tap 0. The same sums in another order, so exact; its work
 # is O(B H L^2 hd) for H heads, against the convolution of B H hd^2 channels and their
-# [B, H hd^2, L] tensors. fwd+bwd of the h3-table2 layer (D=64, hd=8, B=32, 1 thread, 200
-# alternating steps, median ms), regrouped vs convolution: L=20 5.4 vs 8.7, L=30 7.5 vs 11.0,
-# L=64 17.4 vs 23.8, L=128 52 vs 74 (20 steps), but L=256 279 vs 146 and L=512 1220 vs 323.
+# [B, H hd^2, L] tensors. Layer fwd+bwd (hd=8, B=32, 1 thread, 150 alternating steps, 20 from
+# L=128, median ms), regrouped vs convolution: width 64 L=20 4.12 vs 7.39, L=30 5.21 vs 8.91,
+# L=64 12.5 vs 20.6, L=128 52.8 vs 79.7; width 128 L=64 26.4 vs 37.2, L=128 133 vs 142; but
+# at width 64 L=256 279 vs 146 and L=512 1220 vs 323, the [B, H, L, L] scores out of cache.
 REGROUPED_MAX_LEN = 128
 
 

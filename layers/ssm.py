@@ -23,6 +23,7 @@ from torch import nn
 from kernels import (
     STATE_PASSING_LEN,
     fftconv,
+    per_channel,
     s4d_discretize,
     s4d_kernel,
     shift_kernel,
@@ -43,7 +44,7 @@ def _check_channels(heads: int, channels: int) -> None:
 def _per_channel(p: torch.Tensor, channels: int) -> torch.Tensor:
     """Head parameters [H, ...] -> [channels, ...], each head repeated channels / H times."""
     _check_channels(p.shape[0], channels)
-    return repeat(p, "h ... -> (h r) ...", r=channels // p.shape[0])
+    return per_channel(p, channels // p.shape[0])
 
 
 def _step_params(ssm: nn.Module, channels: int, compute):
