@@ -156,17 +156,18 @@ class Hyena(Mixer):
         return rearrange(h, "l (n d) -> n d l", n=self.order) * self.decay_window(L)
 
     def _short_conv(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Projections z [B, (N+1) D, T + short_filter - 1], the first short_filter - 1 of them
-        the causal context -> v, [x_1 .. x_N], each [B, D, T].
-
-        A sum over the few taps rather than nn.Conv1d: the same code serves forward and step,
-        and the float64 depthwise Conv1d on CPU takes a slow per-channel path.
-        """
+        """``step``'s short conv: projections z [B, (N+1) D, T + short_filter - 1], the first
+        short_filter - 1 of them the causal context -> v, [x_1 .. x_N], each [B, D, T]. A sum
+        over the few taps (T = 1 here); the forward pass convolves with fftconv instead."""
         T = z.shape[-1] - self.short_filter + 1
         out = self.short_bias[:, None]
         for j in range(self.short_filter):
             out = out + self.short_weight[:, j, None] * z[..., j : j + T]
-        v, *gates = rearrange(out, "b (n d) t -> n b d t", n=self.order + 1)
+        return self._split(out)
+
+    def _split(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """[B, (N+1) D, T] -> v, [x_1 .. x_N], each [B, D, T]."""
+        v, *gates = rearrange(z, "b (n d) t -> n b d t", n=self.order + 1)
         return v, gates
 
     def _output(self, u: torch.Tensor) -> torch.Tensor:
@@ -180,9 +181,14 @@ class Hyena(Mixer):
         the forward pass computes anyway (the projections' tail, each convolution's input)."""
         L = x.shape[1]
         self._check_length(L)
-        z = F.pad(rearrange(self.in_proj(x), "b l c -> b c l"), (self.short_filter - 1, 0))
-        u, gates = self._short_conv(z)
-        state = {"proj": z[..., L:]}  # the last short_filter - 1 projections
+        proj = rearrange(self.in_proj(x), "b l c -> b c l")
+        # The short conv is the causal convolution with the taps newest first. Through fftconv
+        # rather than a sum of shifted products, whose backward zero-fills a full-size gradient
+        # per tap: fwd+bwd of that conv at B=32, (N+1) D = 192, L=30 took 3.84 ms against 1.52
+        # (1 thread, median of 400 alternating calls).
+        u, gates = self._split(fftconv(proj, self.short_weight.flip(-1)) + self.short_bias[:, None])
+        keep = self.short_filter - 1  # the last projections, zeros before the start
+        state = {"proj": F.pad(proj[..., max(L - keep, 0) :], (max(keep - L, 0), 0))}
         # The gate and the skip go into the convolution itself (fused in fftconv).
         for i, (h_i, b_i, x_i) in enumerate(zip(self.filters(L), self.bias, gates), start=1):
             state[f"conv{i}"] = u
