@@ -8,9 +8,10 @@
 - :func:`contiguous_grad` - the identity, with its gradient made contiguous on the way back.
 - :func:`causal_toeplitz` - the [L, L] matrix of a causal convolution with a filter.
 - :func:`per_channel` - per-filter parameters repeated for the channels that share them.
+- :func:`with_skip` - a filter with the skip weight D added to its tap 0.
 """
 
-from kernels.direct import causal_toeplitz, contiguous_grad, per_channel
+from kernels.direct import causal_toeplitz, contiguous_grad, per_channel, with_skip
 from kernels.fft_sizes import STATE_PASSING_LEN
 from kernels.fftconv import backends, fftconv
 from kernels.ssm import s4d_discretize, s4d_kernel, shift_kernel
@@ -27,4 +28,5 @@ __all__ = [
     "s4d_kernel",
     "shift_kernel",
     "ssm_chunked_conv",
+    "with_skip",
 ]

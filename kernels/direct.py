@@ -75,6 +75,17 @@ class _Toeplitz(torch.autograd.Function):
         return dk, None, None
 
 
+def with_skip(k: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+    """k [H, K] with the skip weights D [H] added to tap 0 (the term D v_t of the convolution),
+    as a copy; k itself when D is None. In place on the copy: about half the time of adding a
+    zero-padded D."""
+    if D is None:
+        return k
+    k = k.clone()
+    k[:, 0] += D
+    return k
+
+
 def causal_toeplitz(k: torch.Tensor, L: int) -> torch.Tensor:
     """k [H, K] -> T [H, L, L], T[h, t, s] = k[h, t - s] for 0 <= t - s < K, else 0: the matrix
     of the causal convolution y_t = sum_s T[t, s] v_s. Differentiable (the block's own

@@ -30,7 +30,7 @@ import importlib.util
 
 import torch
 
-from kernels.direct import conv1d_conv, per_channel, toeplitz_conv
+from kernels.direct import conv1d_conv, per_channel, toeplitz_conv, with_skip
 from kernels.fft_sizes import MAX_FUSED_FFT
 from kernels.fft_torch import fft_conv
 
@@ -196,9 +196,7 @@ def fftconv(
         k, D = per_channel(k, r), None if D is None else per_channel(D, r)
     if backend == "torch" and method == "fft":  # D goes into its padded filter buffer
         return fft_conv(u, k, D, pregate, postgate)
-    if D is not None:  # in place on a copy: about half the time of adding a padded D
-        k = k.clone()
-        k[:, 0] += D
+    k = with_skip(k, D)
     if backend == "triton" and method == "toeplitz":
         from kernels.toeplitz_triton import TritonToeplitzConv
 

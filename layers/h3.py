@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from kernels import causal_toeplitz, contiguous_grad
+from kernels import causal_toeplitz, contiguous_grad, with_skip
 from layers.base import Mixer, State, register
 from layers.ssm import SSM_KINDS, check_diagonal_args, make_ssm
 
@@ -158,8 +158,7 @@ class H3(Mixer):
         _heads_out(q, kv_ssm(_heads_in(k', v))), as linear attention with a Toeplitz mask (see
         REGROUPED_MAX_LEN). Without the q gate every q_t is all ones."""
         L = k.shape[-1]
-        taps = self.kv_ssm.filter(L)  # [H, K]
-        taps = torch.cat([taps[:, :1] + self.kv_ssm.D[:, None], taps[:, 1:]], dim=-1)
+        taps = with_skip(self.kv_ssm.filter(L), self.kv_ssm.D)  # [H, K]
         mask = causal_toeplitz(taps, L)  # [H, L (t), L (s)]
 
         def heads(x):
