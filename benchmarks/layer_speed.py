@@ -3,6 +3,7 @@
     python3 -m benchmarks.layer_speed [--threads 1] [--repeats 5] [--width 256] [--batch 1]
     python3 -m benchmarks.layer_speed --device cuda --width 768 --batch 8 --max-len 16384
     python3 -m benchmarks.layer_speed --task-shapes [--repeats 21]
+    python3 -m benchmarks.layer_speed --h3-forms --width 64 [--repeats 41]
 
 Both layers come from layers.build ("h3" with its defaults: shift SSM then diagonal SSM, head
 dim 1; "attention" with heads of 64). Each length is timed after one warm-up, the two layers in
@@ -15,6 +16,10 @@ JSON to benchmarks/results/layer_speed_{cpu,cuda}.json (or --out).
 ``--task-shapes`` times instead every mixer of the h3-table2 preset as that preset trains it
 (width 64, batch 32, L = 20 and 30, H3 with heads of 8): what a `sandbox compare` step costs
 per layer. JSON to benchmarks/results/layer_speed_tasks_{cpu,cuda}.json.
+
+``--h3-forms`` times multi-head H3 (head_dim 8, width ``--width``, batch 32) in its convolution
+and its regrouped form (layers.h3.REGROUPED_MAX_LEN) at L = 20 .. 256: the data behind that
+limit. JSON to benchmarks/results/layer_speed_h3_forms_{cpu,cuda}.json.
 """
 
 from __future__ import annotations
@@ -25,15 +30,34 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import layers
+import layers.h3 as h3_module
 from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
 
 LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 # The h3-table2 preset's mixers and shapes (configs/compare/h3-table2.yaml).
 TASK_MIXERS = {"s4d": {}, "gss": {}, "h3": {"head_dim": 8}, "attention": {}, "hyena": {}}
 TASK_WIDTH, TASK_BATCH, TASK_LENGTHS = 64, 32, (20, 30)
+# --h3-forms: multi-head H3 (head_dim 8) in each of its two parallel forms, forced through
+# layers.h3.REGROUPED_MAX_LEN, at the task batch and lengths on both sides of that limit.
+H3_FORMS = {"h3[convolution]": 0, "h3[regrouped]": 10**9}
+H3_FORM_LENGTHS = (20, 30, 64, 128, 256)
+
+
+def _h3_form(mixer, limit: int):
+    """mixer(x) with multi-head H3's regrouping limit set to ``limit`` for the call."""
+
+    def call(x):
+        saved, h3_module.REGROUPED_MAX_LEN = h3_module.REGROUPED_MAX_LEN, limit
+        try:
+            return mixer(x)
+        finally:
+            h3_module.REGROUPED_MAX_LEN = saved
+
+    return call
 
 
 def main(argv=None) -> None:
@@ -45,6 +69,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--task-shapes", action="store_true", help="the h3-table2 preset's shapes")
+    p.add_argument(
+        "--h3-forms",
+        action="store_true",
+        help="multi-head H3's convolution and regrouped forms side by side (width --width)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -54,12 +83,18 @@ def main(argv=None) -> None:
     if args.task_shapes:
         names, width, batch, lengths = list(TASK_MIXERS), TASK_WIDTH, TASK_BATCH, TASK_LENGTHS
         mixers = {n: layers.build(n, d_model=width, **TASK_MIXERS[n]) for n in names}
+    elif args.h3_forms:
+        names, width, batch = list(H3_FORMS), args.width, TASK_BATCH
+        lengths = [L for L in H3_FORM_LENGTHS if L <= args.max_len]
+        h3 = layers.build("h3", d_model=width, head_dim=8).to(args.device)
+        mixers = {n: _h3_form(h3, limit) for n, limit in H3_FORMS.items()}
     else:
         names, width, batch = ["h3", "attention"], args.width, args.batch
         lengths = [L for L in LENGTHS if L <= args.max_len]
         mixers = {n: layers.build(n, d_model=width) for n in names}
-    mixers = {n: m.to(args.device) for n, m in mixers.items()}
-    cuda, ratio = args.device == "cuda", not args.task_shapes
+    if not args.h3_forms:
+        mixers = {n: m.to(args.device) for n, m in mixers.items()}
+    cuda, ratio = args.device == "cuda", not (args.task_shapes or args.h3_forms)
 
     def call(mixer, x):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -76,7 +111,7 @@ def main(argv=None) -> None:
 
     table = Table(title=f"fwd+bwd median ms, B={batch}, width {width}")
     for col in ["L", *names] + (["attention / h3"] if ratio else []):
-        table.add_column(col, justify="right")
+        table.add_column(escape(col), justify="right")
     for r in rows:
         cells = [f"{r[n]['median_ms']:.2f}" for n in names]
         table.add_row(str(r["L"]), *cells, *([f"{r['attention_over_h3']:.2f}"] if ratio else []))
@@ -85,12 +120,13 @@ def main(argv=None) -> None:
         "machine": machine_info(args.device, args.threads),
         "batch": batch,
         "width": width,
-        "mixers": {n: TASK_MIXERS.get(n, {}) for n in names},
+        "mixers": {n: TASK_MIXERS.get(n, {"head_dim": 8} if args.h3_forms else {}) for n in names},
         "repeats": args.repeats,
         "wall_s": time.perf_counter() - start,
         "rows": rows,
     }
     name = "layer_speed_tasks" if args.task_shapes else "layer_speed"
+    name = "layer_speed_h3_forms" if args.h3_forms else name
     write_json(payload, args.out or RESULTS / f"{name}_{args.device}.json")
 
 

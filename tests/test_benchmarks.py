@@ -1,7 +1,7 @@
 """benchmarks.gpu's step runner, exercised with CPU steps: a step's output goes to its log and
 its JSON where asked, and a failing step is reported by its exit status, not raised. And
 benchmarks.triton_resources' --plan entries: parsed into the kernels' Plan, or rejected. And
-the round-robin timer's repeat count."""
+the round-robin timer's repeat count, and layer_speed's two forms of multi-head H3."""
 
 import json
 
@@ -121,3 +121,28 @@ def test_round_robin_takes_more_repeats_for_short_calls():
     assert calls == {"a": out["a"]["repeats"] + 2, "b": out["b"]["repeats"] + 2}
     assert out["a"]["min_ms"] >= 2.0
     assert time_round_robin(fns, False, 3, "cpu")["a"]["repeats"] == 3
+
+
+def test_layer_speed_h3_forms(tmp_path, monkeypatch):
+    """--h3-forms: each column runs the form it names (the regrouped one through
+    H3._heads_regrouped, the convolution one not), and the limit is restored after each call."""
+    import layers
+    import layers.h3 as h3_module
+    from benchmarks import layer_speed
+
+    calls = []
+    regrouped = layers.H3._heads_regrouped
+    monkeypatch.setattr(layers.H3, "_heads_regrouped", lambda *a: calls.append(1) or regrouped(*a))
+    h3 = layers.build("h3", d_model=16, head_dim=8)
+    x = torch.randn(2, 12, 16)
+    limit = h3_module.REGROUPED_MAX_LEN
+    layer_speed._h3_form(h3, layer_speed.H3_FORMS["h3[convolution]"])(x)
+    assert calls == [] and h3_module.REGROUPED_MAX_LEN == limit
+    layer_speed._h3_form(h3, layer_speed.H3_FORMS["h3[regrouped]"])(x)
+    assert calls == [1] and h3_module.REGROUPED_MAX_LEN == limit
+    out = tmp_path / "forms.json"
+    args = ["--h3-forms", "--width", "16", "--max-len", "20", "--repeats", "1", "--out", str(out)]
+    layer_speed.main(args)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["L"] for r in rows] == [20]
+    assert all(rows[0][n]["median_ms"] > 0 for n in layer_speed.H3_FORMS)
