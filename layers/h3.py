@@ -35,10 +35,10 @@ from layers.ssm import SSM_KINDS, check_diagonal_args, make_ssm
 # attention with a Toeplitz mask: out[h, :, t] = sum_{s <= t} (q_t . k'_s) T_h[t - s] v_s, where
 # T_h is head h's filter with D_h at tap 0. The same sums in another order, so exact; its work
 # is O(B H L^2 hd) for H heads, against the convolution of B H hd^2 channels and their
-# [B, H hd^2, L] tensors. Layer fwd+bwd (hd=8, B=32, 1 thread, 150 alternating steps, 20 from
-# L=128, median ms), regrouped vs convolution: width 64 L=20 4.12 vs 7.39, L=30 5.21 vs 8.91,
-# L=64 12.5 vs 20.6, L=128 52.8 vs 79.7; width 128 L=64 26.4 vs 37.2, L=128 133 vs 142; but
-# at width 64 L=256 279 vs 146 and L=512 1220 vs 323, the [B, H, L, L] scores out of cache.
+# [B, H hd^2, L] tensors. `python3 -m benchmarks.layer_speed --h3-forms` (hd=8, B=32, 1
+# thread, fwd+bwd median ms, regrouped vs convolution): width 64 L=20 5.78 vs 9.41, L=30 7.77
+# vs 12.8, L=64 17.5 vs 26.2, L=128 54.8 vs 73.8, but L=256 264 vs 132, the [B, H, L, L]
+# scores out of cache; width 128 L=64 41.6 vs 57.6, L=128 139 vs 150.
 REGROUPED_MAX_LEN = 128
 
 
