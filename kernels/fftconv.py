@@ -48,7 +48,9 @@ _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 # - One [L, L] Toeplitz matmul beats the FFT at the synthetic tasks' lengths once a batch
 #   amortises building the matrix and its backward, and the larger the batch, the longer the
 #   lengths it wins at (its bmm gets more rows per matrix). With the Toeplitz block's own
-#   backward (kernels.direct), H=64, K=L, median fft vs toeplitz, at least 1.5 s per method:
+#   backward (kernels.direct), H=64, K=L, median fft vs toeplitz, at least 1.5 s per method
+#   (a focused run of benchmarks.fftconv.time_round_robin, not in the JSON, whose crossover
+#   rows predate the B=16 and 64 grid):
 #   B=16 L=32 1.14 vs 1.09; B=24 (H=128) L=48 2.43 vs 2.02, L=64 3.45 vs 3.37; B=32 L=48 2.35
 #   vs 1.86, L=64 2.76 vs 2.32, L=96 3.83 vs 4.14, L=128 4.90 vs 6.34; B=48 L=96 5.46 vs 5.04;
 #   B=64 L=64 6.84 vs 4.28, L=96 8.79 vs 6.54, L=128 11.9 vs 11.3. Wider: B=16, H=256 L=48
