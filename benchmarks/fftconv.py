@@ -98,7 +98,12 @@ def _sync(device):
 
 
 def time_round_robin(
-    fns: dict, backward: bool, repeats: int, device: str, min_seconds: float = 0.0
+    fns: dict,
+    backward: bool,
+    repeats: int,
+    device: str,
+    min_seconds: float = 0.0,
+    baseline: str | None = None,
 ) -> dict[str, dict]:
     """Median and min ms of each callable, timed in turn repeat by repeat, so that a slow spell
     of a shared machine hits all of them alike (one warm-up call each first). The order rotates
@@ -108,6 +113,11 @@ def time_round_robin(
     ``min_seconds``: take more than ``repeats`` rounds where one round (the warm-up calls
     together) is short, so that the timed rounds fill about that long. A 0.3 ms call's median
     of 9 moved by 10-40% from run to run on this shared machine; one of ~1000 is steadier.
+
+    ``baseline``: also give each callable's "speedup" over that one, the median over rounds of
+    baseline time / its time, each ratio taken between calls of the same round. A slow spell
+    that spans a round cancels out of its ratio; in a ratio of medians it does not, since the
+    two medians may come from different rounds.
     """
 
     def once(fn):
@@ -130,19 +140,24 @@ def time_round_robin(
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             seconds[name].append(once(fns[name]))
-    return {
+    out = {
         name: {"median_ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s), "repeats": repeats}
         for name, s in seconds.items()
     }
+    if baseline is not None:
+        for name, s in seconds.items():
+            ratios = (b / t for b, t in zip(seconds[baseline], s, strict=True))
+            out[name]["speedup"] = statistics.median(ratios)
+    return out
 
 
 def time_fwd_and_bwd(
-    fns: dict, repeats: int, device: str, min_seconds: float = 0.0
+    fns: dict, repeats: int, device: str, min_seconds: float = 0.0, baseline: str | None = None
 ) -> dict[str, tuple[dict, dict]]:
     """{name: (forward times, forward + backward times)}, each pass timed round robin."""
     forward_only = {n: (lambda fn=f: fn().detach()) for n, f in fns.items()}
-    fwd = time_round_robin(forward_only, False, repeats, device, min_seconds)
-    fwd_bwd = time_round_robin(fns, True, repeats, device, min_seconds)
+    fwd = time_round_robin(forward_only, False, repeats, device, min_seconds, baseline)
+    fwd_bwd = time_round_robin(fns, True, repeats, device, min_seconds, baseline)
     return {n: (fwd[n], fwd_bwd[n]) for n in fns}
 
 
@@ -200,7 +215,8 @@ def run_side_by_side(args, device: str, dtype) -> list[dict]:
         groups += [({n: fns[n]}, 2) for n in slow]
         times = {}
         for group, repeats in groups:
-            times.update(time_fwd_and_bwd(group, repeats, device, args.min_seconds))
+            base = "naive" if "naive" in group else None
+            times.update(time_fwd_and_bwd(group, repeats, device, args.min_seconds, base))
         for name, fn in fns.items():
             row = {"case": "K=L", "impl": name, "B": B, "H": H, "L": L, "K": L}
             row["fwd"], row["fwd_bwd"] = times[name]
@@ -225,7 +241,7 @@ def run_training_shapes(args, device: str, dtype) -> list[dict]:
                 name: make_case(name.split("[")[0], 32, H, L, L, dtype, device, **options)
                 for name, options in cases.items()
             }
-            times = time_round_robin(fns, True, 4 * args.repeats, device)
+            times = time_round_robin(fns, True, 4 * args.repeats, device, baseline="naive")
             for name in fns:
                 row = {"case": "training", "impl": name, "B": 32, "H": H, "L": L, "K": L}
                 row["fwd_bwd"] = times[name]
@@ -303,23 +319,33 @@ def bandwidth_fraction(B, H, L, dtype, fwd_ms) -> float:
     return (4 * B * H * L * x.element_size() / fwd_ms) / copy_bw
 
 
+def _speedup(row: dict, naive_row: dict, phase: str) -> float:
+    """Naive time / row's time for ``phase`` ("fwd" or "fwd_bwd"): the median of paired ratios
+    where the two were timed in the same rounds (time_round_robin's "speedup"), else the ratio
+    of their medians (attention at long L, timed on its own)."""
+    if "speedup" in row[phase]:
+        return row[phase]["speedup"]
+    return naive_row[phase]["median_ms"] / row[phase]["median_ms"]
+
+
 def print_tables(rows: list[dict], console: Console) -> None:
     table = Table(title="fftconv vs naive FFT conv vs causal SDPA (median ms; peak MB)")
-    for col in ("B", "H", "L", "K", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "vs naive"):
+    cols = ("B", "H", "L", "K", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "vs naive fwd, fwd+bwd")
+    for col in cols:
         table.add_column(col, justify="right", no_wrap=True)
     naive = {(r["case"], r["H"], r["L"], r["K"]): r for r in rows if r.get("impl") == "naive"}
     for r in (r for r in rows if r["case"] in ("K=L", "training", "short K")):
-        base = naive[(r["case"], r["H"], r["L"], r["K"])]["fwd_bwd"]["median_ms"]
+        base = naive[(r["case"], r["H"], r["L"], r["K"])]
+        speedups = [_speedup(r, base, p) for p in ("fwd", "fwd_bwd") if p in r]
         fwd = f"{r['fwd']['median_ms']:.2f}" if "fwd" in r else "-"
         peak = f"{r['peak_mb']:.1f}" if "peak_mb" in r else "-"
-        ratio = base / r["fwd_bwd"]["median_ms"]
         table.add_row(
             *map(str, (r["B"], r["H"], r["L"], r["K"])),
             escape(r["impl"]),  # "ours[fft]" is not rich markup
             fwd,
             f"{r['fwd_bwd']['median_ms']:.2f}",
             peak,
-            f"{ratio:.2f}x",
+            ", ".join(f"{x:.2f}x" for x in speedups),
         )
     console.print(table)
     cross = [r for r in rows if r["case"] == "crossover"]

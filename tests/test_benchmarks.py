@@ -123,6 +123,32 @@ def test_round_robin_takes_more_repeats_for_short_calls():
     assert time_round_robin(fns, False, 3, "cpu")["a"]["repeats"] == 3
 
 
+def test_round_robin_speedup_pairs_calls_of_one_round(monkeypatch):
+    """baseline=: the speedup is the median of per-round ratios, not a ratio of medians. On a
+    fake clock, a's and b's calls take the listed ms (the first two: warm-up and the round
+    estimate); the per-round ratios a / b are 0.5, 2, 0.5, 2, 0.25 (median 0.5), while the
+    medians, 3 and 2 ms, would give 1.5."""
+    import benchmarks.fftconv as bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    costs = {"a": [9, 9, 1, 2, 3, 4, 5], "b": [9, 9, 2, 1, 6, 2, 20]}
+
+    def make(name):
+        def call():
+            clock[0] += 1e-3 * costs[name].pop(0)
+            return torch.zeros(())
+
+        return call
+
+    out = bench.time_round_robin({n: make(n) for n in costs}, False, 5, "cpu", baseline="a")
+    assert out["a"]["speedup"] == 1.0
+    assert out["b"]["speedup"] == pytest.approx(0.5)
+    assert (out["a"]["median_ms"], out["b"]["median_ms"]) == pytest.approx((3.0, 2.0))
+    alone = bench.time_round_robin({"c": lambda: torch.zeros(())}, False, 1, "cpu")
+    assert "speedup" not in alone["c"]
+
+
 def test_layer_speed_h3_forms(tmp_path, monkeypatch):
     """--h3-forms: each column runs the form it names (the regrouped one through
     H3._heads_regrouped, the convolution one not), and the limit is restored after each call."""
