@@ -149,6 +149,29 @@ def test_round_robin_speedup_pairs_calls_of_one_round(monkeypatch):
     assert "speedup" not in alone["c"]
 
 
+def test_side_by_side_table_shows_paired_speedups():
+    """The "vs naive" column shows each phase's paired speedup where the row has one, and the
+    ratio of medians where it was timed apart from naive (attention at long L): 1.25x and 0.50x
+    from the paired ratios, though the medians alone would give 2.00x and 1.00x; 0.10x and
+    0.20x from the medians of a row timed alone."""
+    from rich.console import Console
+
+    from benchmarks.fftconv import print_tables
+
+    def row(impl, fwd, fwd_bwd, speedups=None):
+        phases = {"fwd": {"median_ms": fwd}, "fwd_bwd": {"median_ms": fwd_bwd}}
+        for phase, x in zip(phases, speedups or ()):
+            phases[phase]["speedup"] = x
+        return {"case": "K=L", "impl": impl, "B": 1, "H": 8, "L": 64, "K": 64, **phases}
+
+    rows = [row("ours", 1.0, 2.0, (1.25, 0.5)), row("naive", 2.0, 2.0), row("sdpa", 20.0, 10.0)]
+    console = Console(width=200, record=True)
+    print_tables(rows, console)
+    cells = [line.split("│") for line in console.export_text().splitlines() if "│" in line]
+    lines = {c[5].strip(): c[9].strip() for c in cells}
+    assert lines == {"ours": "1.25x, 0.50x", "naive": "1.00x, 1.00x", "sdpa": "0.10x, 0.20x"}
+
+
 def test_layer_speed_h3_forms(tmp_path, monkeypatch):
     """--h3-forms: each column runs the form it names (the regrouped one through
     H3._heads_regrouped, the convolution one not), and the limit is restored after each call."""
