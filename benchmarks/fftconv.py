@@ -380,10 +380,23 @@ def write_json(payload: dict, path: Path) -> None:
     os.replace(f.name, path)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor field.
+    The dev machine's host can change between sessions (CPU timings moved by up to 3x from one
+    to the next), so CPU figures say which one they ran on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine_info(device: str, threads: int) -> dict:
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,

@@ -49,8 +49,10 @@ _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 #   amortises building the matrix and its backward, and the larger the batch, the longer the
 #   lengths it wins at (its bmm gets more rows per matrix). With the Toeplitz block's own
 #   backward (kernels.direct), H=64, K=L, median fft vs toeplitz, at least 1.5 s per method
-#   (a focused run of benchmarks.fftconv.time_round_robin; the JSON's crossover rows, min of
-#   9, agree with the rule below at every B and L of its grid, B=16 and 64 included):
+#   (a focused run of benchmarks.fftconv.time_round_robin; the crossover rows of commit
+#   000e742's JSON, min of 9, agreed with the rule below at every B and L of their grid, B=16
+#   and 64 included; those of the current JSON, from another host (AMD EPYC, AVX2), do too
+#   except for a tie at B=32, L=64: 4.04 fft vs 4.13 toeplitz):
 #   B=16 L=32 1.14 vs 1.09; B=24 (H=128) L=48 2.43 vs 2.02, L=64 3.45 vs 3.37; B=32 L=48 2.35
 #   vs 1.86, L=64 2.76 vs 2.32, L=96 3.83 vs 4.14, L=128 4.90 vs 6.34; B=48 L=96 5.46 vs 5.04;
 #   B=64 L=64 6.84 vs 4.28, L=96 8.79 vs 6.54, L=128 11.9 vs 11.3. Wider: B=16, H=256 L=48
@@ -65,9 +67,11 @@ TOEPLITZ_MAX_LEN = 96
 TOEPLITZ_MIN_BATCH = 16
 # - Grouped conv1d wins for a handful of taps. B=4, H=64, conv1d vs fft, K=4: L=1024 3.56 vs
 #   4.81, L=4096 15.1 vs 27.8, L=16384 66 vs 120. K=8 won here too but lost in an earlier run
-#   (L=4096: 32 vs 19), so the threshold stays at 4. The JSON's latest rows (min ms): K=4 lost
+#   (L=4096: 32 vs 19), so the threshold stays at 4. Commit 000e742's JSON (min ms): K=4 lost
 #   at L=1024 (4.36 vs 4.13) and won at 4096 and 16384; K=8 lost at 4096 and tied at 16384
-#   (75.8 vs 77.0).
+#   (75.8 vs 77.0). The current JSON's host won with conv1d at both K = 4 and 8 at each L
+#   (K=8: 5.87 vs 6.02 at 1024, 23.0 vs 25.4 at 4096, 83.3 vs 108 at 16384): 8 would suit that
+#   host, 4 suits both.
 CONV1D_MAX_TAPS = 4
 # - Block Toeplitz at long L (kernels.direct) lost to the FFT for K >= 64 (L=4096, K=128: 40 vs
 #   27) and won only at K=16, L >= 4096 (L=16384: 98 vs 112), where conv1d is as good and the
