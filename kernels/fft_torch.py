@@ -21,13 +21,18 @@ faults of fresh memory. So every pass here is counted:
 - the backward pass reuses the spectrum of v and the pre-postgate output z kept from the
   forward pass (only those the requested gradients need): each saves one FFT per row;
 - products go in place or through ``out=`` where nothing else needs their inputs;
-- without autograd (inference, generation's prefill) nothing is kept and the spectrum
-  product is taken in place.
+- on a CPU, when one row block holds the batch, the FFT input buffer (and the spectrum
+  product's) is kept between calls of one shape, its zero tail written once; the backward
+  pass takes its rfft input in the same buffer;
+- without autograd (inference, generation's prefill) nothing is kept for a backward pass and the
+  spectrum product is taken in place.
 Rows are processed in blocks of about BLOCK_ELEMS samples, so that a block's buffers stay in
 cache from the pregate to the postgate. benchmarks/fftconv.py's "block" sweep sets it.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -84,26 +89,70 @@ def _input_spectrum(x: torch.Tensor, gate: torch.Tensor | None, n: int, dtype) -
     return torch.fft.rfft(padded)
 
 
-def _spectra(u, k, D, pregate, n: int, joint: bool):
-    """The filter spectrum [H, n//2+1] of k with D added at tap 0 and, when ``joint``, the
-    input spectrum [B, H, n//2+1] of u * pregate from the same rfft call, the filter being
-    row 0 of one [B+1, H, n] buffer (a call fewer: 7% of a forward at B=1, H=128, L=256).
-    Returns (k_f, v_f or None)."""
-    B, H, L = u.shape
-    K = k.shape[-1]
-    padded = u.new_empty((B + 1 if joint else 1, H, n), dtype=k.dtype)
-    # Written view by view rather than through _fill_padded: one zero_ for every row's tail
-    # and no helper calls, since at B=1, L=256 this Python is a tenth of the forward pass.
-    padded[..., L:].zero_()
-    if K < L:
-        padded[0, :, K:L].zero_()
-    padded[0, :, :K].copy_(k)
+class _Workspace:
+    """The FFT input buffer of one call: [B+1, H, n] with the filter in row 0 and the input
+    in rows 1: (``joint``), else [1, H, n] for the filter alone, its zeros (every row from L
+    on, row 0 from K to L) written when it is made, and the views the calls write through
+    made once. Nothing overwrites those zeros, so on a CPU a workspace is kept between calls
+    of the same shape (_kept_workspace), and rows 1: take the backward pass's rfft input too.
+    """
+
+    __slots__ = ("padded", "k_head", "d_col", "v_rows", "v_head", "prod")
+
+    def __init__(self, B, H, L, K, n, dtype, device, joint: bool):
+        # Outside inference mode: a buffer made in it (generation's prefill) could not be
+        # written later in training.
+        with torch.inference_mode(False):
+            self.padded = torch.empty((B + 1 if joint else 1, H, n), dtype=dtype, device=device)
+        self.padded[..., L:].zero_()
+        if K < L:
+            self.padded[0, :, K:L].zero_()
+        self.k_head, self.d_col = self.padded[0, :, :K], self.padded[0, :, 0]
+        self.v_rows = self.padded[1:] if joint else None
+        self.v_head = self.v_rows[..., :L] if joint else None
+        self.prod = None  # the spectrum product when the forward pass keeps v_f (made once)
+
+
+# Workspaces are kept per thread (threads would otherwise write one buffer at once) for the
+# last few call shapes: a model's layers share one shape, and evaluation or generation may
+# add another: at most _KEPT_WORKSPACES x 2 x WORKSPACE_ELEMS samples (the buffer and the
+# product buffer), 64 MB per thread in fp32. Only on a CPU and up to WORKSPACE_ELEMS samples,
+# within one row block, where making the buffer, zeroing its tail and making its views on
+# every call is a fixed cost that shows. B=1, H=128, K=L, 1 thread, old per-call
+# buffer / kept one, forward (A/B in one process, the graph freed outside the clock):
+# 1.125 at L=256, 1.02 at 512, 1.06 at 1K, 2K and 4K; fwd+bwd 1.08 at 256, 1.05 at 512.
+# Outputs and gradients are bit-identical.
+WORKSPACE_ELEMS = 2**21
+_KEPT_WORKSPACES = 4
+_kept = threading.local()
+
+
+def _kept_workspace(B, H, L, K, n, dtype, device) -> _Workspace | None:
+    """This thread's kept joint workspace for one row block holding the batch (see above), or
+    None where none is kept (not a CPU, or too big)."""
+    if device.type != "cpu" or (B + 1) * H * n > WORKSPACE_ELEMS:
+        return None
+    kept = _kept.__dict__.setdefault("by_shape", {})
+    key = (B, H, L, K, dtype)
+    ws = kept.get(key)
+    if ws is None:
+        if len(kept) >= _KEPT_WORKSPACES:
+            del kept[next(iter(kept))]  # the oldest
+        ws = kept[key] = _Workspace(B, H, L, K, n, dtype, device, joint=True)
+    return ws
+
+
+def _spectra(u, k, D, pregate, ws: _Workspace):
+    """The filter spectrum [H, n//2+1] of k with D added at tap 0 and, for a joint ``ws``,
+    the input spectrum [B, H, n//2+1] of u * pregate from the same rfft call (a call fewer:
+    7% of a forward at B=1, H=128, L=256). Returns (k_f, v_f or None)."""
+    ws.k_head.copy_(k)
     if D is not None:
-        padded[0, :, 0].add_(D)
-    if joint:
-        _fill_head(padded[1:, :, :L], u, pregate)
-    spectra = torch.fft.rfft(padded)
-    return spectra[0], spectra[1:] if joint else None
+        ws.d_col.add_(D)
+    if ws.v_head is not None:
+        _fill_head(ws.v_head, u, pregate)
+    spectra = torch.fft.rfft(ws.padded)
+    return spectra[0], None if ws.v_head is None else spectra[1:]
 
 
 def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -132,9 +181,14 @@ def conv_forward(u, k, D, pregate, postgate, keep_v_f: bool = False, keep_z: boo
     asked for (kept by reference: keeping them costs no copy).
     """
     B, H, L = u.shape
-    n = fft_len(L, k.shape[-1])
+    K = k.shape[-1]
+    n = fft_len(L, K)
     blocks = _blocks(B, H, n, u.device)
-    k_f, v_f_whole = _spectra(u, k, D, pregate, n, joint=blocks[0] is None)
+    joint = blocks[0] is None
+    ws = _kept_workspace(B, H, L, K, n, k.dtype, u.device) if joint else None
+    if ws is None:
+        ws = _Workspace(B, H, L, K, n, k.dtype, u.device, joint)
+    k_f, v_f_whole = _spectra(u, k, D, pregate, ws)
     v_fs, zs = [], []
     # One block with a postgate in u's dtype: y is made by the product itself (an op fewer).
     single = blocks[0] is None and postgate is not None and u.dtype == k.dtype
@@ -144,7 +198,14 @@ def conv_forward(u, k, D, pregate, postgate, keep_v_f: bool = False, keep_z: boo
             v_f = v_f_whole
         else:
             v_f = _input_spectrum(_at(u, blk), _at(pregate, blk), n, k.dtype)
-        prod = v_f * _channels(k_f, blk) if keep_v_f else v_f.mul_(_channels(k_f, blk))
+        if not keep_v_f:
+            prod = v_f.mul_(_channels(k_f, blk))
+        elif blk is None and ws.v_head is not None:  # into the workspace's product buffer
+            if ws.prod is None:
+                ws.prod = torch.empty_like(v_f)
+            prod = torch.mul(v_f, k_f, out=ws.prod)
+        else:
+            prod = v_f * _channels(k_f, blk)
         z = torch.fft.irfft(prod, n=n)[..., :L]
         if keep_v_f:
             v_fs.append(v_f)
@@ -187,10 +248,16 @@ class FFTConv(torch.autograd.Function):
         # make a forward without backward pay for it).
         k_f_conj = ctx.k_f.conj_physical_()
         g_k_f = torch.empty_like(ctx.k_f) if need_k else None
-        for i, blk in enumerate(_blocks(B, H, n, u.device)):
+        blocks = _blocks(B, H, n, u.device)
+        ws = _kept_workspace(B, H, L, K, n, k.dtype, u.device) if blocks[0] is None else None
+        for i, blk in enumerate(blocks):
             if need_post:
                 _mul_into(_at(g_post, blk), _at(gy, blk), ctx.z[i])
-            gz_f = _input_spectrum(_at(gy, blk), _at(postgate, blk), n, k.dtype)
+            if ws is None:
+                gz_f = _input_spectrum(_at(gy, blk), _at(postgate, blk), n, k.dtype)
+            else:  # the input rows of the forward pass's workspace, their zero tail kept
+                _fill_head(ws.v_head, gy, postgate)
+                gz_f = torch.fft.rfft(ws.v_rows)
             if need_k:
                 # dk[j] = sum_{b,t} gz[b,t] v[b,t-j]: a correlation, summed over the batch.
                 # Blocks of the first batch rows come first (see _blocks) and write g_k_f.

@@ -166,6 +166,31 @@ def test_fft_gradient_subsets_float64(monkeypatch, wanted, block_elems):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+def test_fft_kept_workspace_float64():
+    """On a CPU, calls of one shape reuse a kept FFT input buffer whose zero tail is written
+    once. Against the oracle: a buffer first made in inference mode and then used in training,
+    filter lengths that share the FFT size (K=40 and 39: n=80), every forward pass made before
+    the first backward pass (which reuses the buffer's rows), and eviction by other shapes in
+    between."""
+    fft_torch._kept.__dict__.clear()
+    first = [a.detach() for a in make_inputs(2, 3, 40, 40, torch.float64, seed=1)]
+    with torch.inference_mode():
+        y = fftconv(*first, method="fft")
+    torch.testing.assert_close(y, direct_conv(*first), rtol=1e-10, atol=1e-10)
+    assert len(fft_torch._kept.by_shape) == 1  # the kept path is the one under test
+    calls = [make_inputs(2, 3, 40, K, torch.float64, seed=s) for s, K in enumerate((40, 39, 3))]
+    calls.append(make_inputs(2, 3, 40, 40, torch.float64, seed=9))
+    ys = [fftconv(*args, method="fft") for args in calls]
+    for K in range(4, 4 + fft_torch._KEPT_WORKSPACES):  # evicts every buffer made above
+        fftconv(*make_inputs(1, 3, 40, K, torch.float64), method="fft")
+    for args, y in zip(calls[::-1], ys[::-1]):
+        ref = direct_conv(*args)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        gy = torch.randn_like(y)
+        for a, b in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(ref, args, gy)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_fft_second_backward_is_a_clear_error():
     u, k, D, pre, post = make_inputs(1, 2, 64, 64, torch.float64)
     y = fftconv(u, k, D, pre, post, method="fft").sum()
