@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -106,9 +107,14 @@ def time_round_robin(
     baseline: str | None = None,
 ) -> dict[str, dict]:
     """Median and min ms of each callable, timed in turn repeat by repeat, so that a slow spell
-    of a shared machine hits all of them alike (one warm-up call each first). The order rotates
-    each repeat: a call pays for what the one before it left behind (a cold cache, heap
-    returned to the OS by a big free), so no callable may always follow the same one.
+    of a shared machine hits all of them alike (one warm-up call each first). The order is
+    shuffled each repeat (seeded): a call pays for what the one before it left behind (a cold
+    cache, heap returned to the OS by a big free), so each callable must follow each of the
+    others about as often. Rotating one order does not do that: it changes only which call
+    opens a round, so each callable follows the same one in every other place. That put ours
+    after SDPA and naive after ours in 2 of 3 calls at B=1, H=128, L=256, where a call after
+    SDPA's runs cold: ours' forward measured 0.96-0.97x of naive rotated, against 0.99-1.01x
+    when the two alternate alone (three runs each; README, Performance).
 
     ``min_seconds``: take more than ``repeats`` rounds where one round (the warm-up calls
     together) is short, so that the timed rounds fill about that long. A 0.3 ms call's median
@@ -136,9 +142,10 @@ def time_round_robin(
     round_s = sum(once(fn) for fn in fns.values())
     repeats = max(repeats, math.ceil(min_seconds / max(round_s, 1e-9)))
     seconds = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    order, shuffle = list(fns), random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name in order:
             seconds[name].append(once(fns[name]))
     out = {
         name: {"median_ms": 1e3 * statistics.median(s), "min_ms": 1e3 * min(s), "repeats": repeats}

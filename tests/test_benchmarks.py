@@ -123,6 +123,25 @@ def test_round_robin_takes_more_repeats_for_short_calls():
     assert time_round_robin(fns, False, 3, "cpu")["a"]["repeats"] == 3
 
 
+def test_round_robin_varies_which_call_comes_before_which():
+    """Each callable follows each of the others about as often (the order is shuffled each
+    round), so none always pays for the same predecessor. A rotation of one order would have
+    "a" follow "c" in 2 of 3 rounds (a b c, b c a, c a b)."""
+    from collections import Counter
+
+    from benchmarks.fftconv import time_round_robin
+
+    sequence = []
+    fns = {name: (lambda name=name: sequence.append(name) or torch.zeros(())) for name in "abc"}
+    time_round_robin(fns, False, 300, "cpu")
+    timed = sequence[6:]  # after the warm-up and estimate rounds
+    assert Counter(timed) == {"a": 300, "b": 300, "c": 300}
+    for name in "abc":
+        before = Counter(p for p, x in zip(timed, timed[1:]) if x == name and p != name)
+        assert set(before) == set("abc") - {name}
+        assert max(before.values()) / sum(before.values()) < 0.6
+
+
 def test_round_robin_speedup_pairs_calls_of_one_round(monkeypatch):
     """baseline=: the speedup is the median of per-round ratios, not a ratio of medians. On a
     fake clock, a's and b's calls take the listed ms (the first two: warm-up and the round
