@@ -51,8 +51,12 @@ _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 #   backward (kernels.direct), H=64, K=L, median fft vs toeplitz, at least 1.5 s per method
 #   (a focused run of benchmarks.fftconv.time_round_robin; the crossover rows of commit
 #   000e742's JSON, min of 9, agreed with the rule below at every B and L of their grid, B=16
-#   and 64 included; those of the current JSON, from another host (AMD EPYC, AVX2), do too
-#   except for a tie at B=32, L=64: 4.04 fft vs 4.13 toeplitz):
+#   and 64 included. On another host (AMD EPYC, AVX2), with the fft method's kept buffers
+#   (kernels.fft_torch), the current JSON's grid disagrees at B=16, L=32 (1.80 fft vs 2.07
+#   toeplitz) and B=32, L=64 (4.85 vs 5.29); paired focused runs there, toeplitz / fft time:
+#   B=16 L=16 1.06, L=24 0.90, L=32 1.10; B=24 L=32 1.02, L=48 0.96; B=32 L=48 0.90, L=64
+#   1.03. The FFT wins where its size is a power of two (L = 16, 32, 64), by at most 10%, so
+#   the rule stands):
 #   B=16 L=32 1.14 vs 1.09; B=24 (H=128) L=48 2.43 vs 2.02, L=64 3.45 vs 3.37; B=32 L=48 2.35
 #   vs 1.86, L=64 2.76 vs 2.32, L=96 3.83 vs 4.14, L=128 4.90 vs 6.34; B=48 L=96 5.46 vs 5.04;
 #   B=64 L=64 6.84 vs 4.28, L=96 8.79 vs 6.54, L=128 11.9 vs 11.3. Wider: B=16, H=256 L=48
