@@ -113,7 +113,7 @@ def time_round_robin(
     others about as often. Rotating one order does not do that: it changes only which call
     opens a round, so each callable follows the same one in every other place. That put ours
     after SDPA and naive after ours in 2 of 3 calls at B=1, H=128, L=256, where a call after
-    SDPA's runs cold: ours' forward measured 0.96-0.97x of naive rotated, against 0.99-1.01x
+    SDPA's runs cold: ours' forward measured 0.96-0.98x of naive rotated, against 0.99-1.01x
     when the two alternate alone (three runs each; README, Performance).
 
     ``min_seconds``: take more than ``repeats`` rounds where one round (the warm-up calls
