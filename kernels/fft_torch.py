@@ -200,7 +200,7 @@ def conv_forward(u, k, D, pregate, postgate, keep_v_f: bool = False, keep_z: boo
             v_f = _input_spectrum(_at(u, blk), _at(pregate, blk), n, k.dtype)
         if not keep_v_f:
             prod = v_f.mul_(_channels(k_f, blk))
-        elif blk is None and ws.v_head is not None:  # into the workspace's product buffer
+        elif blk is None:  # one block: into the (joint) workspace's product buffer
             if ws.prod is None:
                 ws.prod = torch.empty_like(v_f)
             prod = torch.mul(v_f, k_f, out=ws.prod)
