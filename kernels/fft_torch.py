@@ -191,7 +191,7 @@ def conv_forward(u, k, D, pregate, postgate, keep_v_f: bool = False, keep_z: boo
     k_f, v_f_whole = _spectra(u, k, D, pregate, ws)
     v_fs, zs = [], []
     # One block with a postgate in u's dtype: y is made by the product itself (an op fewer).
-    single = blocks[0] is None and postgate is not None and u.dtype == k.dtype
+    single = joint and postgate is not None and u.dtype == k.dtype
     y = None if single else torch.empty_like(u)
     for blk in blocks:
         if blk is None:
