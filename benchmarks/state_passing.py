@@ -6,9 +6,10 @@ A diagonal SSM (H channels, N/2 = 32 complex modes, S4D-Lin initialisation with 
 in [1e-3, 1e-1], bilinear, B = 1) convolved with its input, forward + backward to every
 parameter: "full" is kernels.fftconv of the length-L filter from kernels.s4d_kernel, "T=..." is
 kernels.ssm_chunked_conv with chunks of T (chunks >= L are skipped: that is the full path).
-Timed in turn, the order rotating each repeat, after one warm-up; medians of --repeats, 1
-thread by default. Table to stdout, JSON to benchmarks/results/state_passing_cpu.json (or
---out).
+Timed in turn, in an order shuffled each repeat, after one warm-up; medians of --repeats, 1
+thread by default. "vs full" is the time relative to the full path, taken within each round,
+its median over rounds (time_round_robin's paired ratio: a slow spell cancels out of it).
+Table to stdout, JSON to benchmarks/results/state_passing_cpu.json (or --out).
 """
 
 from __future__ import annotations
@@ -60,14 +61,13 @@ def main(argv=None) -> None:
     for L in args.lengths:
         fns = {"full": ssm_case(args.channels, 32, L, None)}
         fns |= {f"T={T}": ssm_case(args.channels, 32, L, T) for T in args.chunks if T < L}
-        times = time_round_robin(fns, True, args.repeats, "cpu")
+        times = time_round_robin(fns, True, args.repeats, "cpu", baseline="full")
         rows += [{"L": L, "impl": name, **t} for name, t in times.items()]
     table = Table(title=f"fwd+bwd median ms, H={args.channels}, 32 modes, B=1")
     for col in ("L", "impl", "ms", "vs full"):
         table.add_column(col, justify="right")
-    full = {r["L"]: r["median_ms"] for r in rows if r["impl"] == "full"}
     for r in rows:
-        ratio = f"{r['median_ms'] / full[r['L']]:.2f}x"
+        ratio = f"{1 / r['speedup']:.2f}x"
         table.add_row(str(r["L"]), r["impl"], f"{r['median_ms']:.1f}", ratio)
     Console().print(table)
     payload = {
