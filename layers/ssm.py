@@ -67,6 +67,12 @@ def _step_params(ssm: nn.Module, channels: int, compute):
     return cached[1]
 
 
+def _dot_last(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_n x[b, c, n] w[c, n]: x [B, C, N], w [C, N] (real) -> [B, C]. A product and a sum:
+    einsum makes it one small matmul per channel, 4x slower at B=16, C=256, N=64 (1 thread)."""
+    return torch.linalg.vecdot(x, w)
+
+
 def check_diagonal_args(owner: str, init, discretization, dt_min, dt_max) -> tuple:
     """Validate the DiagonalSSM arguments other than sizes; returns them normalised."""
     init = check_choice(owner, "init", init, INITS)
@@ -168,19 +174,21 @@ class DiagonalSSM(nn.Module):
         return torch.zeros(shape, dtype=dtype, device=self.D.device)
 
     def _discrete(self, channels: int) -> tuple[torch.Tensor, ...]:
-        """dA, dB, C [channels, N/2] complex and D [channels], for ``step``."""
+        """dA, dB [channels, N/2] complex, 2 C as real pairs [channels, N] and D [channels],
+        for ``step``: with x as its real view, 2 Re(C x) = (x_re, x_im) . (2 C_re, -2 C_im)."""
         dt, A, B, C = self._continuous()
         dA, dB = s4d_discretize(dt, A, B, self.discretization)
-        return tuple(_per_channel(p, channels) for p in (dA, dB, C, self.D))
+        C2 = 2 * torch.stack([C.real, -C.imag], dim=-1).flatten(-2)
+        return tuple(_per_channel(p, channels) for p in (dA, dB, C2, self.D))
 
     def step(self, u_t, state) -> tuple[torch.Tensor, torch.Tensor]:
         """x <- dA x + dB u_t;  y_t = 2 Re(C x) + D u_t.  u_t [B, C] -> y_t [B, C]."""
-        dA, dB, C, D = _step_params(self, u_t.shape[1], self._discrete)
+        dA, dB, C2, D = _step_params(self, u_t.shape[1], self._discrete)
         # One new [B, C, N/2] tensor, updated in place (the given state is left as it is):
         # decoding is bound by such full-state passes.
         state = dA * state
-        state.addcmul_(dB, u_t[..., None].to(state.dtype))
-        return 2 * torch.einsum("bcn,cn->bc", state, C).real + D * u_t, state
+        state.addcmul_(dB, u_t[..., None])
+        return _dot_last(torch.view_as_real(state).flatten(-2), C2) + D * u_t, state
 
 
 class ShiftSSM(nn.Module):
@@ -244,10 +252,15 @@ class ShiftSSM(nn.Module):
         C, D = _per_channel(self.C, channels), _per_channel(self.D, channels)
         if self.B is None:  # B = e1: push u_t into the register
             state = torch.cat([u_t[..., None], state[..., :-1]], dim=-1)
-        else:  # one new tensor, updated in place, as in DiagonalSSM.step
-            state = F.pad(state[..., :-1], (1, 0))
-            state.addcmul_(_per_channel(self.B, channels), u_t[..., None])
-        return torch.einsum("bcn,cn->bc", state, C) + D * u_t, state
+        elif torch.is_grad_enabled():  # autograd does not record out= products
+            B = _per_channel(self.B, channels)
+            state = F.pad(state[..., :-1], (1, 0)).addcmul_(B, u_t[..., None])
+        else:  # decoding: one new tensor, each slot written once (1.4x faster than the pad)
+            B, new = _per_channel(self.B, channels), torch.empty_like(state)
+            torch.addcmul(state[..., :-1], B[:, 1:], u_t[..., None], out=new[..., 1:])
+            torch.mul(B[:, 0], u_t, out=new[..., 0])
+            state = new
+        return _dot_last(state, C) + D * u_t, state
 
 
 def make_ssm(
