@@ -36,9 +36,9 @@ from layers.ssm import SSM_KINDS, check_diagonal_args, make_ssm
 # T_h is head h's filter with D_h at tap 0. The same sums in another order, so exact; its work
 # is O(B H L^2 hd) for H heads, against the convolution of B H hd^2 channels and their
 # [B, H hd^2, L] tensors. `python3 -m benchmarks.layer_speed --h3-forms` (hd=8, B=32, 1
-# thread, fwd+bwd median ms, regrouped vs convolution): width 64 L=20 5.78 vs 9.41, L=30 7.77
-# vs 12.8, L=64 17.5 vs 26.2, L=128 54.8 vs 73.8, but L=256 264 vs 132, the [B, H, L, L]
-# scores out of cache; width 128 L=64 41.6 vs 57.6, L=128 139 vs 150.
+# thread, AMD EPYC, fwd+bwd median ms, regrouped vs convolution): width 64 L=20 10.7 vs 16.3,
+# L=30 14.8 vs 23.1, L=64 34.1 vs 49.3, L=128 91.7 vs 117, but L=256 409 vs 240, the
+# [B, H, L, L] scores out of cache; width 128 L=64 74.2 vs 105, L=128 218 vs 260.
 REGROUPED_MAX_LEN = 128
 
 
