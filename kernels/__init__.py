@@ -1,5 +1,6 @@
 """Tensor ops for long convolutions and SSM kernels. Imports nothing from the project.
 
+- :func:`gelu_tanh` - tanh-GELU through a sigmoid, for the CPU (the MLPs' activation).
 - :func:`fftconv` - causal long convolution with skip term and gates (FlashConv interface).
 - :func:`s4d_kernel`, :func:`s4d_discretize` - diagonal SSM (S4D) convolution kernels.
 - :func:`shift_kernel` - the shift SSM kernel of H3 (a learned FIR filter).
@@ -11,6 +12,7 @@
 - :func:`with_skip` - a filter with the skip weight D added to its tap 0.
 """
 
+from kernels.activations import gelu_tanh
 from kernels.direct import causal_toeplitz, contiguous_grad, per_channel, with_skip
 from kernels.fft_sizes import STATE_PASSING_LEN
 from kernels.fftconv import backends, fftconv
@@ -23,6 +25,7 @@ __all__ = [
     "causal_toeplitz",
     "contiguous_grad",
     "fftconv",
+    "gelu_tanh",
     "per_channel",
     "s4d_discretize",
     "s4d_kernel",

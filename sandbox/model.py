@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import layers
+from kernels import gelu_tanh
 from sandbox.config import ModelConfig
 
 
@@ -26,7 +26,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.dropout(self.fc2(gelu_tanh(self.fc1(x))))
 
 
 class Block(nn.Module):

@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import direct, fft_torch, fftconv, s4d_discretize, s4d_kernel, shift_kernel
+from kernels import (
+    direct,
+    fft_torch,
+    fftconv,
+    gelu_tanh,
+    s4d_discretize,
+    s4d_kernel,
+    shift_kernel,
+)
 from kernels.fft_sizes import next_fast_len
 from kernels.fftconv import METHODS, choose_method
 
@@ -410,3 +418,31 @@ def test_shift_kernel_equals_matrix_power():
     e1[:, 0] = 1
     torch.testing.assert_close(shift_kernel(C, e1), C)  # B = e1: the taps are C
     assert shift_kernel(C, None, L=4).shape == (H, 4)
+
+
+def test_gelu_tanh_matches_torch_float64():
+    """kernels.gelu_tanh (x sigmoid(2 z)) against torch's tanh-GELU, float64, values and
+    gradients, and against finite differences (gradcheck)."""
+    x = torch.cat([torch.randn(4000, dtype=torch.float64) * 3, torch.linspace(-12, 12, 97)])
+    x.requires_grad_(True)
+    g = torch.randn_like(x)
+    y = gelu_tanh(x)
+    ref = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-15)
+    (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    x = (torch.randn(20, dtype=torch.float64) * 4).requires_grad_()
+    assert torch.autograd.gradcheck(gelu_tanh, x)
+
+
+def test_gelu_tanh_float32_accuracy_and_large_inputs():
+    """float32 within a few ulps of the float64 reference; finite values and slopes 0 / 1 far
+    out (no overflow of x^3 into a NaN at |x| = 1e4)."""
+    x = torch.randn(32, 30, 256) * 3
+    ref = F.gelu(x.double(), approximate="tanh")
+    assert ((gelu_tanh(x).double() - ref).norm() / ref.norm()).item() < 2e-7
+    far = torch.tensor([-1e4, -100.0, -30.0, 30.0, 100.0, 1e4], requires_grad=True)
+    y = gelu_tanh(far)
+    (slope,) = torch.autograd.grad(y.sum(), far)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 0.0, 0.0, 30.0, 100.0, 1e4]))
+    assert torch.equal(slope, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
