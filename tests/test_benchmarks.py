@@ -214,3 +214,59 @@ def test_layer_speed_h3_forms(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [r["L"] for r in rows] == [20]
     assert all(rows[0][n]["median_ms"] > 0 for n in layer_speed.H3_FORMS)
+
+
+def test_train_step_versions_train_alike(tmp_path):
+    """benchmarks.train_step: its two versions of a run compute the same loss (the activation
+    swap changes only rounding), the swap reaches the model (every MLP calls the activation
+    given) and is undone after each call; the JSON has a paired row per (task, mixer)."""
+    import copy
+
+    import sandbox.model
+    from benchmarks import train_step
+    from kernels import gelu_tanh
+    from sandbox.compare import expand, load_preset
+    from sandbox.train import build_model, build_task
+    from tasks import make_splits
+
+    run = expand(load_preset("h3-table2"), ["model.d_model=16", "train.batch_size=4"], 1)[0]
+    task = build_task(run.config)
+    batch = make_splits(task, 4, 1, 1, seed=0).train
+    model = build_model(run.config, task)
+    calls = []
+
+    def spy(x):
+        calls.append(tuple(x.shape))
+        return train_step._torch_gelu(x)
+
+    ours = train_step._step_fn(run.config, model, batch)
+    theirs = train_step._step_fn(run.config, copy.deepcopy(model), batch, spy)
+    for i in range(3):
+        a, b = ours(), theirs()
+        assert sandbox.model.gelu_tanh is gelu_tanh
+        # From the same weights, rounding apart; AdamW's first steps (about lr times the sign
+        # of each gradient) then let the two drift apart a little.
+        torch.testing.assert_close(a, b, rtol=1e-6 if i == 0 else 1e-3, atol=0)
+    assert len(calls) == 3 * run.config.model.n_layers  # one MLP per block and step
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(
+        "base: {model: {d_model: 16, n_layers: 1}, train: {batch_size: 4}}\n"
+        "tasks: {ar: {task: {name: associative_recall, params: {vocab_size: 6, seq_len: 8}}}}\n"
+        "variants: {s4d: {model: {mixer: s4d}}, attention: {model: {mixer: attention}}}\n"
+    )
+    out = tmp_path / "t.json"
+    train_step.main(["--preset", str(preset), "--repeats", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["task"], r["variant"]) for r in rows] == [("ar", "s4d"), ("ar", "attention")]
+    assert all(r["ours"]["repeats"] == 2 and r["ours"]["speedup"] > 0 for r in rows)
+
+
+def test_train_step_bad_preset_is_exit_2(tmp_path, capsys):
+    from benchmarks import train_step
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main(["--preset", "no-such-preset", "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2
+    assert "no-such-preset" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,111 @@
+"""One training step of every run of a compare preset: what `sandbox compare` pays per step.
+
+    python3 -m benchmarks.train_step [--preset h3-table2] [--repeats 41] [--threads 1]
+
+For each (task, mixer) of the preset (seed 0, its first learning rate) the model, optimizer
+and loss are built as `sandbox train` builds them, and one step (forward, loss, backward,
+AdamW step) on a fixed batch of the preset's batch size is timed in two versions side by side:
+"ours", and "torch GELU", the same model with the MLPs' activation back on torch's
+F.gelu(approximate="tanh") (kernels.gelu_tanh computes it through a sigmoid on CPU). Each
+version trains its own copy of the model from the same initial weights. Medians of
+``--repeats`` rounds, the two versions in a shuffled order each round
+(benchmarks.fftconv.time_round_robin); "speedup" is the median over rounds of torch GELU's time
+/ ours, each ratio within one round.
+JSON to benchmarks/results/train_step_{preset}_cpu.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+import sandbox.model as model_module
+import tasks
+from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
+from sandbox.compare import expand, load_preset
+from sandbox.train import build_model, build_task, lm_loss, make_optimizer
+
+
+def _torch_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _step_fn(config, model, batch, activation=None):
+    """A callable that runs one training step of ``model`` and returns its loss, with the
+    MLPs' activation replaced by ``activation`` during the call when one is given."""
+    optimizer = make_optimizer(model, config.train)
+
+    def step():
+        saved = model_module.gelu_tanh
+        if activation is not None:
+            model_module.gelu_tanh = activation
+        try:
+            loss = lm_loss(model(batch.inputs), batch, config.train.loss_on)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        finally:
+            model_module.gelu_tanh = saved
+        return loss.detach()
+
+    return step
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="h3-table2")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=41)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
+    args = p.parse_args(argv)
+    try:
+        runs = expand(load_preset(args.preset), seeds=1)
+    except (ValueError, OSError) as e:
+        p.error(str(e))  # exit 2, one line
+    torch.set_num_threads(args.threads)
+
+    start, rows, seen = time.perf_counter(), [], set()
+    for run in runs:
+        config = run.config
+        if (run.task, run.variant) in seen:  # other learning rates of the same run
+            continue
+        seen.add((run.task, run.variant))
+        torch.manual_seed(config.seed)
+        task = build_task(config)
+        size = config.train.batch_size
+        batch = tasks.make_splits(task, size, 1, 1, seed=config.seed).train
+        model = build_model(config, task)
+        fns = {
+            "ours": _step_fn(config, model, batch),
+            "torch GELU": _step_fn(config, copy.deepcopy(model), batch, _torch_gelu),
+        }
+        timing = time_round_robin(fns, False, args.repeats, "cpu", baseline="torch GELU")
+        rows.append({"task": run.task, "variant": run.variant, **timing})
+
+    table = Table(title=f"training step, median ms ({args.preset}, {args.threads} thread)")
+    for col in ("task", "variant", "ours", "torch GELU", "speedup"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        ours, base = r["ours"], r["torch GELU"]
+        cells = (f"{ours['median_ms']:.2f}", f"{base['median_ms']:.2f}", f"{ours['speedup']:.2f}x")
+        table.add_row(r["task"], r["variant"], *cells)
+    Console().print(table)
+    payload = {
+        "machine": machine_info("cpu", args.threads),
+        "preset": args.preset,
+        "repeats": args.repeats,
+        "wall_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+    write_json(payload, args.out or RESULTS / f"train_step_{args.preset}_cpu.json")
+
+
+if __name__ == "__main__":
+    main()
