@@ -1,6 +1,6 @@
-"""Tensor ops for long convolutions and SSM kernels. Imports nothing from the project.
+"""Tensor ops for long convolutions, SSM kernels and the MLPs' activation. Imports nothing from
+the project.
 
-- :func:`gelu_tanh` - tanh-GELU through a sigmoid, for the CPU (the MLPs' activation).
 - :func:`fftconv` - causal long convolution with skip term and gates (FlashConv interface).
 - :func:`s4d_kernel`, :func:`s4d_discretize` - diagonal SSM (S4D) convolution kernels.
 - :func:`shift_kernel` - the shift SSM kernel of H3 (a learned FIR filter).
@@ -10,6 +10,7 @@
 - :func:`causal_toeplitz` - the [L, L] matrix of a causal convolution with a filter.
 - :func:`per_channel` - per-filter parameters repeated for the channels that share them.
 - :func:`with_skip` - a filter with the skip weight D added to its tap 0.
+- :func:`gelu_tanh` - tanh-GELU through a sigmoid, for the CPU (the MLPs' activation).
 """
 
 from kernels.activations import gelu_tanh
