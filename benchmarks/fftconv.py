@@ -379,6 +379,13 @@ def print_tables(rows: list[dict], console: Console) -> None:
         console.print(table)
 
 
+def write_results(path: Path, device: str, threads: int, start: float, rows: list, **fields):
+    """A benchmark's JSON at ``path``: the machine, ``fields``, the wall time since ``start``
+    (a time.perf_counter() reading) and the rows."""
+    payload = {"machine": machine_info(device, threads), **fields}
+    write_json(payload | {"wall_s": time.perf_counter() - start, "rows": rows}, path)
+
+
 def write_json(payload: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
@@ -447,14 +454,10 @@ def main(argv=None) -> None:
     else:
         rows += run_short_filters(args, dtype)
     print_tables(rows, Console())
-    payload = {
-        "machine": machine_info(args.device, args.threads),
-        "dtype": str(dtype),
-        "repeats": args.repeats,
-        "wall_s": time.perf_counter() - start,
-        "rows": rows,
-    }
-    write_json(payload, args.out or RESULTS / f"fftconv_{args.device}.json")
+    path = args.out or RESULTS / f"fftconv_{args.device}.json"
+    write_results(
+        path, args.device, args.threads, start, rows, dtype=str(dtype), repeats=args.repeats
+    )
 
 
 if __name__ == "__main__":

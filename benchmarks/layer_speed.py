@@ -35,7 +35,7 @@ from rich.table import Table
 
 import layers
 import layers.h3 as h3_module
-from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
+from benchmarks.fftconv import RESULTS, time_round_robin, write_results
 
 LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 # The h3-table2 preset's mixers and shapes (configs/compare/h3-table2.yaml).
@@ -116,18 +116,19 @@ def main(argv=None) -> None:
         cells = [f"{r[n]['median_ms']:.2f}" for n in names]
         table.add_row(str(r["L"]), *cells, *([f"{r['attention_over_h3']:.2f}"] if ratio else []))
     Console().print(table)
-    payload = {
-        "machine": machine_info(args.device, args.threads),
-        "batch": batch,
-        "width": width,
-        "mixers": {n: TASK_MIXERS.get(n, {"head_dim": 8} if args.h3_forms else {}) for n in names},
-        "repeats": args.repeats,
-        "wall_s": time.perf_counter() - start,
-        "rows": rows,
-    }
     name = "layer_speed_tasks" if args.task_shapes else "layer_speed"
     name = "layer_speed_h3_forms" if args.h3_forms else name
-    write_json(payload, args.out or RESULTS / f"{name}_{args.device}.json")
+    write_results(
+        args.out or RESULTS / f"{name}_{args.device}.json",
+        args.device,
+        args.threads,
+        start,
+        rows,
+        batch=batch,
+        width=width,
+        mixers={n: TASK_MIXERS.get(n, {"head_dim": 8} if args.h3_forms else {}) for n in names},
+        repeats=args.repeats,
+    )
 
 
 if __name__ == "__main__":

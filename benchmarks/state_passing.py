@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
+from benchmarks.fftconv import RESULTS, time_round_robin, write_results
 from kernels import fftconv, s4d_kernel, ssm_chunked_conv
 
 
@@ -70,15 +70,8 @@ def main(argv=None) -> None:
         ratio = f"{1 / r['speedup']:.2f}x"
         table.add_row(str(r["L"]), r["impl"], f"{r['median_ms']:.1f}", ratio)
     Console().print(table)
-    payload = {
-        "machine": machine_info("cpu", args.threads),
-        "channels": args.channels,
-        "modes": 32,
-        "repeats": args.repeats,
-        "wall_s": time.perf_counter() - start,
-        "rows": rows,
-    }
-    write_json(payload, args.out)
+    fields = {"channels": args.channels, "modes": 32, "repeats": args.repeats}
+    write_results(args.out, "cpu", args.threads, start, rows, **fields)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from rich.table import Table
 
 import sandbox.model as model_module
 import tasks
-from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
+from benchmarks.fftconv import RESULTS, time_round_robin, write_results
 from sandbox.compare import expand, load_preset
 from sandbox.train import build_model, build_task, lm_loss, make_optimizer
 
@@ -97,14 +97,8 @@ def main(argv=None) -> None:
         cells = (f"{ours['median_ms']:.2f}", f"{base['median_ms']:.2f}", f"{ours['speedup']:.2f}x")
         table.add_row(r["task"], r["variant"], *cells)
     Console().print(table)
-    payload = {
-        "machine": machine_info("cpu", args.threads),
-        "preset": args.preset,
-        "repeats": args.repeats,
-        "wall_s": time.perf_counter() - start,
-        "rows": rows,
-    }
-    write_json(payload, args.out or RESULTS / f"train_step_{args.preset}_cpu.json")
+    path = args.out or RESULTS / f"train_step_{args.preset}_cpu.json"
+    write_results(path, "cpu", args.threads, start, rows, preset=args.preset, repeats=args.repeats)
 
 
 if __name__ == "__main__":
