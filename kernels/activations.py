@@ -4,8 +4,8 @@ tanh-GELU, gelu(x) = x (1 + tanh(z)) / 2 with z = sqrt(2 / pi) (x + 0.044715 x^3
 activation of GPT-2's and H3's MLPs. Since (1 + tanh(z)) / 2 = sigmoid(2 z), it is also
 x sigmoid(2 z), and on x86 CPUs torch's sigmoid is much cheaper than its tanh (Sleef's tanh
 to 1 ulp). At the tasks' MLP shape, [32, 30, 256] fp32 on one AMD EPYC core:
-F.gelu(approximate="tanh") took 1.83 ms forward and 1.87 ms backward, tanh alone 1.20 ms,
-sigmoid 0.57 ms; this form takes about 0.8 ms forward and 0.5 ms backward
+F.gelu(approximate="tanh") took 1.82 ms forward and 1.97 ms backward, tanh alone 1.20 ms,
+sigmoid 0.57 ms; this form takes 0.77 ms forward and 0.56 ms backward
 (benchmarks/train_step.py times it within a training step). CUDA has fused kernels for the
 torch op, so tensors there keep it.
 """
