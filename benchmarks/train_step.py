@@ -3,14 +3,14 @@
     python3 -m benchmarks.train_step [--preset h3-table2] [--repeats 41] [--threads 1]
 
 For each (task, mixer) of the preset (seed 0, its first learning rate) the model, optimizer
-and loss are built as `sandbox train` builds them, and one step (forward, loss, backward,
-AdamW step) on a fixed batch of the preset's batch size is timed in two versions side by side:
-"ours", and "torch GELU", the same model with the MLPs' activation back on torch's
-F.gelu(approximate="tanh") (kernels.gelu_tanh computes it through a sigmoid on CPU). Each
-version trains its own copy of the model from the same initial weights. Medians of
-``--repeats`` rounds, the two versions in a shuffled order each round
-(benchmarks.fftconv.time_round_robin); "speedup" is the median over rounds of torch GELU's time
-/ ours, each ratio within one round.
+and loss are built as `sandbox train` builds them, and one step (sandbox.train.training_step:
+forward, loss, backward, gradient clipping, AdamW) on a fixed batch of the preset's batch
+size is timed in two versions side by side: "ours", and "torch GELU", the same model with
+the MLPs' activation back on torch's F.gelu(approximate="tanh") (kernels.gelu_tanh computes
+it through a sigmoid on CPU). Each version trains its own copy of the model from the same
+initial weights. Medians of ``--repeats`` rounds, the two versions in a shuffled order each
+round (benchmarks.fftconv.time_round_robin); "speedup" is the median over rounds of torch
+GELU's time / ours, each ratio within one round.
 JSON to benchmarks/results/train_step_{preset}_cpu.json (or --out).
 """
 
@@ -30,7 +30,7 @@ import sandbox.model as model_module
 import tasks
 from benchmarks.fftconv import RESULTS, time_round_robin, write_results
 from sandbox.compare import expand, load_preset
-from sandbox.train import build_model, build_task, lm_loss, make_optimizer
+from sandbox.train import build_model, build_task, make_optimizer, training_step
 
 
 def _torch_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -47,10 +47,7 @@ def _step_fn(config, model, batch, activation=None):
         if activation is not None:
             model_module.gelu_tanh = activation
         try:
-            loss = lm_loss(model(batch.inputs), batch, config.train.loss_on)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = training_step(model, optimizer, batch, config.train)
         finally:
             model_module.gelu_tanh = saved
         return loss.detach()

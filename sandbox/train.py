@@ -118,6 +118,20 @@ def lm_loss(logits: torch.Tensor, batch: tasks.Batch, loss_on: str) -> torch.Ten
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
+def training_step(
+    model: LanguageModel, optimizer: torch.optim.Optimizer, batch: tasks.Batch, cfg: TrainConfig
+) -> torch.Tensor:
+    """One optimizer step on ``batch`` (loss, backward, gradient clipping, AdamW); returns the
+    loss, still attached to the graph."""
+    loss = lm_loss(model(batch.inputs), batch, cfg.loss_on)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss
+
+
 @torch.no_grad()
 def evaluate(model: LanguageModel, batch: tasks.Batch, batch_size: int = 500) -> dict:
     """Answer-position metrics: micro accuracy, fraction of examples fully right, answer loss."""
@@ -250,12 +264,7 @@ def train(
         batch = train_set[order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].to(device)]
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(state.step, total, cfg)
-        loss = lm_loss(model(batch.inputs), batch, cfg.loss_on)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        loss = training_step(model, optimizer, batch, cfg)
         state.step += 1
         loss_sum += loss.item()
         loss_count += 1
