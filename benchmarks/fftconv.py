@@ -379,6 +379,15 @@ def print_tables(rows: list[dict], console: Console) -> None:
         console.print(table)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of --repeats and --threads: an integer of at least 1 (0 repeats would
+    leave no time to take a median of, 0 threads is no setting torch takes)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def write_results(path: Path, device: str, threads: int, start: float, rows: list, **fields):
     """A benchmark's JSON at ``path``: the machine, ``fields``, the wall time since ``start``
     (a time.perf_counter() reading) and the rows."""
@@ -424,8 +433,8 @@ def machine_info(device: str, threads: int) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument(
         "--min-seconds",
         type=float,

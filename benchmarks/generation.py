@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fftconv import RESULTS, machine_info, time_round_robin, write_json
+from benchmarks.fftconv import RESULTS, machine_info, positive_int, time_round_robin, write_json
 from sandbox.config import ModelConfig
 from sandbox.generate import generate
 from sandbox.model import LanguageModel
@@ -168,8 +168,8 @@ def print_tables(rows, summary, training, args, console: Console) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument("--vocab", type=int, default=4096, help="50264 for GPT-2's padded vocabulary")
     p.add_argument("--batch", type=int, default=16)

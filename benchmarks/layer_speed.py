@@ -35,7 +35,7 @@ from rich.table import Table
 
 import layers
 import layers.h3 as h3_module
-from benchmarks.fftconv import RESULTS, time_round_robin, write_results
+from benchmarks.fftconv import RESULTS, positive_int, time_round_robin, write_results
 
 LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 # The h3-table2 preset's mixers and shapes (configs/compare/h3-table2.yaml).
@@ -62,8 +62,8 @@ def _h3_form(mixer, limit: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-len", type=int, default=8192)

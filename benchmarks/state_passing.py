@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fftconv import RESULTS, time_round_robin, write_results
+from benchmarks.fftconv import RESULTS, positive_int, time_round_robin, write_results
 from kernels import fftconv, s4d_kernel, ssm_chunked_conv
 
 
@@ -48,8 +48,8 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--chunks", type=int, nargs="+", default=[8192, 4096, 2048])
     p.add_argument("--channels", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=7)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "state_passing_cpu.json")
     args = p.parse_args(argv)
     numbers = (*args.lengths, *args.chunks, args.channels, args.repeats, args.threads)

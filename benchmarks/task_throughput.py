@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import tasks
+from benchmarks.fftconv import positive_int
 
 # (task, params, num_examples): each task at its defaults, then at seq_len 4096 with its
 # difficulty knobs scaled along where the defaults would no longer fit or would mostly pad.
@@ -133,8 +134,10 @@ def write_json(payload: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per case")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed calls per case")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:

@@ -270,3 +270,22 @@ def test_train_step_bad_preset_is_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "no-such-preset" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["fftconv", "generation", "layer_speed", "state_passing", "task_throughput", "train_step"],
+)
+@pytest.mark.parametrize("flag", ["--repeats", "--threads"])
+def test_benchmarks_reject_counts_below_one(module, flag, tmp_path, capsys):
+    """--repeats 0 (no time to take a median of) and --threads 0 are one argparse line naming
+    the flag, exit 2, before anything runs or is written."""
+    import importlib
+
+    bench = importlib.import_module(f"benchmarks.{module}")
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag, "0", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
