@@ -5,12 +5,13 @@
 For each (task, mixer) of the preset (seed 0, its first learning rate) the model, optimizer
 and loss are built as `sandbox train` builds them, and one step (sandbox.train.training_step:
 forward, loss, backward, gradient clipping, AdamW) on a fixed batch of the preset's batch
-size is timed in two versions side by side: "ours", and "torch GELU", the same model with
-the MLPs' activation back on torch's F.gelu(approximate="tanh") (kernels.gelu_tanh computes
-it through a sigmoid on CPU). Each version trains its own copy of the model from the same
-initial weights. Medians of ``--repeats`` rounds, the two versions in a shuffled order each
-round (benchmarks.fftconv.time_round_robin); "speedup" is the median over rounds of torch
-GELU's time / ours, each ratio within one round.
+size is timed in three versions side by side, each undoing one of our changes: "ours";
+"torch GELU", the MLPs' activation back on torch's F.gelu(approximate="tanh")
+(kernels.gelu_tanh computes it through a sigmoid on CPU); and "foreach AdamW", torch's foreach
+optimizer instead of the fused one. Each version trains its own copy of the model from the
+same initial weights. Medians of ``--repeats`` rounds, the versions in a shuffled order each
+round (benchmarks.fftconv.time_round_robin); "ours vs X" is the median over rounds of X's
+time / ours, each ratio within one round (exactly so for an odd number of rounds).
 JSON to benchmarks/results/train_step_{preset}_cpu.json (or --out).
 """
 
@@ -32,15 +33,17 @@ from benchmarks.fftconv import RESULTS, positive_int, time_round_robin, write_re
 from sandbox.compare import expand, load_preset
 from sandbox.train import build_model, build_task, make_optimizer, training_step
 
+BASELINES = ("torch GELU", "foreach AdamW")
+
 
 def _torch_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def _step_fn(config, model, batch, activation=None):
+def _step_fn(config, model, batch, activation=None, fused=True):
     """A callable that runs one training step of ``model`` and returns its loss, with the
     MLPs' activation replaced by ``activation`` during the call when one is given."""
-    optimizer = make_optimizer(model, config.train)
+    optimizer = make_optimizer(model, config.train, fused=fused)
 
     def step():
         saved = model_module.gelu_tanh
@@ -52,6 +55,7 @@ def _step_fn(config, model, batch, activation=None):
             model_module.gelu_tanh = saved
         return loss.detach()
 
+    step.optimizer = optimizer  # for the tests
     return step
 
 
@@ -81,18 +85,22 @@ def main(argv=None) -> None:
         model = build_model(config, task)
         fns = {
             "ours": _step_fn(config, model, batch),
-            "torch GELU": _step_fn(config, copy.deepcopy(model), batch, _torch_gelu),
+            BASELINES[0]: _step_fn(config, copy.deepcopy(model), batch, _torch_gelu),
+            BASELINES[1]: _step_fn(config, copy.deepcopy(model), batch, fused=False),
         }
-        timing = time_round_robin(fns, False, args.repeats, "cpu", baseline="torch GELU")
+        timing = time_round_robin(fns, False, args.repeats, "cpu", baseline="ours")
+        for name in BASELINES:  # its time / ours, from ours' time / its time within rounds
+            timing[name]["ours_speedup"] = 1 / timing[name].pop("speedup")
+        del timing["ours"]["speedup"]
         rows.append({"task": run.task, "variant": run.variant, **timing})
 
     table = Table(title=f"training step, median ms ({args.preset}, {args.threads} thread)")
-    for col in ("task", "variant", "ours", "torch GELU", "speedup"):
+    for col in ("task", "variant", "ours", *BASELINES, *(f"ours vs {b}" for b in BASELINES)):
         table.add_column(col, justify="right")
     for r in rows:
-        ours, base = r["ours"], r["torch GELU"]
-        cells = (f"{ours['median_ms']:.2f}", f"{base['median_ms']:.2f}", f"{ours['speedup']:.2f}x")
-        table.add_row(r["task"], r["variant"], *cells)
+        times = [f"{r[name]['median_ms']:.2f}" for name in ("ours", *BASELINES)]
+        gains = [f"{r[name]['ours_speedup']:.2f}x" for name in BASELINES]
+        table.add_row(r["task"], r["variant"], *times, *gains)
     Console().print(table)
     path = args.out or RESULTS / f"train_step_{args.preset}_cpu.json"
     write_results(path, "cpu", args.threads, start, rows, preset=args.preset, repeats=args.repeats)

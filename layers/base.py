@@ -120,24 +120,27 @@ def build(name: str, **params) -> Mixer:
 
 # ---------------------------------------------------------------------------------------------
 # SSM parameters: the optimizer gives them lr min(1e-3, lr) and no weight decay (S4/H3 recipe).
-# The flag is an attribute of the Parameter object: it survives .to(), .double(), .cuda() and
-# load_state_dict (all keep the object), but not copy.deepcopy, which makes new Parameters;
-# build the optimizer from the model being trained.
+# The flag is the parameter's name, kept on the module that owns it, not an attribute of the
+# Parameter object: copy.deepcopy and FSDP's sharding make new Parameters (which lost such an
+# attribute, so a deep-copied model was decayed like weight matrices), but both keep a module's
+# attributes and register the new Parameters under the same names.
 
 
-def mark_ssm(*params: nn.Parameter) -> None:
-    """Flag parameters as SSM parameters (dt, A, B of an SSM kernel)."""
-    for p in params:
-        p._ssm = True
-
-
-def is_ssm(param: torch.Tensor) -> bool:
-    return getattr(param, "_ssm", False)
+def mark_ssm(module: nn.Module, *names: str) -> None:
+    """Flag the parameters ``module.<name>`` as SSM parameters (dt, A, B of an SSM kernel)."""
+    for name in names:
+        if not isinstance(getattr(module, name, None), nn.Parameter):
+            raise ValueError(f"mark_ssm: {type(module).__name__} has no parameter {name!r}")
+    module._ssm_names = (*getattr(module, "_ssm_names", ()), *names)
 
 
 def ssm_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The flagged parameters of ``module``, in ``module.parameters()`` order."""
-    return [p for p in module.parameters() if is_ssm(p)]
+    """The flagged parameters of ``module`` and its submodules, in ``module.parameters()``
+    order (each once, also where a wrapper such as DDP holds the model)."""
+    flagged = {
+        id(getattr(m, name)) for m in module.modules() for name in getattr(m, "_ssm_names", ())
+    }
+    return [p for p in module.parameters() if id(p) in flagged]
 
 
 def factory_kwargs(module: nn.Module) -> dict:

@@ -129,7 +129,7 @@ class DiagonalSSM(nn.Module):
         self.B = nn.Parameter(torch.view_as_real(torch.ones(channels, modes, dtype=torch.cfloat)))
         self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, modes, dtype=torch.cfloat)))
         self.D = nn.Parameter(torch.randn(channels))
-        mark_ssm(self.log_dt, self.log_A_real, self.A_imag, self.B)
+        mark_ssm(self, "log_dt", "log_A_real", "A_imag", "B")
 
     def _continuous(self) -> tuple[torch.Tensor, ...]:
         """dt [H] and the complex A, B, C [H, N/2]."""
@@ -214,7 +214,7 @@ class ShiftSSM(nn.Module):
             e1 = torch.zeros(channels, d_state)
             e1[:, 0] = 1.0
             self.B = nn.Parameter(e1)
-            mark_ssm(self.B)
+            mark_ssm(self, "B")
 
     def forward(self, u, pregate=None, postgate=None) -> torch.Tensor:
         """u, gates [B, C, L] -> postgate * (K * v + D v) with v = u * pregate; [B, C, L]."""

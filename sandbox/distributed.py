@@ -19,7 +19,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-import layers
 from sandbox.train import resolve_device
 
 
@@ -74,12 +73,9 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
     if not fsdp:
         ids = [d.device.index] if d.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    # Sharding replaces every Parameter object, dropping the SSM flag the optimizer groups by.
-    ssm_names = {n for n, p in model.named_parameters() if layers.is_ssm(p)}
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    layers.mark_ssm(*(p for n, p in model.named_parameters() if n in ssm_names))
     return model
 
 

@@ -217,9 +217,10 @@ def test_layer_speed_h3_forms(tmp_path, monkeypatch):
 
 
 def test_train_step_versions_train_alike(tmp_path):
-    """benchmarks.train_step: its two versions of a run compute the same loss (the activation
-    swap changes only rounding), the swap reaches the model (every MLP calls the activation
-    given) and is undone after each call; the JSON has a paired row per (task, mixer)."""
+    """benchmarks.train_step: its three versions of a run compute the same loss (the activation
+    swap and the foreach optimizer change only rounding), the swap reaches the model (every
+    MLP calls the activation given) and is undone after each call, the foreach version's
+    optimizer is foreach and ours fused; the JSON has a paired row per (task, mixer)."""
     import copy
 
     import sandbox.model
@@ -241,12 +242,16 @@ def test_train_step_versions_train_alike(tmp_path):
 
     ours = train_step._step_fn(run.config, model, batch)
     theirs = train_step._step_fn(run.config, copy.deepcopy(model), batch, spy)
+    foreach = train_step._step_fn(run.config, copy.deepcopy(model), batch, fused=False)
+    assert ours.optimizer.defaults["fused"] and not ours.optimizer.defaults["foreach"]
+    assert foreach.optimizer.defaults["foreach"] and not foreach.optimizer.defaults["fused"]
     for i in range(3):
-        a, b = ours(), theirs()
+        a, b, c = ours(), theirs(), foreach()
         assert sandbox.model.gelu_tanh is gelu_tanh
         # From the same weights, rounding apart; AdamW's first steps (about lr times the sign
-        # of each gradient) then let the two drift apart a little.
+        # of each gradient) then let the versions drift apart a little.
         torch.testing.assert_close(a, b, rtol=1e-6 if i == 0 else 1e-3, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-6 if i == 0 else 1e-3, atol=0)
     assert len(calls) == 3 * run.config.model.n_layers  # one MLP per block and step
 
     preset = tmp_path / "tiny.yaml"
@@ -259,7 +264,8 @@ def test_train_step_versions_train_alike(tmp_path):
     train_step.main(["--preset", str(preset), "--repeats", "2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["task"], r["variant"]) for r in rows] == [("ar", "s4d"), ("ar", "attention")]
-    assert all(r["ours"]["repeats"] == 2 and r["ours"]["speedup"] > 0 for r in rows)
+    assert all(r["ours"]["repeats"] == 2 for r in rows)
+    assert all(r[b]["ours_speedup"] > 0 for r in rows for b in train_step.BASELINES)
 
 
 def test_train_step_bad_preset_is_exit_2(tmp_path, capsys):

@@ -430,16 +430,19 @@ SSM_NAMES = {"log_dt", "log_A_real", "A_imag", "B"}
 )
 def test_ssm_parameters_are_flagged(name, params, flagged):
     mixer = make(name, params)  # converted to float64: the flags survive .to()
-    assert {n for n, p in mixer.named_parameters() if layers.is_ssm(p)} == flagged
-    expected = [p for n, p in mixer.named_parameters() if n in flagged]
-    assert [id(p) for p in layers.ssm_parameters(mixer)] == [id(p) for p in expected]
+    for module in (mixer, copy.deepcopy(mixer)):  # and a deep copy's new Parameters
+        expected = [p for n, p in module.named_parameters() if n in flagged]
+        assert [id(p) for p in layers.ssm_parameters(module)] == [id(p) for p in expected]
 
 
 def test_mark_ssm():
     linear = torch.nn.Linear(2, 2)
-    layers.mark_ssm(linear.weight)
-    assert layers.is_ssm(linear.weight) and not layers.is_ssm(linear.bias)
+    layers.mark_ssm(linear, "weight")
     assert layers.ssm_parameters(linear) == [linear.weight]
+    wrapper = torch.nn.Sequential(linear, linear)  # a shared module is listed once
+    assert layers.ssm_parameters(wrapper) == [linear.weight]
+    with pytest.raises(ValueError, match="Linear has no parameter 'scale'"):
+        layers.mark_ssm(linear, "scale")
 
 
 def test_names():

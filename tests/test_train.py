@@ -1,5 +1,6 @@
 """Trainer, checkpoints and the `sandbox train` CLI on tiny models."""
 
+import copy
 import json
 import math
 import os
@@ -66,18 +67,27 @@ def test_evaluate_hand_checked():
     assert m["loss"] == pytest.approx(float(expected_loss))
 
 
-def test_ssm_parameters_get_their_own_group():
-    import layers
+@pytest.mark.parametrize("copied", [False, True])
+def test_ssm_parameters_get_their_own_group(copied):
     from sandbox.model import LanguageModel
 
     model = LanguageModel(tiny().model, vocab_size=10, max_seq_len=20)
+    if copied:  # new Parameter objects, which once lost the SSM flag and got weight decay
+        model = copy.deepcopy(model)
     opt = make_optimizer(model, build_config({"train": {"lr": 5e-3}}).train)
-    ssm_group = [g for g in opt.param_groups if any(layers.is_ssm(p) for p in g["params"])]
-    assert len(ssm_group) == 1
-    assert ssm_group[0]["lr"] == 1e-3 and ssm_group[0]["weight_decay"] == 0.0
-    assert all(layers.is_ssm(p) for p in ssm_group[0]["params"])
-    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert n_opt == model.num_params()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {
+        (g["lr"], g["weight_decay"]): {names[id(p)] for p in g["params"]} for g in opt.param_groups
+    }
+    # by hand: H3's diagonal SSM's dt, A and B in each of the 2 blocks (C and D: ordinary weights)
+    ssm = {
+        f"blocks.{i}.mixer.kv_ssm.{p}"
+        for i in range(2)
+        for p in ("log_dt", "log_A_real", "A_imag", "B")
+    }
+    assert groups[(1e-3, 0.0)] == ssm
+    assert all(p.dim() >= 2 for n, p in model.named_parameters() if n in groups[(5e-3, 0.1)])
+    assert sum(len(v) for v in groups.values()) == len(names)
 
 
 def test_loss_decreases(tmp_path):
