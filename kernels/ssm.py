@@ -11,6 +11,7 @@ learned FIR filter of N taps.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -67,86 +68,117 @@ class S4DKernel(torch.autograd.Function):
     """s4d_kernel as one autograd node with a hand-written backward: the discretisation, log dA
     and the Vandermonde product run without autograd, and backward writes out their chain rule.
 
-    Vandermonde product: K[h, l] = 2 Re sum_n w[h, n] exp(l lam[h, n]) for l < L, with w = C dB
-    and lam = log dA (:func:`log_dA`, real and imaginary parts). Write l = a + P b with P ~
-    sqrt(L), so exp(l lam) = exp(a lam) exp(P b lam) and K[a + P b] = 2 Re sum_n (w_n exp(a
-    lam_n)) exp(P b lam_n), a [P, N] x [N, Q] matmul per channel: powers for only ~2 sqrt(L)
-    lags instead of L. Its backward, for g = dloss/dK: dloss/dw = 2 conj(sum_l g_l exp(l lam))
-    and dloss/dlam = 2 conj(w sum_l l g_l exp(l lam)) (torch's convention for a real loss of
-    complex inputs: dloss/dRe + i dloss/dIm), both sums the transposed product over the same
-    grid of lags, one matmul per channel with the real powers and one with the imaginary.
-    Then the chain rule to dt, A, B, C (:meth:`_parameter_grads`). Left to autograd, the
-    Vandermonde product's dozen [H, N, sqrt(L)] ops took 6.0 ms of an H3 layer's 9 ms fwd+bwd
-    at width 256, L = 64 on CPU, and the discretisation and log dA another ~60 small autograd
-    ops (with complex-real conversions) per fwd+bwd.
+    Vandermonde product: K[h, l] = 2 Re sum_n w[h, n] z[h, n]^l for l < L, with w = C dB and z
+    = dA = exp(lam), lam = log dA (:func:`log_dA`). Write l = a + P b with P ~ sqrt(L): K[a + P
+    b] = 2 Re sum_n (w_n z_n^a) z_n^(P b), a [Q, 2N] x [2N, P] matmul per channel on the real
+    views of the complex factors, so that powers are needed for only P + Q ~ 2 sqrt(L) lags.
+    They come from one call (:func:`_powers_at`, lags 0 .. P-1 then 0, P, .. (Q-1) P) as one
+    complex tensor E [H, P + Q, N]; dA itself is its row 1 (hence P >= 2). The real views'
+    dot product over (n, re / im) is sum Re(x) Re(y) + Im(x) Im(y) = Re(conj(x) y), so the
+    low factor enters conjugated, and the result comes out as [H, Q, P], K in order.
+
+    Backward, for g = dloss/dK and in conjugate form (ĝ = conj(dloss/dz) for complex z, torch's
+    convention being dloss/dRe + i dloss/dIm; through a holomorphic f, ĝ_z = f'(z) ĝ_f, no
+    conjugates): ĝ_w = 2 S0 and ĝ_lam = 2 w S1 with S0 = sum_l g_l z^l and S1 = sum_l l g_l z^l,
+    both from the transposed product over the same grid of lags (one matmul per channel, then
+    a complex product with the high powers summed over b). Then the chain rule to dt, A, B, C
+    (:meth:`_parameter_grads`). Left to autograd, the Vandermonde product's dozen [H, N,
+    sqrt(L)] ops took 6.0 ms of an H3 layer's 9 ms fwd+bwd at width 256, L = 64 on CPU. At the
+    tasks' sizes (H = 64, N = 32, L = 20) the op count is what costs (a small op is 4-15 us on
+    CPU, a complex exp of [64, 32] 112 us, a product with a strided .real view 4x a contiguous
+    one): a DiagonalSSM's filter from its parameters now takes 24 ops forward and 35 backward,
+    against 47 and 53 in the previous form.
     Computed in the inputs' precision with autocast off: a bf16 filter would lose its tail.
     """
 
     @staticmethod
     def forward(ctx, dt, A, B, C, L: int, method: str):
-        P = math.isqrt(L - 1) + 1
+        P = max(2, math.isqrt(L - 1) + 1)
         Q = -(-L // P)
         with torch.autocast(dt.device.type, enabled=False):
-            dA, p = s4d_discretize(dt, A, None, method)  # p: dB without B, for backward
-            w = C * (p if B is None else p * B)
-            lam = log_dA(dt, A, method)
-            low = dA_powers(lam, P)  # exp(a lam), a < P: [H, P, N] re, im
-            high = dA_powers(lam, Q, step=P)  # exp(P b lam), b < Q: [H, Q, N]
-            # w's parts copied out of the complex tensor: products with strided views are slow.
-            w_re, w_im = w.real.contiguous()[:, None], w.imag.contiguous()[:, None]  # [H, 1, N]
-            x_re = (w_re * low[0]).sub_(w_im * low[1])  # w exp(a lam)
-            x_im = (w_re * low[1]).add_(w_im * low[0])
-            k = (x_re @ high[0].mT).sub_(x_im @ high[1].mT).mul_(2)  # [H, P, Q]: K[a + P b]
-        ctx.save_for_backward(dt, A, B, C, dA, p, w, *low, *high)
-        ctx.L, ctx.method = L, method
-        return k.mT.reshape(k.shape[0], P * Q)[:, :L]
+            lags, _ = _kernel_lags(P, Q, L, dt.dtype, dt.device)
+            E = torch.complex(*_powers_at(log_dA(dt, A, method), lags, (Q - 1) * P))
+            low, high = E[:, :P], E[:, P:]  # z^a [H, P, N], z^(P b) [H, Q, N]
+            if method == "zoh":
+                y = None
+                p = (low[:, 1] - 1) / A  # dB without B: (dA - 1) / A
+            else:
+                y = 1 - (dt[:, None] / 2) * A  # 1 - dt A / 2
+                p = dt[:, None] / y
+            cb = C if B is None else C * B
+            w = cb * p
+            x = torch.mul(w[:, None], low).conj_physical_()  # conj(w z^a): [H, P, N]
+            k = torch.bmm(_pairs(high), _pairs(x).mT)
+            k.mul_(2)  # [H, Q, P]: K[a + P b] at [b, a]
+        ctx.save_for_backward(dt, A, B, C, cb, p, w, y, E)
+        ctx.L, ctx.P, ctx.method = L, P, method
+        return k.view(k.shape[0], P * Q)[:, :L]
 
     @staticmethod
     def backward(ctx, g):
-        dt, A, B, C, dA, p, w, low_re, low_im, high_re, high_im = ctx.saved_tensors
-        H, P, N = low_re.shape
-        Q, L = high_re.shape[1], ctx.L
+        dt, A, B, C, cb, p, w, y, E = ctx.saved_tensors
+        L, P = ctx.L, ctx.P
+        H, PQ, N = E.shape
+        Q = PQ - P
         with torch.autocast(g.device.type, enabled=False):
-            g = g.to(low_re.dtype)
-            lags = torch.arange(L, device=g.device, dtype=g.dtype)
-            coeffs = torch.stack([g, g * lags], dim=1)  # [H, 2, L]: g_l and l g_l
-            grid = F.pad(coeffs, (0, P * Q - L)).view(H, 2 * Q, P)  # [h, (c, b), a]
-            # sum_a grid[c, b, a] exp(a lam_n), then sum_b exp(P b lam_n) times that.
-            t_re = (grid @ low_re).view(H, 2, Q, N)
-            t_im = (grid @ low_im).view(H, 2, Q, N)
-            hi_re, hi_im = high_re[:, None], high_im[:, None]  # [H, 1, Q, N]
-            s_re = (t_re * hi_re).sub_(t_im * hi_im).sum(2)  # [H, 2, N]: sum_l g_l z^l and
-            s_im = (t_re * hi_im).add_(t_im * hi_re).sum(2)  # sum_l l g_l z^l, z = exp(lam)
-            grad_w = torch.complex(2 * s_re[:, 0], -2 * s_im[:, 0])
-            grad_lam = 2 * (w * torch.complex(s_re[:, 1], s_im[:, 1])).conj()
-            return S4DKernel._parameter_grads(ctx.method, dt, A, B, C, dA, p, grad_w, grad_lam)
+            _, lags = _kernel_lags(P, Q, L, dt.dtype, dt.device)
+            grid = g.new_zeros((H, 2, Q * P), dtype=dt.dtype)  # g_l and l g_l, zero past L
+            grid[:, 0, :L] = g
+            torch.mul(g, lags, out=grid[:, 1, :L])
+            low, high = E[:, :P], E[:, P:]
+            # sum_a grid[c, b, a] z^a as complex [H, 2, Q, N], then times z^(P b), summed over b
+            t = torch.bmm(grid.view(H, 2 * Q, P), _pairs(low))
+            s = (torch.view_as_complex(t.view(H, 2, Q, N, 2)) * high[:, None]).sum(2)
+            s.mul_(2)  # [H, 2, N]: 2 S0, 2 S1
+            grad_w, grad_lam = s[:, 0], w * s[:, 1]
+            return S4DKernel._parameter_grads(
+                ctx.method, dt, A, B, C, cb, p, y, E[:, 1], grad_w, grad_lam
+            )
 
     @staticmethod
-    def _parameter_grads(method, dt, A, B, C, dA, p, grad_w, grad_lam):
-        """(d dt, d A, d B, d C, None, None) from the gradients of w = C B p(dt, A) and lam(dt,
-        A), p being dB without B: for a holomorphic f, the gradient of its argument is conj(f')
-        times f's (torch's convention); dt is real, so its gradient is the real part, summed
-        over the modes. With x = dt A: zoh: lam = x, dA = e^x, p = (dA - 1) / A, so dp/dA =
-        (dt dA - p) / A, dp/ddt = dA. bilinear: y = 1 - x/2, dA = (1 + x/2) / y, p = dt / y,
-        lam = log dA, so dp/dA = dt^2 / (2 y^2) = p^2 / 2, dp/ddt = 1 / y^2 = (p / dt)^2 and
-        dlam/dx = 1 / ((1 + x/2) y) = (p / dt)^2 / dA."""
+    def _parameter_grads(method, dt, A, B, C, cb, p, y, dA, grad_w, grad_lam):
+        """(d dt, d A, d B, d C, None, None) from the conjugate-form gradients of w = C B p(dt,
+        A) and lam(dt, A), p being dB without B; dt is real, so its gradient is the real part,
+        summed over the modes. With x = dt A: zoh: lam = x, dA = e^x, p = (dA - 1) / A, so
+        dp/dA = (dt dA - p) / A, dp/ddt = dA. bilinear: y = 1 - x/2, dA = (1 + x/2) / y, p = dt
+        / y, lam = log dA, so dp/dA = dt^2 / (2 y^2) = p^2 / 2, dp/ddt = 1 / y^2 and dlam/dx =
+        1 / ((1 + x/2) y) = 1 / ((2 - y) y) (from y rather than dA, which may underflow to 0)."""
         dt = dt[:, None]
+        grad_p = cb * grad_w
         if method == "zoh":
-            dp_dA, dp_ddt, dlam_dx = (dt * dA - p) / A, dA, None
+            grad_A = torch.addcmul((dt * dA - p) / A * grad_p, dt, grad_lam)
+            grad_dt = dA * grad_p + A * grad_lam
         else:
-            dp_ddt = (p / dt) ** 2
-            dp_dA, dlam_dx = p * p / 2, dp_ddt / dA
-        cb = C if B is None else C * B
-        grad_p = cb.conj() * grad_w
-        grad_A = dp_dA.conj() * grad_p
-        dt_terms = dp_ddt.conj() * grad_p
-        lam_dA = dt if dlam_dx is None else dt * dlam_dx
-        lam_ddt = A if dlam_dx is None else A * dlam_dx
-        grad_A = grad_A + lam_dA.conj() * grad_lam
-        grad_dt = (dt_terms + lam_ddt.conj() * grad_lam).real.sum(-1)
+            inv_y = 1 / y
+            dlam_dx = inv_y / (2 - y)
+            lam_x = dlam_dx * grad_lam
+            grad_A = torch.addcmul(p * p / 2 * grad_p, dt, lam_x)
+            grad_dt = torch.addcmul(inv_y * inv_y * grad_p, A, lam_x)
+        grad_B = None if B is None else (C * p * grad_w).conj_physical_()
         pb = p if B is None else p * B
-        grad_B = None if B is None else (C * p).conj() * grad_w
-        return grad_dt, grad_A, grad_B, pb.conj() * grad_w, None, None
+        return (
+            grad_dt.real.sum(-1),
+            grad_A.conj_physical_(),
+            grad_B,
+            (pb * grad_w).conj_physical_(),
+            None,
+            None,
+        )
+
+
+def _pairs(z: torch.Tensor) -> torch.Tensor:
+    """complex [..., N] -> its real view [..., 2N], (re, im) pairs (no copy)."""
+    return torch.view_as_real(z).flatten(-2)
+
+
+@lru_cache(maxsize=64)
+def _kernel_lags(P: int, Q: int, L: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """S4DKernel's lags: [P + Q, 1] (0 .. P-1, then 0, P, .. (Q-1) P) and [L] (0 .. L-1), made
+    once per shape: each arange is an op, and the filter is made on every training step.
+    Outside inference mode, so that a tensor made during generation serves training later."""
+    with torch.inference_mode(False):
+        a = torch.arange(max(P, L), dtype=dtype, device=device)
+        return torch.cat([a[:P], a[:Q] * P])[:, None], a[:L]
 
 
 def s4d_state(
@@ -209,7 +241,16 @@ def dA_powers(
     log_dA: tuple[torch.Tensor, torch.Tensor], n: int, step: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real and imaginary parts of dA^l for l = 0, step, .. (n-1) step, each [H, n, N] real,
-    from ``log_dA`` (:func:`log_dA`).
+    from ``log_dA`` (:func:`log_dA`)."""
+    lags = torch.arange(n, device=log_dA[0].device, dtype=log_dA[0].dtype) * step
+    return _powers_at(log_dA, lags[:, None], (n - 1) * step)
+
+
+def _powers_at(
+    log_dA: tuple[torch.Tensor, torch.Tensor], lags: torch.Tensor, max_lag: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts of dA^l for the lags [n, 1] (at most ``max_lag``), each [H, n,
+    N] real.
 
     dA^l = exp(l Re log dA) (cos + i sin)(l Im log dA), in real arithmetic: one real exp,
     cos and sin per (mode, lag) vectorise on CPU where a complex exp does not (~10x faster),
@@ -218,17 +259,17 @@ def dA_powers(
     ([256, 32, 8]: 78 against 22 us).
     """
     log_re, log_im = log_dA
-    lags = (torch.arange(n, device=log_re.device, dtype=log_re.dtype) * step)[:, None]
     exponent = lags * log_re[:, None]
     # On CPU, magnitudes below sqrt(smallest normal) (1e-19 in fp32) are set to 0: products of
     # smaller ones are denormals, which x86 multiplies ~20x slower. They made the Vandermonde
     # matmul of S4DKernel 13-20x slower (L = 4K, H = 256, 32 modes: 13-21 ms against ~1 ms),
     # for terms 12 orders of magnitude below the float32 rounding of the kernel's taps. Only
-    # when the smallest can be that small: the masking itself cost ~0.1 ms at L = 64. (GPUs
-    # multiply denormals at full speed, and a check there would synchronise.)
+    # when the smallest can be that small: the check costs an op and a read-back. (GPUs
+    # multiply denormals at full speed, and a check there would synchronise.) threshold_ is
+    # one pass where a mask and masked_fill_ were two.
     limit = 0.5 * math.log(torch.finfo(exponent.dtype).tiny)
-    if log_re.device.type == "cpu" and log_re.min().item() * (n - 1) * step < limit:
-        exponent.masked_fill_(exponent < limit, -math.inf)
+    if log_re.device.type == "cpu" and log_re.min().item() * max_lag < limit:
+        F.threshold_(exponent, limit, -math.inf)
     # In place where autograd allows (exp's backward uses its output, mul's its operands):
     # each [H, n, N] temporary not allocated is one fewer fresh buffer to fault in.
     magnitude = exponent.exp_()
