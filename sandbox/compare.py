@@ -137,6 +137,10 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                         runs.append(Run(task, variant, seed, lr, config))
             except ConfigError as e:
                 raise ConfigError(f"{task}/{variant}: {e}") from None
+    # Checked now, not when the grid has trained: a typo there would cost every run.
+    for run in runs:
+        if run.task in preset.test_params:
+            heldout_tasks(run, preset.test_params[run.task])
     return runs
 
 
@@ -187,6 +191,22 @@ def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> 
     return len(todo)
 
 
+def heldout_tasks(run: Run, params: dict[str, Any]) -> tuple[tasks.Task, tasks.Task]:
+    """(the run's task, its task with test_params ``params`` on top); ConfigError when those
+    are not valid task parameters or change the vocabulary or length the model is built for."""
+    config = run.config
+    task = build_task(config)
+    try:
+        test_task = tasks.build(config.task.name, **{**config.task.params, **params})
+    except ValueError as e:
+        raise ConfigError(f"test_params of {run.task!r}: {e}") from None
+    if (test_task.vocab_size, test_task.seq_len) != (task.vocab_size, task.seq_len):
+        raise ConfigError(
+            f"test_params of {run.task!r} change the vocabulary or length the model was built for"
+        )
+    return task, test_task
+
+
 def heldout_test(run: Run, run_dir: Path, params: dict[str, Any]) -> dict:
     """Test figures of a finished run's weights on a split of its task with `params` on top.
 
@@ -199,15 +219,7 @@ def heldout_test(run: Run, run_dir: Path, params: dict[str, Any]) -> dict:
         if cached["params"] == params:
             return cached
     config = run.config
-    task = build_task(config)
-    try:
-        test_task = tasks.build(config.task.name, **{**config.task.params, **params})
-    except ValueError as e:
-        raise ConfigError(f"test_params of {run.task!r}: {e}") from None
-    if (test_task.vocab_size, test_task.seq_len) != (task.vocab_size, task.seq_len):
-        raise ConfigError(
-            f"test_params of {run.task!r} change the vocabulary or length the model was built for"
-        )
+    task, test_task = heldout_tasks(run, params)
     n = config.task.num_test
     test = tasks.make_splits(test_task, 0, 0, n, seed=config.seed).test
     seen = tasks.make_splits(task, config.task.num_train, config.task.num_valid, 0, config.seed)

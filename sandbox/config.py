@@ -73,7 +73,7 @@ class TrainConfig(Strict):
 
 
 class RunConfig(Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**64 - 1)  # what torch.manual_seed takes
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None leaves torch's default
     task: TaskConfig = Field(default_factory=TaskConfig)

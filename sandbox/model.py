@@ -94,11 +94,19 @@ class LanguageModel(nn.Module):
     def _build_mixer(self, kind: str) -> nn.Module:
         c = self.config
         params = c.attn_params if kind == "attention" and kind != c.mixer else c.mixer_params
+        field = "model.attn_params" if params is c.attn_params else "model.mixer_params"
         try:
-            return layers.build(kind, d_model=c.d_model, **params)
+            mixer = layers.build(kind, d_model=c.d_model, **params)
         except ValueError as e:
-            field = "model.attn_params" if params is c.attn_params else "model.mixer_params"
             raise ValueError(f"{field}: {e}") from None
+        # A mixer with a length limit (Hyena's max_len) is checked now rather than at the first
+        # forward pass, after a run has started writing its directory.
+        limit = getattr(mixer, "max_len", None)
+        if limit is not None and limit < self.max_seq_len:
+            raise ValueError(
+                f"{field}: max_len={limit} is shorter than the model's {self.max_seq_len} positions"
+            )
+        return mixer
 
     def _init_weights(self) -> None:
         # GPT-2 style: embeddings and MLPs N(0, 0.02); the MLP's residual output projection is

@@ -70,9 +70,10 @@ class Batch:
         return self.inputs.shape[0]
 
     def __getitem__(self, idx) -> Batch:
-        """Sub-batch by a slice, an index or bool tensor, or an int (a one-example Batch)."""
-        if isinstance(idx, int):
-            idx = torch.tensor([idx])  # keep the [N, T] rank so a Batch is always 2-D
+        """Sub-batch by a slice, an index or bool tensor, or an integer (a Python, numpy or 0-d
+        torch one: a one-example Batch)."""
+        if isinstance(idx, numbers.Integral) or (isinstance(idx, torch.Tensor) and idx.ndim == 0):
+            idx = torch.tensor([int(idx)])  # keep the [N, T] rank so a Batch is always 2-D
         return Batch(self.inputs[idx], self.targets[idx], self.answer_mask[idx])
 
 
@@ -115,7 +116,7 @@ class Task(ABC):
         Uses a private torch.Generator, so the global RNG is neither read nor advanced.
         """
         num_examples = check_int(self.name, "num_examples", num_examples, minimum=0)
-        generator = torch.Generator().manual_seed(check_int(self.name, "seed", seed))
+        generator = torch.Generator().manual_seed(check_seed(self.name, "seed", seed))
         sequences, answer_mask = self._sample(num_examples, generator)
         return Batch.from_sequences(sequences, answer_mask)
 
@@ -149,6 +150,11 @@ def check_int(
     if maximum is not None and value > maximum:
         raise ValueError(f"{owner}: {param} must be <= {maximum}{reason}, got {value}")
     return value
+
+
+def check_seed(owner: str, param: str, value) -> int:
+    """Validate a generator seed: an integer in [0, 2**64 - 1], what torch.Generator takes."""
+    return check_int(owner, param, value, minimum=0, maximum=2**64 - 1)
 
 
 def check_float(

@@ -112,6 +112,11 @@ def test_unknown_figure_and_test_params_rows_rejected(tmp_path):
     preset = load_preset("recall-suite").model_copy(update={"test_params": {"nope": {}}})
     with pytest.raises(ConfigError, match=r"test_params: \['nope'\] are not task rows"):
         expand(preset)
+    # Bad values are caught before anything trains, not once the grid is done.
+    for params, match in [({"key_len": 4}, "key_len must be <= 3"), ({"seq_len": 999}, "length")]:
+        bad = preset.model_copy(update={"test_params": {"fuzzy_recall": params}})
+        with pytest.raises(ConfigError, match=f"test_params of 'fuzzy_recall'.*{match}"):
+            expand(bad)
 
 
 def _tiny_grid(tmp_path):

@@ -21,6 +21,7 @@ def test_defaults_and_overrides():
         ({"model": {"d_model": "wide"}}, "'model.d_model'"),
         ({"train": {"schedule": "cosin"}}, "'train.schedule'"),
         ({"train": {"lr": -1}}, "'train.lr'"),
+        ({"seed": 2**64}, "'seed'"),
     ],
 )
 def test_bad_fields_are_named(data, field):

@@ -49,3 +49,6 @@ def test_tied_head_and_bad_attn_layers():
     assert model.head.weight is model.embedding.weight
     with pytest.raises(ValueError, match="attn_layers"):
         LanguageModel(ModelConfig(mixer="h3", attn_layers=[5]), 10, 20)
+    short = ModelConfig(mixer="hyena", mixer_params={"max_len": 16})
+    with pytest.raises(ValueError, match=r"mixer_params: max_len=16 is shorter .* 20 positions"):
+        LanguageModel(short, 10, 20)

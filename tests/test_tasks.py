@@ -3,6 +3,7 @@ generators: plain-Python per-example rule checkers, counting, and row-set compar
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -164,6 +165,8 @@ def test_batch_indexing():
     assert torch.equal(batch[2:5].targets, batch.targets[2:5])
     one = batch[-1]
     assert one.inputs.shape == (1, 30) and torch.equal(one.inputs[0], batch.inputs[9])
+    for index in (np.int64(-1), torch.tensor(-1)):  # integers of other kinds index alike
+        assert torch.equal(batch[index].inputs, one.inputs)
     moved = batch.to("cpu")
     assert torch.equal(moved.inputs, batch.inputs) and moved.answer_mask.dtype == torch.bool
     both = tasks.Batch.cat([batch[:4], batch[4:]])
@@ -246,6 +249,9 @@ def test_splits_too_small_space():
         ("induction_head", {"seq_len": 2}, "seq_len must be >= 3"),
         ("induction_head", {"seq_len": True}, "seq_len must be an integer"),
         ("induction_head", {"num_pairs": 4}, "unknown parameter 'num_pairs'"),
+        ("mqar", {"power_a": 1e40}, r"power_a must be in \(0, 1e\+06\]"),
+        ("memorization", {"map_seed": 2**64}, "map_seed must be <= 18446744073709551615"),
+        ("memorization", {"map_seed": -1}, "map_seed must be >= 0"),
         ("no_such_task", {}, "unknown task 'no_such_task'"),
     ],
 )
@@ -258,5 +264,8 @@ def test_generate_and_split_errors():
     task = tasks.build("associative_recall")
     with pytest.raises(ValueError, match="num_examples must be >= 0"):
         task.generate(-1, seed=0)
+    with pytest.raises(ValueError, match="seed must be <= 18446744073709551615"):
+        task.generate(1, seed=2**64)
+    assert torch.equal(task.generate(2, seed=2**64 - 1).inputs, task.generate(2, 2**64 - 1).inputs)
     with pytest.raises(ValueError, match="num_test must be >= 0"):
         tasks.make_splits(task, num_train=10, num_valid=1, num_test=-1)
