@@ -52,9 +52,12 @@ def _step_params(ssm: nn.Module, channels: int, compute):
 
     Decoding calls ``step`` once per token with the same weights; re-deriving the discretised
     per-channel parameters each time costs as much as the state update itself. The cache key
-    is every parameter's version counter and storage (bumped by optimizer steps, in-place
-    edits, load_state_dict and .to()), so a change is never missed. While autograd records
-    through the parameters nothing is cached: each step needs its own graph.
+    is every parameter's version counter and storage (bumped by in-place edits,
+    load_state_dict and .to()), and every decode starts without a cache (``init_state`` and
+    ``prefill`` drop it): some updates leave the version counter as it is (torch 2.13's fused
+    AdamW, the default optimizer here, and edits through ``.data``), so the key alone missed
+    a training step between two decodes. While autograd records through the parameters
+    nothing is cached: each step needs its own graph.
     """
     params = list(ssm.parameters(recurse=False))
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -162,6 +165,7 @@ class DiagonalSSM(nn.Module):
         """``forward`` and the state after the last position: x_L = sum_s dA^(L-1-s) dB v_s
         with v = u * pregate (kernels.s4d_state). u, gates [B, C, L] -> ([B, C, L], complex
         [B, C, N/2])."""
+        self._step_cache = None  # a decode starts here (see _step_params)
         dt, A, B, _ = self._continuous()
         v = u if pregate is None else u * pregate
         dt, A, B = (_per_channel(p, u.shape[1]) for p in (dt, A, B))
@@ -169,6 +173,7 @@ class DiagonalSSM(nn.Module):
 
     def init_state(self, batch_size: int, copies: int = 1) -> torch.Tensor:
         """Complex zeros [B, H * copies, N/2] (complex128 for float64 parameters)."""
+        self._step_cache = None  # a decode starts here (see _step_params)
         dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
         shape = (batch_size, self.D.shape[0] * copies, self.B.shape[1])
         return torch.zeros(shape, dtype=dtype, device=self.D.device)

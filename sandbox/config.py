@@ -8,7 +8,7 @@ Every problem becomes a :class:`ConfigError` with one line naming the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 class ConfigError(ValueError):
     """A bad config: the message is one line naming the field."""
+
+
+# An AdamW beta: torch raises on others, but only once a run has started writing.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Strict(BaseModel):
@@ -55,7 +59,7 @@ class TrainConfig(Strict):
     lr: float = Field(5e-4, gt=0.0)
     weight_decay: float = Field(0.1, ge=0.0)
     ssm_lr: float = Field(1e-3, gt=0.0)  # SSM dt/A/B get min(ssm_lr, lr) and no weight decay
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(400, ge=1)
     max_steps: int | None = Field(

@@ -255,13 +255,13 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
     model = build_model(config)
     fpt = flops_per_token(model, config.data.seq_len)
     metrics_path, ckpt_path = out / "metrics.jsonl", out / CHECKPOINT
-    step, wall_s, ckpt = 0, 0.0, None
+    step, wall_s, ckpt, logged = 0, 0.0, None, []
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         load_model_weights(model, ckpt["model"])
         step, wall_s = ckpt["info"]["step"], ckpt["info"]["wall_s"]
         if d.main:
-            truncate_metrics(metrics_path, step)
+            logged = truncate_metrics(metrics_path, step)
     elif d.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(config))
@@ -279,7 +279,10 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
     peak_flops = cfg.peak_tflops * 1e12 * d.world if cfg.peak_tflops else None
     info = {"config": config.model_dump(mode="json")}
     meter, t_start = _Throughput(d.device), time.perf_counter() - wall_s
-    loss_sum, last_log, record = torch.zeros((), device=d.device), step, {}
+    loss_sum, last_log = torch.zeros((), device=d.device), step
+    # Resumed from the final checkpoint (killed before the weights or result.json were written),
+    # no step runs: the result's losses are those of the last record, logged at that step.
+    record = logged[-1] if logged and logged[-1]["step"] == step else {}
     bar = tqdm(total=total, initial=step, disable=not (progress and d.main), desc="pretrain")
     model.train()
     while step < total:

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sandbox.config import (
+    Beta,
     ConfigError,
     ModelConfig,
     RunConfig,
@@ -44,7 +45,7 @@ class PretrainTrainConfig(Strict):
     warmup_frac: float = Field(0.01, ge=0.0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     ssm_lr: float = Field(1e-3, gt=0.0)  # SSM dt/A/B get min(ssm_lr, lr) and no weight decay
     grad_clip: float | None = Field(1.0, gt=0.0)
     # Tokens per optimizer step over all processes: seq_len x micro_batch_size x gradient
@@ -74,12 +75,21 @@ class PretrainTrainConfig(Strict):
 
 
 class PretrainConfig(Strict):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**64 - 1)  # what torch.manual_seed takes
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None leaves torch's default
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.train.eval_every and self.train.eval_tokens < self.data.seq_len:
+            raise ValueError(
+                f"train.eval_tokens ({self.train.eval_tokens}) must be at least data.seq_len "
+                f"({self.data.seq_len}): validation reads whole windows"
+            )
+        return self
 
 
 def vocab_size(data: DataConfig) -> int:

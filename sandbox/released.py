@@ -167,7 +167,8 @@ def _keys(model: LanguageModel) -> list[_Key]:
 _LEGACY_PREFIXES = [
     (r"^s4seq\.encoder\.", "backbone."),
     (r"^embedding\.", "backbone.embeddings.word_embeddings."),
-    (r"^backbone\.norm\.", "backbone.ln_f."),
+    # The old stem's norm: the release renames it ln_0, which starts the slot shift below.
+    (r"^backbone\.norm\.", "backbone.ln_0."),
 ]
 
 

@@ -197,12 +197,14 @@ def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
         raise RunDirError(f"--resume: the config differs from the one saved in {saved_config}")
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop evaluations logged after the checkpoint we resume from (they will be redone)."""
+def truncate_metrics(path: Path, last_step: int) -> list[dict]:
+    """Drop records logged after the checkpoint we resume from (they will be redone); returns
+    the records kept."""
     if not path.exists():
-        return
+        return []
     kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= last_step]
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+    return [json.loads(ln) for ln in kept]
 
 
 def train(

@@ -308,12 +308,15 @@ def _launch(argv: list[str], jobs: int, first_worker: int) -> None:
         raise SweepError(f"worker {first_worker + i} exited with status {code}")
 
 
-def _claim_out_dir(out: Path, url: str, study_name: str) -> None:
-    """OUT/trials/<n> belongs to one study: refuse to mix another study's runs into it."""
+def _claim_out_dir(out: Path, url: str, study_name: str, claim: bool) -> None:
+    """OUT/trials/<n> belongs to one study: refuse to mix another study's runs into it. With
+    ``claim``, once the study has opened, write the owner if none is: a command that fails
+    on its storage or study name must not tie the directory to them."""
     owner = {"storage": _safe_url(url), "study": study_name}
     path = out / "sweep.json"
     if not path.exists():
-        atomic_write_text(path, json.dumps(owner, indent=2) + "\n")
+        if claim:
+            atomic_write_text(path, json.dumps(owner, indent=2) + "\n")
     elif json.loads(path.read_text()) != owner:
         raise ConfigError(f"--out {out} holds the trials of another study ({path}); use another")
 
@@ -340,11 +343,12 @@ def run_sweep(
     out = Path(out) if out else Path("runs") / "sweeps" / study_name
     out.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(out)
-    _claim_out_dir(out, url, study_name)
+    _claim_out_dir(out, url, study_name, claim=False)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # workers print their own lines
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study, space = open_study(make_storage(url, heartbeat_s), study_name, space, worker)
+        _claim_out_dir(out, url, study_name, claim=True)
         n = n_trials or space.trials
         if jobs > 1:
             argv = ["--storage", url, "--study", study_name, "--out", str(out)]

@@ -22,6 +22,7 @@ def test_defaults_and_overrides():
         ({"train": {"schedule": "cosin"}}, "'train.schedule'"),
         ({"train": {"lr": -1}}, "'train.lr'"),
         ({"seed": 2**64}, "'seed'"),
+        ({"train": {"betas": [1.5, 0.9]}}, "'train.betas.0'"),
     ],
 )
 def test_bad_fields_are_named(data, field):

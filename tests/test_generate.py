@@ -298,9 +298,10 @@ def test_released_round_trip_and_legacy_names():
     load_released(fresh, state)
     torch.testing.assert_close(fresh(ids), ours(ids), rtol=0, atol=0)
     # The release's older names: s4seq.encoder. prefix, embedding., and each norm one slot
-    # earlier (ln_0 first, the last layer's norm2 as the final norm).
+    # earlier (the stem's norm first, which the release renames ln_0, and the last layer's
+    # norm2 as the final norm).
     legacy = {}
-    slot = {"layers.0.norm1.": "ln_0.", "ln_f.": "layers.2.norm2."}
+    slot = {"layers.0.norm1.": "norm.", "ln_f.": "layers.2.norm2."}
     for i in range(3):
         slot[f"layers.{i}.norm2."] = f"layers.{i}.norm1."
         if i:

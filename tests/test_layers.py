@@ -202,6 +202,24 @@ def test_step_params_follow_parameter_updates():
         fresh.load_state_dict(mixer.state_dict())
         want, _ = fresh.step(x_t, state)
     torch.testing.assert_close(cached, want, rtol=0, atol=0)
+    # Updates that leave the version counter alone (fused AdamW, edits through .data) are
+    # seen by the next decode, which starts from init_state or prefill.
+    opt = torch.optim.AdamW(mixer.parameters(), lr=0.1, fused=True)
+    mixer(inputs()).square().mean().backward()
+    versions = [p._version for p in mixer.ssm.parameters()]
+    opt.step()
+    assert [p._version for p in mixer.ssm.parameters()] == versions  # the case in point
+    with torch.no_grad():
+        mixer.ssm.D.data.add_(0.5)
+        fresh.load_state_dict(mixer.state_dict())
+        want, _ = fresh.step(x_t, fresh.init_state(BATCH))
+        got, _ = mixer.step(x_t, mixer.init_state(BATCH))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        mixer.step(x_t, state)  # the cache again
+        mixer.ssm.D.data.add_(0.5)
+        fresh.load_state_dict(mixer.state_dict())
+        got, want = (m.step(x_t, m.prefill(inputs())[1])[0] for m in (mixer, fresh))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     # With autograd on, each step builds its own graph: two backward passes both work.
     for _ in range(2):
         mixer.step(x_t, state)[0].sum().backward()

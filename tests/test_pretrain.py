@@ -118,7 +118,7 @@ def test_loss_decreases_and_run_dir(reference):
 
 
 def test_kill_and_resume_continues_exactly(reference, data_dir, tmp_path):
-    ref_out, _ = reference
+    ref_out, ref_result = reference
     out = tmp_path / "run"
 
     class Killed(Exception):
@@ -137,6 +137,16 @@ def test_kill_and_resume_continues_exactly(reference, data_dir, tmp_path):
         torch.testing.assert_close(weights(out / "model.safetensors")[name], t, rtol=0, atol=0)
     # Resuming a finished run returns its result; a fresh run into it is refused.
     assert pretrain(small(data_dir), out, resume=True, progress=False)["steps"] == 8
+    # Killed after the final checkpoint, before the weights and result.json: the resumed run
+    # trains nothing and reports the losses of the last log line.
+    (out / "result.json").unlink()
+    (out / "model.safetensors").unlink()
+    result = pretrain(small(data_dir), out, resume=True, progress=False)
+    for key in ("train_loss", "val_loss", "val_ppl"):
+        assert result[key] == ref_result[key] == curve(ref_out)[-1][key]
+    assert result["steps"] == 8 and curve(out) == curve(ref_out)
+    for name, t in weights(ref_out / "model.safetensors").items():
+        torch.testing.assert_close(weights(out / "model.safetensors")[name], t, rtol=0, atol=0)
     with pytest.raises(ValueError, match="--resume"):
         pretrain(small(data_dir), out, progress=False)
 
@@ -224,6 +234,8 @@ def test_bad_data_exit_2_and_write_nothing(data_dir, tmp_path, capsys):
         "train.global_batch_tokens=100": "train.global_batch_tokens",
         "train.log_every=3": "multiple of train.log_every",
         "train.bogus=1": "unknown key",
+        "train.betas=[1.5,0.9]": "train.betas.0",
+        "train.eval_tokens=10": "train.eval_tokens (10) must be at least data.seq_len",
     }
     for override, message in cases.items():
         assert message in _error(capsys, [*base[:2], override, *base[2:]])

@@ -144,6 +144,10 @@ def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys)
     # OUT/trials/<n> belongs to one study.
     assert main(["sweep", str(sqlite_sweep["space"]), "--study", "other", "--out", str(out)]) == 2
     assert "another study" in capsys.readouterr().err
+    # A command that fails on its study name leaves a fresh --out unclaimed.
+    fresh = tmp_path / "fresh"
+    assert main(["sweep", "--study", "tinyy", "--out", str(fresh)]) == 2
+    assert "not found" in capsys.readouterr().err and not (fresh / "sweep.json").exists()
 
 
 def test_killed_worker_trial_is_retried_and_study_completes(tmp_path, capsys):
