@@ -46,7 +46,8 @@ def _cmd_compare(args) -> int:
     except KeyboardInterrupt:
         print(f"sandbox: interrupted; rerun the same command to continue in {out}", file=sys.stderr)
         return 130
-    print(f"results written to {out} (results.csv, table.md, gaps.png)")
+    written = ", ".join(["results.csv", "table.md", *(f"{f}.png" for f in preset.figures)])
+    print(f"results written to {out} ({written})")
     return 0
 
 

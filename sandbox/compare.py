@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
 
@@ -39,9 +38,18 @@ from sandbox.config import (
     apply_override,
     build_config,
     deep_merge,
+    read_yaml,
 )
 from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights
-from sandbox.train import WEIGHTS, build_model, build_task, evaluate, total_steps
+from sandbox.train import (
+    WEIGHTS,
+    RunDirError,
+    build_model,
+    build_task,
+    check_run_dir,
+    evaluate,
+    total_steps,
+)
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "compare"
 
@@ -91,19 +99,18 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, s
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown preset {name_or_path!r}; available: {preset_names()}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"preset file {str(path)!r} not found") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset {path.name}: top level must be a mapping")
+    data = read_yaml(path, "preset file")
     parent_name = data.get("extends")
     if parent_name:
+        if not isinstance(parent_name, str):
+            raise ConfigError(f"preset {path.name}: 'extends' must be a preset name or path")
         if parent_name in seen:
             raise ConfigError(f"preset {path.name}: 'extends' cycle through {parent_name!r}")
         parent, _ = _read_preset(parent_name, (*seen, parent_name))
-        base = deep_merge(parent.get("base", {}), data.get("base", {}))
-        data = {**parent, **data, "base": base}
+        bases = [parent.get("base", {}), data.get("base", {})]
+        if not all(isinstance(b, dict) for b in bases):
+            raise ConfigError(f"preset {path.name}: 'base' must be a mapping")
+        data = {**parent, **data, "base": deep_merge(*bases)}
     return data, path.name
 
 
@@ -129,6 +136,8 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
             data = deep_merge(deep_merge(preset.base, task_fields), variant_fields)
             try:
                 for override in overrides:
+                    if override.split("=", 1)[0].strip() == "seed":
+                        raise ConfigError("seed: a preset's runs take seeds 0 .. n-1; use --seeds")
                     apply_override(data, override)
                 lrs = preset.lr_grid or [build_config(data).train.lr]
                 for seed in range(seeds or preset.seeds):
@@ -142,6 +151,20 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
         if run.task in preset.test_params:
             heldout_tasks(run, preset.test_params[run.task])
     return runs
+
+
+def _check_saved_configs(runs: list[Run], out: Path) -> None:
+    """Runs under out/runs (finished or not) must have been made with the configs they would
+    get now: a finished one is not run again, and its result must not pass for that of an
+    edited preset or other overrides."""
+    for r in runs:
+        try:
+            check_run_dir(out / "runs" / r.run_id, r.config, resume=True)
+        except RunDirError:
+            raise RunDirError(
+                f"--out {out}: run {r.run_id} was made with another config (the preset or the "
+                "overrides changed); choose another --out"
+            ) from None
 
 
 def _worker_init() -> None:
@@ -306,6 +329,7 @@ def compare(
     from sandbox import report
 
     runs = expand(preset, overrides, seeds)
+    _check_saved_configs(runs, out)
     out.mkdir(parents=True, exist_ok=True)
     run_all(runs, out, workers or os.cpu_count() or 1, progress)
     # Held-out splits are read for the chosen runs only, as the test split is.

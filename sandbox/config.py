@@ -7,11 +7,12 @@ Every problem becomes a :class:`ConfigError` with one line naming the field.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,23 @@ class ModelConfig(Strict):
     # output projections scaled by 1/sqrt(2 n_layers)); "default" keeps the mixers' own inits.
     init: Literal["default", "gpt2"] = "default"
 
+    @model_validator(mode="after")
+    def _sections_used(self) -> ModelConfig:
+        # A section no layer reads is never checked by layers.build: a typo there, or params
+        # meant for the other section, must not pass silently. (sandbox.model: mixer_params
+        # go to the layers of kind `mixer`, every layer when it is "attention"; attn_params
+        # to the attn_layers of another mixer.)
+        if self.mixer_params and self.mixer != "attention":
+            if set(range(self.n_layers)) <= set(self.attn_layers):
+                raise ValueError("model.mixer_params: set, but every layer is in attn_layers")
+        if self.attn_params and self.mixer == "attention":
+            raise ValueError(
+                "model.attn_params: set, but with mixer attention every layer reads mixer_params"
+            )
+        if self.attn_params and not self.attn_layers:
+            raise ValueError("model.attn_params: set, but model.attn_layers is empty")
+        return self
+
 
 class TrainConfig(Strict):
     lr: float = Field(5e-4, gt=0.0)
@@ -91,6 +109,8 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"config field {field!r}: unknown key"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if first["type"] == "value_error":  # a validator's own message, which names its fields
+        return f"config: {first['ctx']['error']}{more}"
     return f"config field {field!r}: {first['msg']}{more}"
 
 
@@ -114,7 +134,7 @@ def apply_override(data: dict, override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
     node = data
@@ -142,18 +162,39 @@ def build_config(data: dict | None = None, overrides: list[str] = ()) -> RunConf
     return validate(RunConfig, data, overrides)
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A YAML file's top-level mapping (safe_load), or ConfigError."""
+class _Loader(yaml.SafeLoader):
+    """safe_load with YAML 1.2's floats: PyYAML follows YAML 1.1, where 1e-4 (no dot) is a
+    string. Typed fields would convert it, but the free-form sections (model.mixer_params,
+    task.params) would hand the layer or task the text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as safe_load does, 1e-4 being a number (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary Python objects
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping (load_yaml), or ConfigError naming ``what`` and the
+    path."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} not found") from None
+        raise ConfigError(f"{what} {str(path)!r} not found") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise ConfigError(f"{what} {str(path)!r}: {e.strerror}") from None
     except yaml.YAMLError as e:
         line = str(e).replace("\n", " ")
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {line}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {line}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+        raise ConfigError(f"{what} {str(path)!r}: top level must be a mapping")
     return data
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import layers
 import tasks
-from sandbox.config import RunConfig, TrainConfig, dump_config
+from sandbox.config import RunConfig, TrainConfig, dump_config, load_yaml
 from sandbox.io import (
     atomic_write,
     atomic_write_text,
@@ -182,6 +182,8 @@ class _Progress:
 
 def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
     """Refuse to overwrite a run, and refuse to resume a run made with another config."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a run directory")
     saved_config = out / "config.yaml"
     if not saved_config.exists():
         return
@@ -190,7 +192,7 @@ def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
     # Compared as validated configs, not as text: a field added to the schema since the run
     # was saved takes its default on both sides, so older runs still resume.
     try:
-        saved = type(config).model_validate(yaml.safe_load(saved_config.read_text()))
+        saved = type(config).model_validate(load_yaml(saved_config.read_text()))
     except (ValidationError, yaml.YAMLError):
         saved = None
     if saved != config:
@@ -199,12 +201,20 @@ def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
 
 def truncate_metrics(path: Path, last_step: int) -> list[dict]:
     """Drop records logged after the checkpoint we resume from (they will be redone); returns
-    the records kept."""
+    the records kept. Records are appended line by line, so a run killed mid-write leaves a
+    torn last line: it is dropped too (its step is past the checkpoint, which is written
+    after its records)."""
     if not path.exists():
         return []
-    kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= last_step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-    return [json.loads(ln) for ln in kept]
+    lines = path.read_text().splitlines()
+    records = [json.loads(ln) for ln in lines[:-1]]
+    try:
+        records += [json.loads(lines[-1])] if lines else []
+    except json.JSONDecodeError:
+        lines.pop()
+    kept = [(ln, r) for ln, r in zip(lines, records) if r["step"] <= last_step]
+    atomic_write_text(path, "".join(ln + "\n" for ln, _ in kept))
+    return [r for _, r in kept]
 
 
 def train(

@@ -39,10 +39,17 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import optuna
-import yaml
 from pydantic import Field, ValidationError
 
-from sandbox.config import ConfigError, RunConfig, Strict, build_config, deep_merge, load_config
+from sandbox.config import (
+    ConfigError,
+    RunConfig,
+    Strict,
+    build_config,
+    deep_merge,
+    load_config,
+    read_yaml,
+)
 
 Scalar = None | bool | int | float | str
 
@@ -271,13 +278,6 @@ def _condition_values(space: SweepSpace, path: str) -> dict[str, Any]:
 
 
 def load_space(path: str | Path) -> SweepSpace:
-    """Read and validate a space YAML file (safe_load); errors are one-line ConfigErrors."""
+    """Read and validate a space YAML file; errors are one-line ConfigErrors."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"space file {str(path)!r} not found") from None
-    except yaml.YAMLError as e:
-        line = str(e).replace("\n", " ")
-        raise ConfigError(f"space file {str(path)!r} is not valid YAML: {line}") from None
-    return parse_space(data, path.name, path.parent)
+    return parse_space(read_yaml(path, "space file"), path.name, path.parent)

@@ -10,6 +10,7 @@ import yaml
 from sandbox import report
 from sandbox.compare import compare, expand, heldout_test, load_preset
 from sandbox.config import ConfigError
+from sandbox.train import RunDirError
 
 PNG = b"\x89PNG"
 
@@ -187,6 +188,12 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert "run_test_accuracy" not in rows[("ar", "s4d-16")]
     table = (out / "table.md").read_text()
     assert table.splitlines()[0] == "| mixer | ar | ar steps | fuzzy | fuzzy steps |"  # no paper
+
+    # Finished runs are not reused for another config; a seed override is pointed to --seeds.
+    with pytest.raises(RunDirError, match="another config"):
+        compare(preset, out, workers=1, progress=False, overrides=["train.max_steps=4"])
+    with pytest.raises(ConfigError, match="use --seeds"):
+        compare(preset, out, workers=1, progress=False, overrides=["seed=3"])
 
     # test_params must keep the vocabulary and length the model was built for.
     run = next(r for r in expand(preset) if r.task == "fuzzy")

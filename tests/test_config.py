@@ -23,9 +23,23 @@ def test_defaults_and_overrides():
         ({"train": {"lr": -1}}, "'train.lr'"),
         ({"seed": 2**64}, "'seed'"),
         ({"train": {"betas": [1.5, 0.9]}}, "'train.betas.0'"),
+        # Sections no layer reads would never be checked by layers.build.
+        ({"model": {"attn_params": {"num_heads": 2}}}, "model.attn_params"),
+        ({"model": {"mixer": "attention", "attn_layers": [0], "attn_params": {}}}, None),
+        (
+            {"model": {"mixer": "attention", "attn_layers": [0], "attn_params": {"x": 1}}},
+            "model.attn_params",
+        ),
+        (
+            {"model": {"n_layers": 1, "attn_layers": [0], "mixer_params": {"x": 1}}},
+            "model.mixer_params",
+        ),
     ],
 )
 def test_bad_fields_are_named(data, field):
+    if field is None:  # the valid neighbour of a bad case
+        build_config(data)
+        return
     with pytest.raises(ConfigError) as e:
         build_config(data)
     msg = str(e.value)
@@ -53,3 +67,15 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    with pytest.raises(ConfigError, match="Is a directory"):
+        load_config(tmp_path)
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; the free-form sections would pass it on as one.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {mixer_params: {dt_min: 1e-4}}\ntask: {params: {x: -2E3}}\n")
+    c = load_config(path, ["train.lr=3e-4", "model.attn_params.y=.5e1", "model.attn_layers=[1]"])
+    assert c.model.mixer_params == {"dt_min": 1e-4} and c.task.params == {"x": -2000.0}
+    assert c.train.lr == 3e-4 and c.model.attn_params == {"y": 5.0}
+    assert load_config(path, ["task.name=e5"]).task.name == "e5"  # not a number

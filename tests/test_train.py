@@ -175,6 +175,23 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
     path.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
     assert main(["train", str(path), "--out", str(out), "--resume", "--quiet"]) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    capsys.readouterr()
+    assert main(["train", str(path), "--out", str(a_file), "--quiet"]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep"
+
+
+def test_truncate_metrics_drops_later_records_and_a_torn_line(tmp_path):
+    from sandbox.train import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # killed mid-write
+    assert truncate_metrics(path, 4) == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}]
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert truncate_metrics(path, 9) == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}]
+    assert truncate_metrics(tmp_path / "none.jsonl", 3) == []
 
 
 def test_console_script_exit_code(tmp_path):
