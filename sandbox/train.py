@@ -104,7 +104,8 @@ def make_optimizer(
 
 def lr_factor(step: int, total: int, cfg: TrainConfig | PretrainTrainConfig) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then decay."""
-    warmup = int(cfg.warmup_frac * total)
+    # floor, with 1e-9 of slack: 0.29 * 100 is 28.999999999999996 in floating point.
+    warmup = math.floor(cfg.warmup_frac * total + 1e-9)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "constant" or total <= warmup:

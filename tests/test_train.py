@@ -40,6 +40,9 @@ def test_lr_schedule_hand_values():
     assert lr_factor(55, 100, cfg) == pytest.approx(0.5)  # halfway through the cosine
     lin = build_config({"train": {"warmup_frac": 0.0, "schedule": "linear", "min_lr_frac": 0.1}})
     assert lr_factor(50, 100, lin.train) == pytest.approx(0.1 + 0.9 * 0.5)
+    # 29 warmup steps, though 0.29 * 100 is 28.999999999999996 in floating point.
+    odd = build_config({"train": {"warmup_frac": 0.29}}).train
+    assert lr_factor(27, 100, odd) == pytest.approx(28 / 29) and lr_factor(28, 100, odd) == 1.0
 
 
 def test_evaluate_hand_checked():
