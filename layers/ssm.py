@@ -136,6 +136,12 @@ class DiagonalSSM(nn.Module):
 
     def _continuous(self) -> tuple[torch.Tensor, ...]:
         """dt [H] and the complex A, B, C [H, N/2]."""
+        if self.log_dt.dtype in (torch.float16, torch.bfloat16):
+            # torch has no complex bfloat16, and a half-precision filter would lose its tail.
+            raise TypeError(
+                f"DiagonalSSM: parameters in {self.log_dt.dtype} are not supported; keep them "
+                "in float32 and run in half precision under torch.autocast"
+            )
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
         B, C = torch.view_as_complex(self.B), torch.view_as_complex(self.C)
         return torch.exp(self.log_dt), A, B, C

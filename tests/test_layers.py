@@ -182,6 +182,12 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert not torch.isclose(score(3, 1), score(3, 2))
 
 
+def test_half_precision_ssm_parameters_are_a_clear_error():
+    mixer = layers.build("s4d", d_model=8, d_state=4).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="DiagonalSSM: parameters in torch.bfloat16 .*autocast"):
+        mixer(torch.randn(2, 5, 8, dtype=torch.bfloat16))
+
+
 def test_rotary_rejects_odd_head_size():
     with pytest.raises(ValueError, match="even head size"):
         layers.build("attention", d_model=6, num_heads=2, rotary=True)
