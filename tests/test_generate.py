@@ -20,7 +20,7 @@ from sandbox.released import ReleasedCheckpointError, load_released, to_released
 VOCAB, D_MODEL, MAX_LEN = 11, 16, 24
 H3_PARAMS = {"d_state": 8, "learn_shift_b": True}
 HYBRID = {"mixer": "h3", "mixer_params": H3_PARAMS, "n_layers": 3, "attn_layers": [1]}
-ATTENTION = {"mixer": "attention", "attn_params": {"num_heads": 2}}
+ATTENTION = {"mixer": "attention", "mixer_params": {"num_heads": 2}}
 CASES = [
     HYBRID,
     ATTENTION,
