@@ -133,9 +133,17 @@ def _triton_blocked(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def _check_shapes(u, k, D, pregate, postgate) -> tuple[int, int, int, int]:
     """(B, H, L, G) of valid inputs; a ValueError naming the bad one otherwise."""
+    for name, x in (("u", u), ("k", k), ("D", D), ("pregate", pregate), ("postgate", postgate)):
+        # An integer u came back rounded and as integers; a complex one lost its imaginary part.
+        if x is not None and not x.is_floating_point():
+            raise ValueError(f"fftconv: {name} must be a real floating tensor, got {x.dtype}")
+    for name, g in (("pregate", pregate), ("postgate", postgate)):
+        # A wider gate would widen the output (or fail in the direct methods).
+        if g is not None and g.dtype != u.dtype:
+            raise ValueError(f"fftconv: {name} must have u's dtype {u.dtype}, got {g.dtype}")
     shape = u.shape
-    if len(shape) != 3:
-        raise ValueError(f"fftconv: u must be [B, H, L], got shape {tuple(shape)}")
+    if len(shape) != 3 or shape[2] < 1:
+        raise ValueError(f"fftconv: u must be [B, H, L>=1], got shape {tuple(shape)}")
     B, H, L = shape
     G = k.shape[0] if k.dim() == 2 and k.shape[1] >= 1 else 0
     if not G or H % G:
@@ -212,7 +220,7 @@ def fftconv(
     # Shared filters to one per channel: only the torch toeplitz method uses them as such.
     if G != H and (backend != "torch" or method != "toeplitz"):
         k, D = per_channel(k, H // G), None if D is None else per_channel(D, H // G)
-    if backend == "torch" and method == "fft":  # D goes into its padded filter buffer
+    if backend == "torch" and method == "fft" and B:  # D goes into its padded filter buffer
         return fft_conv(u, k, D, pregate, postgate)
     k = with_skip(k, D)
     if backend == "triton" and method == "toeplitz":
@@ -224,9 +232,13 @@ def fftconv(
 
         return TritonFFTConv.apply(u, k, pregate, postgate)
     # The rest take the gates outside: the torch direct methods and the triton blocked FFT.
-    conv = _DIRECT[method] if backend == "torch" else _triton_blocked
+    # (An empty batch too: MKL's FFT refuses zero rows.)
+    conv = _DIRECT.get(method, conv1d_conv) if backend == "torch" else _triton_blocked
     v = u.to(dtype)
     if pregate is not None:
         v = v * pregate
-    z = conv(v, k)
+    # conv1d and matmul are on autocast's lower-precision list: under bf16 autocast they would
+    # round v and k to bf16, where the math here is fp32 like the fft method's.
+    with torch.autocast(u.device.type, enabled=False):
+        z = conv(v, k)
     return (z * postgate if postgate is not None else z).to(u.dtype)

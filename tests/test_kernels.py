@@ -251,12 +251,40 @@ def test_filter_longer_than_sequence_is_truncated():
         (lambda u, k: (u, k[:2]), "k must be"),  # 2 filters cannot be shared by 3 channels
         (lambda u, k: (u, k, torch.ones(7)), "D must be"),
         (lambda u, k: (u, k, None, u[:, :1]), "pregate must match"),
+        (lambda u, k: (u[..., :0], k), r"u must be \[B, H, L>=1\]"),
+        # Integers came back rounded, complex numbers without their imaginary part.
+        (lambda u, k: (u.long(), k), "u must be a real floating tensor, got torch.int64"),
+        (lambda u, k: (u, k.cfloat()), "k must be a real floating tensor"),
+        (lambda u, k: (u, k, torch.ones(3, dtype=torch.int32)), "D must be a real floating"),
+        # A wider gate widened the output (fft) or failed inside (the direct methods).
+        (lambda u, k: (u, k, None, None, u.double()), "postgate must have u's dtype"),
     ],
 )
 def test_shape_errors(bad, match):
     u, k = torch.randn(2, 3, 8), torch.randn(3, 4)
     with pytest.raises(ValueError, match=match):
         fftconv(*bad(u, k))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch(method):
+    u, k, D, pre, post = make_inputs(0, 4, 8, 8, torch.float32)
+    y = fftconv(u, k, D, pre, post, method=method)  # MKL's FFT refuses zero rows
+    assert y.shape == (0, 4, 8)
+    y.sum().backward()
+    assert k.grad.shape == k.shape and not k.grad.any()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast_keeps_fp32_math(method):
+    # conv1d and matmul are on autocast's lower-precision list: the direct methods would run
+    # in bf16 under it, and every method's math is fp32.
+    args = make_inputs(17, 4, 32, 32, torch.float32)
+    ref = direct_conv(*(a.detach().double() for a in args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fftconv(*args, method=method)
+    assert y.dtype == torch.float32
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-6
 
 
 def test_unknown_backend():
