@@ -77,12 +77,17 @@ def default_storage(out: Path) -> str:
 
 
 def _safe_url(url: str) -> str:
+    """The URL without its password, an SQLite file's path made absolute (the directory's
+    owner record then names one database however the URL was written)."""
     import sqlalchemy
 
     try:
-        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
+        parsed = sqlalchemy.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return url
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        parsed = parsed.set(database=str(Path(parsed.database).resolve()))
+    return parsed.render_as_string(hide_password=True)
 
 
 def make_storage(url: str, heartbeat_s: int | None = None) -> RDBStorage:

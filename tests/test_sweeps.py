@@ -126,7 +126,7 @@ def test_best_config_retrains_to_the_same_validation_accuracy(sqlite_sweep, tmp_
     assert result["test_accuracy"] == best.user_attrs["test_accuracy"]
 
 
-def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys):
+def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys, monkeypatch):
     out, storage = sqlite_sweep["out"], sqlite_sweep["storage"]
     report = tmp_path / "report"
     assert main(["sweep-report", "--storage", storage, "--out", str(report)]) == 0
@@ -134,6 +134,11 @@ def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys)
     # The study is full: a worker joining it (no SPACE needed) has nothing to do.
     args = ["--storage", storage, "--study", "tiny", "--out", str(out), "--no-report"]
     assert main(["sweep", *args]) == 0
+    # The same database by a relative path is the same owner of --out.
+    monkeypatch.chdir(out.parent)
+    relative = ["--storage", f"sqlite:///{out.name}/study.db", *args[2:]]
+    assert main(["sweep", *relative]) == 0, capsys.readouterr().err
+    monkeypatch.undo()
     # A worker with a different space may not join the study.
     other = write_space(tmp_path / "other.yaml", trials=9)
     capsys.readouterr()
