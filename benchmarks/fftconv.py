@@ -37,7 +37,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from rich.table import Table
 
 from kernels import fft_torch, fftconv
 from kernels.fftconv import METHODS
+from sandbox.io import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -173,7 +173,8 @@ def time_case(fn, backward: bool, repeats: int, device: str) -> dict:
 
 
 def peak_memory_mb(impl: str, B: int, H: int, L: int, threads: int) -> float:
-    """Peak RSS growth (MB) of a fresh process over one forward + backward (see module doc)."""
+    """Peak RSS growth (MB, 10^6 bytes) of a fresh process over one forward + backward, after
+    a warm-up call (see module doc)."""
     cmd = [sys.executable, "-m", "benchmarks.fftconv", "--peak-child", impl, str(B), str(H)]
     cmd += [str(L), "--threads", str(threads)]
     out = subprocess.run(
@@ -183,10 +184,15 @@ def peak_memory_mb(impl: str, B: int, H: int, L: int, threads: int) -> float:
 
 
 def _peak_child(impl: str, B: int, H: int, L: int) -> None:
+    # A first call pages in library code (MKL's FFT codelets, oneDNN, ...): 5-8 MB of
+    # file-backed pages at L = 256, most of what this used to report there. A warm-up of one
+    # channel at the same L loads them (same FFT sizes) with buffers too small to move glibc's
+    # mmap threshold, so the measured call's memory is still fresh pages.
+    make_case(impl, 1, 1, L, L, torch.float32, "cpu")().sum().backward()
     fn = make_case(impl, B, H, L, L, torch.float32, "cpu")
     before = _proc_status_kb("VmRSS")
     fn().sum().backward()
-    print((_proc_status_kb("VmHWM") - before) / 1024)
+    print((_proc_status_kb("VmHWM") - before) * 1024 / 1e6)  # /proc's kB are KiB
 
 
 def _proc_status_kb(field: str) -> int:
@@ -232,7 +238,7 @@ def run_side_by_side(args, device: str, dtype) -> list[dict]:
             else:
                 torch.cuda.reset_peak_memory_stats()
                 fn().float().sum().backward()
-                row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                row["peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
                 row["bandwidth_frac"] = bandwidth_fraction(B, H, L, dtype, row["fwd"]["median_ms"])
             rows.append(row)
             progress(row)
@@ -380,11 +386,19 @@ def print_tables(rows: list[dict], console: Console) -> None:
 
 
 def positive_int(text: str) -> int:
-    """argparse type of --repeats and --threads: an integer of at least 1 (0 repeats would
-    leave no time to take a median of, 0 threads is no setting torch takes)."""
+    """argparse type of the benchmarks' counts and sizes (--repeats, --threads, lengths,
+    widths, batches): an integer of at least 1, else argparse's one-line error (exit 2)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type of --min-seconds: a finite number of seconds >= 0."""
+    value = float(text)
+    if not 0 <= value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -396,11 +410,9 @@ def write_results(path: Path, device: str, threads: int, start: float, rows: lis
 
 
 def write_json(payload: dict, path: Path) -> None:
+    """Every benchmark's JSON, written atomically (sandbox.io: temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=1)
-    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
-    os.replace(f.name, path)
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 def _cpu_model() -> str:
@@ -437,13 +449,15 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument(
         "--min-seconds",
-        type=float,
+        type=seconds,
         default=1.0,
         help="side-by-side table: more repeats where a round of calls is short, to fill about "
         "this long per pass (default 1.0)",
     )
     p.add_argument("--quick", action="store_true", help="fewer lengths (a smoke run)")
-    p.add_argument("--lengths", type=int, nargs="+", help=f"K = L lengths (default {LENGTHS})")
+    p.add_argument(
+        "--lengths", type=positive_int, nargs="+", help=f"K = L lengths (default {LENGTHS})"
+    )
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--peak-child", nargs=4, metavar=("IMPL", "B", "H", "L"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -171,12 +171,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--size", choices=list(SIZES), default="small")
-    p.add_argument("--vocab", type=int, default=4096, help="50264 for GPT-2's padded vocabulary")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompts", type=int, nargs="+", default=[512, 1024, 2048])
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--train-batch", type=int, default=1)
-    p.add_argument("--train-seq-len", type=int, default=2048)
+    p.add_argument(
+        "--vocab", type=positive_int, default=4096, help="50264 for GPT-2's padded vocabulary"
+    )
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--prompts", type=positive_int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--train-batch", type=positive_int, default=1)
+    p.add_argument("--train-seq-len", type=positive_int, default=2048)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

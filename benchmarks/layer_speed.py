@@ -64,9 +64,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--repeats", type=positive_int, default=5)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-len", type=int, default=8192)
+    p.add_argument("--width", type=positive_int, default=256)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--max-len", type=positive_int, default=8192)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--task-shapes", action="store_true", help="the h3-table2 preset's shapes")
     p.add_argument(
@@ -82,16 +82,21 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     if args.task_shapes:
         names, width, batch, lengths = list(TASK_MIXERS), TASK_WIDTH, TASK_BATCH, TASK_LENGTHS
-        mixers = {n: layers.build(n, d_model=width, **TASK_MIXERS[n]) for n in names}
+        params = TASK_MIXERS
+        mixers = {n: layers.build(n, d_model=width, **params[n]) for n in names}
     elif args.h3_forms:
         names, width, batch = list(H3_FORMS), args.width, TASK_BATCH
         lengths = [L for L in H3_FORM_LENGTHS if L <= args.max_len]
-        h3 = layers.build("h3", d_model=width, head_dim=8).to(args.device)
+        params = dict.fromkeys(names, {"head_dim": 8})
+        h3 = layers.build("h3", d_model=width, **params[names[0]]).to(args.device)
         mixers = {n: _h3_form(h3, limit) for n, limit in H3_FORMS.items()}
     else:
         names, width, batch = ["h3", "attention"], args.width, args.batch
         lengths = [L for L in LENGTHS if L <= args.max_len]
+        params = dict.fromkeys(names, {})
         mixers = {n: layers.build(n, d_model=width) for n in names}
+    if not lengths:
+        p.error(f"--max-len {args.max_len} is below every length this mode times")
     if not args.h3_forms:
         mixers = {n: m.to(args.device) for n, m in mixers.items()}
     cuda, ratio = args.device == "cuda", not (args.task_shapes or args.h3_forms)
@@ -126,7 +131,7 @@ def main(argv=None) -> None:
         rows,
         batch=batch,
         width=width,
-        mixers={n: TASK_MIXERS.get(n, {"head_dim": 8} if args.h3_forms else {}) for n in names},
+        mixers=params,  # the parameters each mixer was built with (beside width)
         repeats=args.repeats,
     )
 

@@ -45,17 +45,13 @@ def ssm_case(H: int, N: int, L: int, chunk: int | None):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--chunks", type=int, nargs="+", default=[8192, 4096, 2048])
-    p.add_argument("--channels", type=int, default=128)
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 16384])
+    p.add_argument("--chunks", type=positive_int, nargs="+", default=[8192, 4096, 2048])
+    p.add_argument("--channels", type=positive_int, default=128)
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "state_passing_cpu.json")
     args = p.parse_args(argv)
-    numbers = (*args.lengths, *args.chunks, args.channels, args.repeats, args.threads)
-    bad = [n for n in numbers if n < 1]
-    if bad:
-        p.error(f"lengths, chunks, --channels, --repeats and --threads must be >= 1, got {bad[0]}")
     torch.set_num_threads(args.threads)
     start, rows = time.perf_counter(), []
     for L in args.lengths:

@@ -14,18 +14,16 @@ benchmarks/results/task_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import tasks
-from benchmarks.fftconv import positive_int
+from benchmarks.fftconv import positive_int, write_json
 
 # (task, params, num_examples): each task at its defaults, then at seq_len 4096 with its
 # difficulty knobs scaled along where the defaults would no longer fit or would mostly pad.
@@ -116,20 +114,6 @@ def print_table(results: list[dict], threads: int) -> None:
     if not console.is_terminal:  # piped or logged: no terminal width to fit, so do not squeeze
         console = Console(width=150)
     console.print(table)
-
-
-def write_json(payload: dict, path: Path) -> None:
-    """Write atomically: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

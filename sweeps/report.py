@@ -132,6 +132,16 @@ def _importances(study: optuna.Study, path: Path) -> bool:
     return True
 
 
+def tick_labels(values, spec: dict):
+    """A discrete parameter's values (a pandas Series without NaN) as the labels of its
+    ticks: the choice each equals, or the integer. A trial without the parameter (one queued
+    or failed before sampling) makes the column float, and 1.0 would miss the tick "1", so
+    seaborn drew none of the points."""
+    if spec["type"] == "categorical":
+        return values.map(lambda v: next((str(c) for c in spec["choices"] if c == v), str(v)))
+    return values.map(lambda v: str(int(v)))
+
+
 def _variants(df, study: optuna.Study, path: Path) -> bool:
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -150,7 +160,8 @@ def _variants(df, study: optuna.Study, path: Path) -> bool:
     for i, (ax, param) in enumerate(zip(axes.flat, discrete)):
         spec = space[param]
         order = [str(c) for c in spec["choices"]] if spec["type"] == "categorical" else None
-        shown = done[done[param].notna()].assign(**{param: done[param].astype(str)})
+        kept = done[done[param].notna()]
+        shown = kept.assign(**{param: tick_labels(kept[param], spec)})
         sns.stripplot(data=shown, x=param, y="value", hue="state", order=order, ax=ax, jitter=0.15)
         ax.set(ylabel="validation accuracy")
         ax.tick_params(axis="x", labelrotation=20)

@@ -278,14 +278,21 @@ def test_train_step_bad_preset_is_exit_2(tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["fftconv", "generation", "layer_speed", "state_passing", "task_throughput", "train_step"],
-)
-@pytest.mark.parametrize("flag", ["--repeats", "--threads"])
+COUNT_FLAGS = [
+    (module, flag)
+    for module in ("fftconv", "generation", "layer_speed", "state_passing", "task_throughput")
+    for flag in ("--repeats", "--threads")
+] + [("train_step", "--repeats"), ("train_step", "--threads"), ("fftconv", "--lengths")]
+COUNT_FLAGS += [("layer_speed", f) for f in ("--width", "--batch", "--max-len")]
+COUNT_FLAGS += [("state_passing", f) for f in ("--lengths", "--chunks", "--channels")]
+COUNT_FLAGS += [("generation", f) for f in ("--vocab", "--batch", "--prompts", "--new-tokens")]
+
+
+@pytest.mark.parametrize("module, flag", COUNT_FLAGS)
 def test_benchmarks_reject_counts_below_one(module, flag, tmp_path, capsys):
-    """--repeats 0 (no time to take a median of) and --threads 0 are one argparse line naming
-    the flag, exit 2, before anything runs or is written."""
+    """--repeats 0 (no time to take a median of), --threads 0, a length, width or batch of 0
+    are one argparse line naming the flag, exit 2, before anything runs or is written (they
+    raised from inside torch or the layers)."""
     import importlib
 
     bench = importlib.import_module(f"benchmarks.{module}")
@@ -295,3 +302,26 @@ def test_benchmarks_reject_counts_below_one(module, flag, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_benchmark_option_errors(tmp_path, capsys):
+    from benchmarks import fftconv, layer_speed
+
+    for bench, argv, message in [
+        (fftconv, ["--min-seconds", "nan"], "argument --min-seconds: must be a finite number"),
+        (layer_speed, ["--max-len", "10"], "--max-len 10 is below every length"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main([*argv, "--out", str(tmp_path / "never.json")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_benchmark_json_is_readable_by_others(tmp_path):
+    from benchmarks.fftconv import write_json
+
+    write_json({"a": 1}, tmp_path / "r.json")  # a temp file's 0600 was kept by the rename
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert (tmp_path / "r.json").stat().st_mode == plain.stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "r.json"]  # no temp left

@@ -203,6 +203,23 @@ def _trial(number, state, *, failed=None, user=None, ago=0.0, history=()):
     return FrozenTrial(number, state, value, now, done, {}, {}, user or {}, system, {}, number)
 
 
+def test_variant_ticks_survive_a_trial_without_the_parameter():
+    import pandas as pd
+
+    from sweeps.report import tick_labels
+
+    # One queued trial (NaN) turns the column float: 1.0 must still be the tick "1".
+    column = pd.Series([1, 8, None, 2])
+    kept = column[column.notna()]
+    assert list(tick_labels(kept, {"type": "categorical", "choices": [1, 2, 8]})) == ["1", "8", "2"]
+    assert list(tick_labels(kept, {"type": "int"})) == ["1", "8", "2"]
+    names = pd.Series(["diag", "shift"])
+    assert list(tick_labels(names, {"type": "categorical", "choices": ["shift", "diag"]})) == [
+        "diag",
+        "shift",
+    ]
+
+
 def test_places_ordering_decides_surplus_trials():
     C, R, F, W = TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING
     # Two workers start trials 1 and 2 for the last place: only the earlier one runs.
