@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -108,7 +109,11 @@ class FloatParam(_Param):
         return optuna.distributions.FloatDistribution(self.low, self.high, self.log, self.step)
 
     def samples(self) -> list:
-        return [self.low, self.distribution().high]
+        # Besides the ends, a value between them: whole-number ends would pass for an integer
+        # field, and then nearly every trial would be invalid.
+        high = self.distribution().high
+        inside = self.low + self.step if self.step else math.nextafter(self.low, high)
+        return [self.low, min(inside, high), high]
 
     def suggest(self, trial: optuna.Trial, path: str) -> Any:
         return trial.suggest_float(path, self.low, self.high, step=self.step, log=self.log)
@@ -125,7 +130,7 @@ class SweepSpace(Strict):
     direction: Literal["maximize"] = "maximize"
     sampler: Literal["tpe", "random"] = "tpe"
     sampler_options: dict[str, Any] = Field(default_factory=dict)
-    seed: int | None = 0
+    seed: int | None = Field(0, ge=0)
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_options: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Param] = Field(min_length=1)
@@ -255,7 +260,7 @@ def parse_space(data: Any, name: str, root: Path | None = None) -> SweepSpace:
             if not isinstance(choices, CategoricalParam):
                 raise ConfigError(f"{entry}: condition on {other!r}, which is not categorical")
             for value in want if isinstance(want, list) else [want]:
-                if value not in choices.choices:
+                if value not in list(choices.choices):  # == rather than hashing
                     raise ConfigError(f"{entry}: condition {other}={value!r} is not a choice")
         seen.append(path)
         for value in param.samples():

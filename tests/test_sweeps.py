@@ -276,6 +276,27 @@ BAD_ENTRIES = [
         "params['train.lr']: condition on 'model.mixer'",
     ),
     ({"trails": 5}, "field 'trails': unknown key"),
+    # Whole-number ends of a float range pass an integer field; the values between do not.
+    (
+        {"params": {"model.d_model": {"type": "float", "low": 16, "high": 32}}},
+        "params['model.d_model']",
+    ),
+    # A condition value that cannot be hashed (the choices are named) was a TypeError.
+    (
+        {
+            "params": {
+                "model.mixer_params.first_ssm": {"type": "categorical", "choices": {"s": "shift"}},
+                "train.lr": {
+                    "type": "float",
+                    "low": 0.001,
+                    "high": 0.01,
+                    "condition": {"model.mixer_params.first_ssm": {"x": 1}},
+                },
+            }
+        },
+        "condition model.mixer_params.first_ssm={'x': 1} is not a choice",
+    ),
+    ({"seed": -1}, "field 'seed'"),
     ({"pruner": "asha"}, "field 'pruner'"),
     ({"pruner": "none"}, "pruner_options: NopPruner"),
     ({"base": {"model": {"d_modle": 8}}}, "base: config field 'model.d_modle'"),
@@ -300,6 +321,12 @@ def test_shipped_spaces_load():
     config = ablation.config_for({"task": "induction_head", "model.mixer_params.head_dim": 8})
     assert config.task.name == "induction_head" and config.task.params["vocab_size"] == 20
     assert config.task.num_train == 5000 and config.model.mixer_params["head_dim"] == 8
+    # Induction head trains on the answer, as configs/h3_ih.yaml does; AR on every token.
+    assert ablation.active("train.loss_on", {"task": "induction_head"})
+    assert not ablation.active("train.loss_on", {"task": "associative_recall"})
+    ih = ablation.config_for({"task": "induction_head", "train.loss_on": "answers"})
+    assert ih.train.loss_on == "answers" == load_config(REPO / "configs/h3_ih.yaml").train.loss_on
+    assert ablation.config_for({"task": "associative_recall"}).train.loss_on == "all"
 
 
 # --- PostgreSQL: a private server on 127.0.0.1, started and stopped by the test -----------
