@@ -81,7 +81,12 @@ def sample(
     """Next-token logits [B, V] -> token ids [B] (argmax when temperature is 0)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    # Shifted by the row maximum and in float64: divided by a tiny temperature (1e-40), float32
+    # logits overflowed to inf (and 1e-300 itself rounds to 0 in float32), so the softmax gave
+    # NaN; this way the best token stays at 0 and the others go to -inf at worst.
+    logits = logits.double()
+    probs = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
+    probs = probs.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -123,6 +128,13 @@ def generate(
         raise ValueError(
             f"{OWNER}: prompt length {T} + max_new_tokens {max_new_tokens} - 1 exceeds the "
             f"model's max_seq_len {model.max_seq_len} (learned positions)"
+        )
+    # Mixers with a length limit of their own (Hyena's max_len): checked before decoding starts.
+    limit = min((getattr(b.mixer, "max_len", math.inf) for b in model.blocks), default=math.inf)
+    if T + max_new_tokens - 1 > limit:
+        raise ValueError(
+            f"{OWNER}: prompt length {T} + max_new_tokens {max_new_tokens} - 1 exceeds a "
+            f"mixer's max_len {limit}"
         )
 
     was_training = model.training

@@ -160,6 +160,18 @@ def test_generate_rejects_bad_arguments(kwargs, message):
         generate(model, prompts()[:, :0], 3)
 
 
+def test_generate_checks_a_mixer_length_limit_first_and_tiny_temperatures():
+    # Hyena's max_len ran out only after the prompt pass and a few steps.
+    model = make_model(mixer="hyena", mixer_params={"max_len": MAX_LEN})
+    with pytest.raises(ValueError, match=f"exceeds a mixer's max_len {MAX_LEN}"):
+        generate(model, prompts(length=5), MAX_LEN - 3)
+    assert generate(model, prompts(length=5), MAX_LEN - 4).tokens.shape[1] == MAX_LEN + 1
+    # A tiny positive temperature is greedy (its raw logits / T overflowed into NaN).
+    greedy = generate(model, prompts(), 4, temperature=0).tokens
+    tiny = generate(model, prompts(), 4, temperature=1e-300, generator=torch.Generator())
+    assert torch.equal(tiny.tokens, greedy)
+
+
 # ---------------------------------------------------------------------------------------------
 # Released H3 layout
 
