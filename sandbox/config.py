@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 
 # An AdamW beta: torch raises on others, but only once a run has started writing.
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+# A seed torch.manual_seed (and numpy's SeedSequence) takes.
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 
 
 class Strict(BaseModel):
@@ -95,7 +97,7 @@ class TrainConfig(Strict):
 
 
 class RunConfig(Strict):
-    seed: int = Field(0, ge=0, le=2**64 - 1)  # what torch.manual_seed takes
+    seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None leaves torch's default
     task: TaskConfig = Field(default_factory=TaskConfig)

@@ -123,18 +123,12 @@ def generate(
     if top_p is not None and not 0 < check_float(OWNER, "top_p", top_p, 0.0, math.inf) <= 1:
         raise ValueError(f"{OWNER}: top_p must be in (0, 1], got {top_p}")
     T = prompt_ids.shape[1]
-    # The last new token is never fed back, so positions reach T + max_new_tokens - 2.
-    if model.pos_embedding is not None and T + max_new_tokens - 1 > model.max_seq_len:
-        raise ValueError(
-            f"{OWNER}: prompt length {T} + max_new_tokens {max_new_tokens} - 1 exceeds the "
-            f"model's max_seq_len {model.max_seq_len} (learned positions)"
-        )
-    # Mixers with a length limit of their own (Hyena's max_len): checked before decoding starts.
-    limit = min((getattr(b.mixer, "max_len", math.inf) for b in model.blocks), default=math.inf)
+    # The last new token is never fed back, so positions reach T + max_new_tokens - 2. Checked
+    # before decoding starts (Hyena's max_len used to run out after the prompt pass).
+    limit, what = model.length_limit()
     if T + max_new_tokens - 1 > limit:
         raise ValueError(
-            f"{OWNER}: prompt length {T} + max_new_tokens {max_new_tokens} - 1 exceeds a "
-            f"mixer's max_len {limit}"
+            f"{OWNER}: prompt length {T} + max_new_tokens {max_new_tokens} - 1 exceeds {what}"
         )
 
     was_training = model.training

@@ -141,6 +141,18 @@ class LanguageModel(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
 
+    def length_limit(self) -> tuple[float, str]:
+        """The most positions the model can read, and what sets it: learned positions, a
+        mixer's own max_len (Hyena's; never below max_seq_len, see _build_mixer), or nothing
+        (inf): the SSMs and RoPE attention extrapolate."""
+        if self.pos_embedding is not None:
+            return (
+                self.max_seq_len,
+                f"the model's max_seq_len {self.max_seq_len} (learned positions)",
+            )
+        limit = min((getattr(b.mixer, "max_len", math.inf) for b in self.blocks), default=math.inf)
+        return limit, f"a mixer's max_len {limit}"
+
     def num_params(self) -> int:
         """Parameter count, the tied head counted once."""
         return sum(p.numel() for p in self.parameters())

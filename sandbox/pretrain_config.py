@@ -20,6 +20,7 @@ from sandbox.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
+    Seed,
     Strict,
     deep_merge,
     read_yaml,
@@ -75,7 +76,7 @@ class PretrainTrainConfig(Strict):
 
 
 class PretrainConfig(Strict):
-    seed: int = Field(0, ge=0, le=2**64 - 1)  # what torch.manual_seed takes
+    seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None leaves torch's default
     data: DataConfig = Field(default_factory=DataConfig)

@@ -45,6 +45,7 @@ from pydantic import Field, ValidationError
 from sandbox.config import (
     ConfigError,
     RunConfig,
+    Seed,
     Strict,
     build_config,
     deep_merge,
@@ -130,7 +131,7 @@ class SweepSpace(Strict):
     direction: Literal["maximize"] = "maximize"
     sampler: Literal["tpe", "random"] = "tpe"
     sampler_options: dict[str, Any] = Field(default_factory=dict)
-    seed: int | None = Field(0, ge=0)
+    seed: Seed | None = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_options: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Param] = Field(min_length=1)
