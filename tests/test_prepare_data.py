@@ -249,6 +249,24 @@ def test_refusals_exit_2_with_one_line(corpus, tmp_path, capsys):
     assert "tokenizer 'bytes' there, 'gpt2' here" in _error(capsys, [*base, a])
     assert "2 here" in _error(capsys, [*base, a, b, "--tokenizer", "bytes"])
     assert "split" in _error(capsys, [*base, a, "--tokenizer", "bytes", "--seed", "1"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    for bad_out in (a_file, a_file / "sub"):
+        argv = ["prepare-data", a, "--out", str(bad_out), "--tokenizer", "bytes", "--quiet"]
+        assert "cannot make the directory" in _error(capsys, argv)
+    assert a_file.read_text() == "kept"
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.25])
+def test_truncated_zstd_is_an_error(corpus, tmp_path, capsys, keep):
+    """A .zst cut inside a frame (a partial download) is refused, not read as a short file:
+    cut in its second frame (half the documents were read by then) and in its first."""
+    data = corpus["a"].read_bytes()
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    argv = ["prepare-data", str(cut), "--out", str(tmp_path / "out"), "--tokenizer", "bytes"]
+    assert "zstd stream ends inside a frame" in _error(capsys, [*argv, "--quiet"])
+    assert not (tmp_path / "out" / "index.json").exists()
 
 
 def test_token_file(tmp_path):

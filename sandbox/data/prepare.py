@@ -81,6 +81,48 @@ class _HashingReader(io.RawIOBase):
         return n
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a zstd stream of one or more frames read from ``raw``. A file
+    that ends inside a frame (a cut download) is a DataError: zstandard's stream_reader reads
+    it as a clean end of file, and most of a shard would then be dropped without a word."""
+
+    def __init__(self, raw: io.RawIOBase, path: str):
+        import zstandard
+
+        self._raw, self._path = raw, path
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = self._dctx.decompressobj()
+        self._mid_frame = False  # input fed to self._frame that has not ended its frame
+        self._out, self._at = b"", 0  # decompressed bytes, and how many were handed out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out):
+            data = self._raw.read(1 << 17)
+            if not data:
+                if self._mid_frame:
+                    raise DataError(f"{self._path}: zstd stream ends inside a frame (truncated?)")
+                return 0
+            self._out, self._at = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        memoryview(buffer)[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            out.append(self._frame.decompress(data))
+            self._mid_frame = not self._frame.eof
+            if self._mid_frame:
+                break
+            data = self._frame.unused_data  # the next frame starts here
+            self._frame = self._dctx.decompressobj()
+        return b"".join(out)
+
+
 class _Source:
     """Lines (bytes) of one input file, decompressed if ``.zst``; sha256 of the file as read."""
 
@@ -89,12 +131,7 @@ class _Source:
         self._file = open(path, "rb")
         self._raw = _HashingReader(self._file)
         if path.endswith(".zst"):
-            import zstandard
-
-            stream = zstandard.ZstdDecompressor().stream_reader(
-                self._raw, read_across_frames=True, closefd=False
-            )
-            self.lines = io.BufferedReader(stream, buffer_size=1 << 20)
+            self.lines = io.BufferedReader(_ZstdFrames(self._raw, path), buffer_size=1 << 20)
         else:
             self.lines = io.BufferedReader(self._raw, buffer_size=1 << 20)
 
@@ -397,7 +434,10 @@ def prepare_data(
         log(f"resuming in {out}")
     else:
         state = _fresh_state(job)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file at --out or on its path, no permission, ...
+        raise DataError(f"--out {str(out)!r}: cannot make the directory ({e.strerror})") from None
 
     workers = workers or os.cpu_count() or 1
     bins = {s: _open_bin(out / f"{s}.bin", state["splits"][s]["tokens"]) for s in SPLITS}
