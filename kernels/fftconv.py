@@ -232,8 +232,9 @@ def fftconv(
 
         return TritonFFTConv.apply(u, k, pregate, postgate)
     # The rest take the gates outside: the torch direct methods and the triton blocked FFT.
-    # (An empty batch too: MKL's FFT refuses zero rows.)
-    conv = _DIRECT.get(method, conv1d_conv) if backend == "torch" else _triton_blocked
+    # (An empty batch goes to conv1d: MKL's FFT refuses zero rows, the blocked FFT's rearranges
+    # zero batch rows.)
+    conv = _DIRECT.get(method, conv1d_conv) if backend == "torch" or not B else _triton_blocked
     v = u.to(dtype)
     if pregate is not None:
         v = v * pregate

@@ -294,6 +294,17 @@ def test_triton_blocked_low_precision(dtype, tol, blocked_calls):
     assert len(blocked_calls) == 1
 
 
+@pytest.mark.parametrize("L", [40, 300])
+def test_triton_empty_batch(L, blocked_calls):
+    """B = 0 in the fused kernel (L = 40) and beyond it (300), where the blocked path would
+    rearrange zero batch rows: an empty output and a zero filter gradient."""
+    u, k, D, pre, post = make_inputs(0, 3, L, L, torch.float32)
+    y = fftconv(u, k, D, pre, post, backend="triton", method="fft")
+    assert y.shape == (0, 3, L)
+    y.sum().backward()
+    assert k.grad.shape == k.shape and not k.grad.any()
+
+
 @pytest.mark.parametrize(
     "L, K, max_fft", [(200, 200, 16), (1000, 7, 10), (50, 50, 3), (5, 5, 3), (999, 333, 64)]
 )
