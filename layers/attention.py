@@ -96,11 +96,14 @@ class Attention(Mixer):
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """RoPE: x [..., L, E] at ``positions`` [L]; channel pair (i, i + E/2) turns by the angle
-    positions * base^(-2i / E). Computed in x's dtype (float64 stays float64)."""
+    positions * base^(-2i / E). The angles are computed in fp32 (fp64 for fp64 x), then their
+    cos and sin rounded to x's dtype: bf16 holds integers only up to 256 (positions 256 and 257
+    would turn alike) and an angle of ~1000 radians to within ~4."""
     half = x.shape[-1] // 2
-    freq = base ** (-torch.arange(half, device=x.device, dtype=x.dtype) * 2 / x.shape[-1])
-    angle = positions.to(x.dtype)[:, None] * freq  # [L, E/2]
-    cos, sin = angle.cos(), angle.sin()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    freq = base ** (-torch.arange(half, device=x.device, dtype=dtype) * 2 / x.shape[-1])
+    angle = positions.to(dtype)[:, None] * freq  # [L, E/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -121,7 +124,11 @@ def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         buffer is not None
         and getattr(buffer, "_filled", None) == T
         and buffer.shape[2] > T
+        # Exactly the buffer's prefix: a slice of its batch rows (beam pruning) starts at the
+        # same address but would get every row's position T written and returned.
         and cache.data_ptr() == buffer.data_ptr()
+        and cache.shape[:2] == buffer.shape[:2]
+        and cache.stride() == buffer.stride()
         and not (torch.is_grad_enabled() and (cache.requires_grad or new.requires_grad))
     )
     if not in_place:

@@ -23,6 +23,8 @@ Ablation knobs:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -76,9 +78,21 @@ class H3(Mixer):
         second_ssm = self._choice("second_ssm", second_ssm, SSM_KINDS)
         self.kv_gate = self._bool("kv_gate", kv_gate)
         self.q_gate = self._bool("q_gate", q_gate)
-        # Checked here although a shift-only variant never uses them: a typo must not pass.
         diagonal_args = check_diagonal_args(self.name, init, discretization, dt_min, dt_max)
-        ssm_args = (d_state, *diagonal_args, self._bool("learn_shift_b", learn_shift_b))
+        learn_shift_b = self._bool("learn_shift_b", learn_shift_b)
+        # A setting that no SSM of this variant reads is an error, not silently ignored.
+        kinds = (first_ssm, second_ssm)
+        if learn_shift_b and "shift" not in kinds:
+            raise ValueError(f"{self.name}: learn_shift_b=True needs a shift SSM")
+        if "diag" not in kinds:
+            defaults = inspect.signature(H3).parameters
+            for param, value in zip(("init", "discretization", "dt_min", "dt_max"), diagonal_args):
+                if value != defaults[param].default:
+                    raise ValueError(
+                        f"{self.name}: {param}={value!r} is for a diagonal SSM, and this H3 "
+                        f"has none (first_ssm={first_ssm!r}, second_ssm={second_ssm!r})"
+                    )
+        ssm_args = (d_state, *diagonal_args, learn_shift_b)
 
         self.q_proj = nn.Linear(d, d) if self.q_gate else None
         self.k_proj = nn.Linear(d, d)

@@ -141,6 +141,24 @@ def test_branching_steps_without_autograd(config):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_attention_steps_from_a_batch_slice_of_the_state():
+    # Dropping finished sequences or pruning beams keeps the first rows of a state (a view
+    # starting at the cache buffer's address): the step must see those rows only.
+    mixer = make("attention", {"num_heads": 2})
+    x = inputs()
+    with torch.no_grad():
+        y = mixer(x)
+        # After a step, the cache is a prefix view of a buffer with spare positions.
+        state = mixer.step(x[:, 2], mixer.prefill(x[:, :2])[1])[1]
+        for rows in (slice(0, 1), slice(0, 2), slice(1, 3)):
+            kept = {name: t[rows] for name, t in state.items()}
+            y_3, after = mixer.step(x[rows, 3], kept)
+            torch.testing.assert_close(y_3, y[rows, 3], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(mixer.step(x[rows, 4], after)[0], y[rows, 4])
+        # The full state still continues correctly after its slices were stepped.
+        torch.testing.assert_close(mixer.step(x[:, 3], state)[0], y[:, 3])
+
+
 def test_prefill_fallback_steps():
     # The Mixer base's prefill (for mixers without a parallel one) on a mixer that has one.
     mixer = make("s4d", {})
@@ -180,6 +198,20 @@ def test_rotary_scores_depend_on_relative_position_only():
 
     torch.testing.assert_close(score(3, 1), score(12, 10))
     assert not torch.isclose(score(3, 1), score(3, 2))
+
+
+def test_rotary_in_bfloat16_keeps_positions_apart():
+    # bf16 holds integers only up to 256: angles computed in it turned positions 256 and 257
+    # alike and were off by radians at 2000. Oracle: the float64 rotation, rounded to bf16.
+    from layers.attention import rotate
+
+    x = torch.randn(6, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([3, 256, 257, 1000, 2000, 4095])
+    want = rotate(x, positions, 1e4)
+    got = rotate(x.bfloat16(), positions, 1e4).double()
+    assert (got - want).abs().max() < 0.05 * x.abs().max()  # bf16 rounding, a few ulps
+    same = x[:1].expand(2, 64).bfloat16()
+    assert not torch.equal(*rotate(same, torch.tensor([256, 257]), 1e4))
 
 
 def test_half_precision_ssm_parameters_are_a_clear_error():
@@ -393,7 +425,8 @@ def test_h3_matches_loop_oracle(head_dim, discretization):
         {"head_dim": 2},
         {"head_dim": 4, "second_ssm": "shift"},
         {"head_dim": 2, "q_gate": False},
-        {"head_dim": 2, "second_ssm": "shift", "learn_shift_b": True, "discretization": "zoh"},
+        {"head_dim": 2, "second_ssm": "shift", "learn_shift_b": True},
+        {"head_dim": 2, "first_ssm": "none", "discretization": "zoh"},
     ],
     ids=str,
 )
@@ -495,6 +528,9 @@ def test_build_rejects_unknown_mixer():
         ("h3", {"q_gate": 1}, "q_gate"),
         ("h3", {"init": "legs"}, "init"),
         ("h3", {"second_ssm": "shift", "discretization": "euler"}, "discretization"),
+        ("h3", {"second_ssm": "shift", "discretization": "zoh"}, "discretization='zoh' is for"),
+        ("h3", {"first_ssm": "none", "second_ssm": "shift", "dt_max": 0.2}, "dt_max=0.2"),
+        ("h3", {"first_ssm": "diag", "learn_shift_b": True}, "learn_shift_b=True needs"),
         ("s4d", {"dt_min": 0.5, "dt_max": 0.1}, "dt_min"),
         ("gss", {"ssm_reduction": 3}, "ssm_reduction"),
         ("gss", {"expansion": 0}, "expansion"),
