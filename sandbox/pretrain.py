@@ -6,7 +6,7 @@ start offsets are drawn from a generator seeded by (seed, s); row block (rank, m
 goes to that process and gradient-accumulation step. So the data depend only on the step, a
 resumed run sees exactly the batches an uninterrupted one would, and W processes x A micro-steps
 train on the same batch as one process x W*A micro-steps. Dropout's RNG is reseeded from
-(seed, step, rank) every step for the same reason.
+(seed, step, global micro-batch) before every micro-batch for the same reason.
 
 A run directory holds config.yaml (fully resolved), metrics.jsonl (one JSON object per logged
 step: train_loss, lr, tokens_per_s, mfu; val_loss and val_ppl at evaluations),
@@ -76,28 +76,36 @@ def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
         )
     if not (root / "index.json").is_file():
         raise DataError(f"data.dir {str(root)!r} has no index.json: prepare-data has not finished")
-    index = json.loads((root / "index.json").read_text())
-    tokenizer = index["tokenizer"]
-    if tokenizer["name"] != config.data.tokenizer:
+    try:
+        index = json.loads((root / "index.json").read_text())
+        name, vocab = index["tokenizer"]["name"], index["tokenizer"]["vocab_size"]
+        files = {s: root / index["splits"][s]["file"] for s in ("train", "val")}
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise DataError(
-            f"data.tokenizer is {config.data.tokenizer!r} but {root} was prepared with "
-            f"{tokenizer['name']!r}"
+            f"data.dir {str(root)!r}: index.json is not a prepare-data index ({e!r})"
+        ) from None
+    if name != config.data.tokenizer:
+        raise DataError(
+            f"data.tokenizer is {config.data.tokenizer!r} but {root} was prepared with {name!r}"
         )
-    if tokenizer["vocab_size"] > vocab_size(config.data):
+    if vocab > vocab_size(config.data):
         raise DataError(
-            f"data.dir {str(root)!r}: token ids up to {tokenizer['vocab_size'] - 1} do not fit "
+            f"data.dir {str(root)!r}: token ids up to {vocab - 1} do not fit "
             f"the model's vocabulary of {vocab_size(config.data)}"
         )
-    splits = {s: TokenFile(root / index["splits"][s]["file"]) for s in ("train", "val")}
+    for split, path in files.items():
+        if not path.is_file():
+            raise DataError(f"data.dir {str(root)!r}: the {split} split's {path.name} is missing")
+    splits = {s: TokenFile(path) for s, path in files.items()}
     if len(splits["train"]) <= seq:
         raise DataError(
             f"data.dir {str(root)!r}: the train split has {len(splits['train'])} tokens, "
             f"fewer than data.seq_len + 1 = {seq + 1}"
         )
-    if config.train.eval_every and _eval_starts(config, splits["val"], 0, world).size == 0:
+    if config.train.eval_every and not _eval_starts(config, splits["val"], 0, world)[1].any():
         raise DataError(
             f"data.dir {str(root)!r}: the val split ({len(splits['val'])} tokens) has no window "
-            f"of data.seq_len + 1 = {seq + 1} tokens per process; set train.eval_every=null "
+            f"of data.seq_len + 1 = {seq + 1} tokens; set train.eval_every=null "
             "or prepare a val split"
         )
     return splits
@@ -117,13 +125,17 @@ def train_starts(seed: int, step: int, n_tokens: int, seq_len: int, rows: int) -
     return np.random.default_rng([seed, step]).integers(0, n_tokens - seq_len, size=rows)
 
 
-def _eval_starts(config: PretrainConfig, val: TokenFile, rank: int, world: int) -> np.ndarray:
+def _eval_starts(config: PretrainConfig, val: TokenFile, rank: int, world: int):
     """This process's share of the fixed validation windows: consecutive, non-overlapping
-    windows from the start of val, as many per process on every process (FSDP's forward is a
-    collective), eval_tokens in all at most."""
+    windows from the start of val, eval_tokens in all at most, the same set under any number
+    of processes. Returns (starts, counted): every process gets ceil(windows / world) of them
+    (FSDP's forward is a collective); the padding at the end repeats a window and is not
+    counted."""
     seq = config.data.seq_len
-    n = min(config.train.eval_tokens // seq, max(0, len(val) - 1) // seq) // world
-    return np.arange(rank * n, (rank + 1) * n) * seq
+    n = min(config.train.eval_tokens // seq, max(0, len(val) - 1) // seq)
+    per = -(-n // world)
+    i = np.arange(rank * per, (rank + 1) * per)
+    return np.minimum(i, max(n - 1, 0)) * seq, i < n
 
 
 def flops_per_token(model: LanguageModel, seq_len: int) -> float:
@@ -145,15 +157,17 @@ def evaluate(model, val: TokenFile, config: PretrainConfig, d: distributed.Dist,
     seq, micro, vocab = config.data.seq_len, config.train.micro_batch_size, vocab_size(config.data)
     totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
     model.eval()
-    starts = _eval_starts(config, val, d.rank, d.world)
+    starts, counted = _eval_starts(config, val, d.rank, d.world)
     for i in range(0, len(starts), micro):
         w = _windows(val, starts[i : i + micro], seq, vocab).to(d.device)
         with autocast:
             logits = model(w[:, :-1])
+        targets = w[:, 1:].clone()
+        targets[torch.from_numpy(~counted[i : i + micro]).to(d.device)] = -100  # padding
         totals[0] += F.cross_entropy(
-            logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum"
+            logits.float().flatten(0, 1), targets.flatten(), reduction="sum"
         )
-        totals[1] += w[:, 1:].numel()
+        totals[1] += (targets != -100).sum()
     model.train()
     loss = float(distributed.all_sum(totals, d)[0] / totals[1])
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}  # no OverflowError
@@ -201,13 +215,20 @@ class _Throughput:
         return tokens / seconds
 
 
-def _train_step(model, optimizer, starts, train_tokens, config, d, accumulation, autocast):
-    """One optimizer step on this process's rows of the global batch; returns the sum of the
-    micro-batch mean losses (a tensor, not synchronised)."""
+def _train_step(model, optimizer, step, starts, train_tokens, config, d, accumulation, autocast):
+    """Optimizer step ``step`` on this process's rows of its global batch (``starts``: the start
+    offsets of all rows); returns the sum of the micro-batch mean losses (a tensor, not
+    synchronised)."""
     seq, micro, vocab = config.data.seq_len, config.train.micro_batch_size, vocab_size(config.data)
     loss_sum = torch.zeros((), device=d.device)
     for m in range(accumulation):
-        first = (d.rank * accumulation + m) * micro
+        block = d.rank * accumulation + m  # the global micro-batch: rows block*micro onwards
+        # Dropout's RNG from (seed, step, block): its masks depend on the rows alone, not on
+        # how they are spread over processes and micro-steps, nor on a resume.
+        torch.manual_seed(
+            int(np.random.SeedSequence([config.seed, step, block]).generate_state(1)[0])
+        )
+        first = block * micro
         w = _windows(train_tokens, starts[first : first + micro], seq, vocab).to(d.device)
         with distributed.no_sync(model, sync=m == accumulation - 1):
             with autocast:
@@ -288,13 +309,9 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, total, cfg)
-        # Dropout's RNG from (seed, step, rank): a resumed run draws what an uninterrupted one does.
-        torch.manual_seed(
-            int(np.random.SeedSequence([config.seed, step, d.rank]).generate_state(1)[0])
-        )
         starts = train_starts(config.seed, step, len(splits["train"]), config.data.seq_len, rows)
         loss_sum += _train_step(
-            model, optimizer, starts, splits["train"], config, d, accumulation, autocast
+            model, optimizer, step, starts, splits["train"], config, d, accumulation, autocast
         )
         step += 1
         bar.update(1)

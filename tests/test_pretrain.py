@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
 
 # 8 steps of 4 sequences x 32 bytes: one process runs 2 micro-batches of 2 per step, two
-# processes one each. Checkpoints every 2 steps, a log line every step, evaluations every 4.
+# processes one each. Checkpoints every 2 steps, a log line every step, evaluations every 4 on
+# 7 windows (two processes take 4 each, one of them padding). Dropout on, so that its masks
+# must not depend on the number of processes or on a resume either.
 SMALL = {
     "seed": 1,
     "device": "cpu",
@@ -44,6 +46,7 @@ SMALL = {
         "attn_layers": [1],
         "attn_params": {"num_heads": 2},
         "init": "gpt2",
+        "dropout": 0.1,
     },
     "train": {
         "lr": 3.0e-3,
@@ -51,7 +54,7 @@ SMALL = {
         "micro_batch_size": 2,
         "max_steps": 8,
         "eval_every": 4,
-        "eval_tokens": 256,
+        "eval_tokens": 224,
         "checkpoint_every": 2,
         "log_every": 1,
         "peak_tflops": 1.0,
@@ -254,6 +257,19 @@ def test_bad_data_exit_2_and_write_nothing(data_dir, tmp_path, capsys):
     assert "exceeds the model's vocab 264" in _error(
         capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
     )
+    # A missing split file or a foreign index.json (the vocabulary check above ran in training,
+    # so it made ``out``: these use another one).
+    base[3] = str(tmp_path / "run2")
+    (bad / "val.bin").unlink()
+    assert "the val split's val.bin is missing" in _error(
+        capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
+    )
+    for broken in ('{"format": 1}', "[1, 2]", "{not json"):
+        (bad / "index.json").write_text(broken)
+        assert "index.json is not a prepare-data index" in _error(
+            capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
+        )
+    assert not (tmp_path / "run2").exists()
 
 
 def test_params_cli(capsys):
