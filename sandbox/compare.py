@@ -40,7 +40,7 @@ from sandbox.config import (
     deep_merge,
     read_yaml,
 )
-from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights
+from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights, make_dir
 from sandbox.train import (
     WEIGHTS,
     RunDirError,
@@ -330,7 +330,7 @@ def compare(
 
     runs = expand(preset, overrides, seeds)
     _check_saved_configs(runs, out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     run_all(runs, out, workers or os.cpu_count() or 1, progress)
     # Held-out splits are read for the chosen runs only, as the test split is.
     chosen = apply_test_params(select_lr(collect(runs, out)), runs, out, preset.test_params)

@@ -7,6 +7,7 @@ Every problem becomes a :class:`ConfigError` with one line naming the field.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -20,13 +21,20 @@ class ConfigError(ValueError):
 
 
 # An AdamW beta: torch raises on others, but only once a run has started writing.
-Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0, strict=True)]
+# A pair of them, from a YAML list (strict mode would take only a Python tuple).
+Betas = Annotated[tuple[Beta, Beta], Field(strict=False)]
 # A seed torch.manual_seed (and numpy's SeedSequence) takes.
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys and wrong types are errors: no true -> 1 or 8.0 -> 8 (an int is still a
+    float), and no infinite values."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
+    )
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -79,7 +87,7 @@ class TrainConfig(Strict):
     lr: float = Field(5e-4, gt=0.0)
     weight_decay: float = Field(0.1, ge=0.0)
     ssm_lr: float = Field(1e-3, gt=0.0)  # SSM dt/A/B get min(ssm_lr, lr) and no weight decay
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(400, ge=1)
     max_steps: int | None = Field(
@@ -117,13 +125,14 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
-    """A new dict: ``base`` with ``extra`` on top, nested dicts merged key by key."""
-    out = dict(base)
+    """A new dict: ``base`` with ``extra`` on top, nested dicts merged key by key. It shares
+    nothing with either (an override written into it must not reach a preset's base)."""
+    out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 
@@ -150,7 +159,7 @@ def apply_override(data: dict, override: str) -> None:
 
 def validate(schema: type[S], data: dict | None = None, overrides: list[str] = ()) -> S:
     """Validate a nested dict (plus overrides) into ``schema``, or raise ConfigError."""
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides must not write into the caller's dicts
     for override in overrides:
         apply_override(data, override)
     try:

@@ -120,8 +120,10 @@ def generate(
     temperature = check_float(OWNER, "temperature", temperature, 0.0, math.inf)
     if top_k is not None:
         check_int(OWNER, "top_k", top_k)
-    if top_p is not None and not 0 < check_float(OWNER, "top_p", top_p, 0.0, math.inf) <= 1:
-        raise ValueError(f"{OWNER}: top_p must be in (0, 1], got {top_p}")
+    if top_p is not None:
+        check_float(OWNER, "top_p", top_p, -math.inf, math.inf)  # a number: the type's message
+        if not 0 < top_p <= 1:
+            raise ValueError(f"{OWNER}: top_p must be in (0, 1], got {top_p}")
     T = prompt_ids.shape[1]
     # The last new token is never fed back, so positions reach T + max_new_tokens - 2. Checked
     # before decoding starts (Hyena's max_len used to run out after the prompt pass).

@@ -24,6 +24,17 @@ def _umask() -> int:
     return mask
 
 
+def make_dir(path: str | Path, what: str = "--out") -> None:
+    """``mkdir -p path``; where it cannot be made (a file on its path, no permission), a
+    one-line ValueError naming ``what``, which the CLI reports with exit 2."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"{what} {str(path)!r}: cannot make the directory ({e.strerror})"
+        ) from None
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path``."""
     path = Path(path)

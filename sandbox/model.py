@@ -95,6 +95,10 @@ class LanguageModel(nn.Module):
         c = self.config
         params = c.attn_params if kind == "attention" and kind != c.mixer else c.mixer_params
         field = "model.attn_params" if params is c.attn_params else "model.mixer_params"
+        if kind not in layers.names():  # attention always is: so the mixer is the bad field
+            raise ValueError(f"model.mixer: unknown mixer {kind!r}; registered: {layers.names()}")
+        if "d_model" in params:
+            raise ValueError(f"{field}.d_model: set by model.d_model, not here")
         try:
             mixer = layers.build(kind, d_model=c.d_model, **params)
         except ValueError as e:

@@ -35,7 +35,13 @@ from sandbox.config import ConfigError, dump_config
 from sandbox.data.dataset import TokenFile
 from sandbox.data.prepare import DataError
 from sandbox.data.tokenizer import get_tokenizer
-from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights, save_state
+from sandbox.io import (
+    atomic_write_text,
+    load_checkpoint,
+    load_model_weights,
+    make_dir,
+    save_state,
+)
 from sandbox.model import LanguageModel
 from sandbox.pretrain_config import PretrainConfig, total_steps, vocab_size
 from sandbox.train import (
@@ -284,7 +290,7 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
         if d.main:
             logged = truncate_metrics(metrics_path, step)
     elif d.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
         atomic_write_text(out / "config.yaml", dump_config(config))
         atomic_write_text(metrics_path, "")
     model = distributed.wrap(model.to(d.device), d, cfg.fsdp)

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sandbox.config import (
-    Beta,
+    Betas,
     ConfigError,
     ModelConfig,
     RunConfig,
@@ -46,7 +46,7 @@ class PretrainTrainConfig(Strict):
     warmup_frac: float = Field(0.01, ge=0.0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     ssm_lr: float = Field(1e-3, gt=0.0)  # SSM dt/A/B get min(ssm_lr, lr) and no weight decay
     grad_clip: float | None = Field(1.0, gt=0.0)
     # Tokens per optimizer step over all processes: seq_len x micro_batch_size x gradient

@@ -29,6 +29,7 @@ from sandbox.io import (
     atomic_write_text,
     load_checkpoint,
     load_model_weights,
+    make_dir,
     save_checkpoint,
 )
 from sandbox.model import LanguageModel
@@ -74,16 +75,17 @@ def make_optimizer(
     decay; SSM parameters (dt, A, B) at lr min(ssm_lr, lr) without decay (the S4/H3 recipe).
     ``fused=False`` takes torch's foreach implementation instead of the fused one."""
     # Embeddings are excluded from decay as in Safari's parameter grouping: the tied table is
-    # also the output layer, and shrinking it shrinks every logit.
+    # also the output layer, and shrinking it shrinks every logit. Biases go by name too:
+    # Hyena's skip terms are one [order, D] "bias", which is no weight matrix.
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     flagged = {id(p) for p in layers.ssm_parameters(model)}
     ssm, decay, no_decay = [], [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if id(p) in flagged:
             ssm.append(p)
-        elif p.dim() >= 2 and id(p) not in embeddings:
+        elif p.dim() >= 2 and id(p) not in embeddings and not name.endswith("bias"):
             decay.append(p)
         else:
             no_decay.append(p)
@@ -265,7 +267,7 @@ def train(
         state = _Progress(**ckpt["info"]["progress"])
         truncate_metrics(metrics_path, state.step)
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
         atomic_write_text(out / "config.yaml", dump_config(config))
         atomic_write_text(metrics_path, "")
 

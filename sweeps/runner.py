@@ -39,7 +39,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from sandbox.config import ConfigError
-from sandbox.io import atomic_write_text
+from sandbox.io import atomic_write_text, make_dir
 from sweeps.space import SweepSpace, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -346,7 +346,7 @@ def run_sweep(
     space = load_space(space_path) if space_path else None
     study_name = study_name or Path(space_path).stem
     out = Path(out) if out else Path("runs") / "sweeps" / study_name
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     url = storage or default_storage(out)
     _claim_out_dir(out, url, study_name, claim=False)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # workers print their own lines

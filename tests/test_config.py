@@ -1,9 +1,18 @@
 """Configs: unknown keys and wrong types are errors naming the field; overrides; round trip."""
 
+import copy
+
 import pytest
 import yaml
 
-from sandbox.config import ConfigError, build_config, dump_config, load_config
+from sandbox.config import (
+    ConfigError,
+    apply_override,
+    build_config,
+    deep_merge,
+    dump_config,
+    load_config,
+)
 
 
 def test_defaults_and_overrides():
@@ -11,6 +20,18 @@ def test_defaults_and_overrides():
     assert c.train.lr == 1e-3
     assert c.model.mixer_params == {"head_dim": 8}
     assert c.task.name == "x"
+
+
+def test_overrides_leave_the_callers_dicts_alone():
+    base = {"model": {"mixer": "h3", "mixer_params": {"d_state": 8}}, "train": {"lr": 1e-3}}
+    before = copy.deepcopy(base)
+    build_config(base, ["model.mixer_params.head_dim=8", "train.lr=5e-4"])
+    assert base == before
+    assert build_config(base).model.mixer_params == {"d_state": 8}
+    merged = deep_merge(base, {"train": {"epochs": 3}})
+    apply_override(merged, "model.mixer_params.d_state=4")
+    merged["train"]["lr"] = 1.0
+    assert base == before
 
 
 @pytest.mark.parametrize(
@@ -23,6 +44,15 @@ def test_defaults_and_overrides():
         ({"train": {"lr": -1}}, "'train.lr'"),
         ({"seed": 2**64}, "'seed'"),
         ({"train": {"betas": [1.5, 0.9]}}, "'train.betas.0'"),
+        # No silent conversion (true -> 1, 8.0 -> 8) and no infinite values; an int is a float.
+        ({"train": {"batch_size": True}}, "'train.batch_size'"),
+        ({"model": {"n_layers": 2.0}}, "'model.n_layers'"),
+        ({"seed": True}, "'seed'"),
+        ({"train": {"lr": True}}, "'train.lr'"),
+        ({"train": {"betas": [0.9, True]}}, "'train.betas.1'"),
+        ({"train": {"lr": float("inf")}}, "'train.lr'"),
+        ({"train": {"grad_clip": float("inf")}}, "'train.grad_clip'"),
+        ({"train": {"lr": 1, "betas": [0, 0.5]}}, None),
         # Sections no layer reads would never be checked by layers.build.
         ({"model": {"attn_params": {"num_heads": 2}}}, "model.attn_params"),
         ({"model": {"mixer": "attention", "attn_layers": [0], "attn_params": {}}}, None),

@@ -147,8 +147,10 @@ def test_eos_and_vocab_limit():
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": -0.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": "0.5"}, "top_p must be a number"),
         ({"max_new_tokens": MAX_LEN}, "max_seq_len"),  # learned positions run out
     ],
 )

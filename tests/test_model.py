@@ -52,3 +52,10 @@ def test_tied_head_and_bad_attn_layers():
     short = ModelConfig(mixer="hyena", mixer_params={"max_len": 16})
     with pytest.raises(ValueError, match=r"mixer_params: max_len=16 is shorter .* 20 positions"):
         LanguageModel(short, 10, 20)
+    with pytest.raises(ValueError, match=r"^model.mixer: unknown mixer 'h4'"):
+        LanguageModel(ModelConfig(mixer="h4"), 10, 20)
+    with pytest.raises(ValueError, match=r"^model.mixer_params.d_model: set by model.d_model"):
+        LanguageModel(ModelConfig(mixer="h3", mixer_params={"d_model": 32}), 10, 20)
+    hybrid = ModelConfig(mixer="h3", attn_layers=[1], attn_params={"d_model": 32})
+    with pytest.raises(ValueError, match=r"^model.attn_params.d_model: set by model.d_model"):
+        LanguageModel(hybrid, 10, 20)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,26 @@ def test_ssm_parameters_get_their_own_group(copied):
     assert groups[(1e-3, 0.0)] == ssm
     assert all(p.dim() >= 2 for n, p in model.named_parameters() if n in groups[(5e-3, 0.1)])
     assert sum(len(v) for v in groups.values()) == len(names)
+
+
+def test_weight_decay_only_on_weight_matrices():
+    # By hand, for a Hyena + attention model: decayed are the Linear weights and Hyena's short
+    # conv taps; Hyena's skip terms (one [order, D] "bias"), every other bias, the norms and
+    # the embeddings are not.
+    from sandbox.model import LanguageModel
+
+    config = build_config(
+        {"model": {"mixer": "hyena", "d_model": 16, "n_layers": 2, "attn_layers": [1]}}
+    )
+    model = LanguageModel(config.model, vocab_size=10, max_seq_len=20)
+    opt = make_optimizer(model, config.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    linears = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    } - {"head.weight"}  # tied to the embedding
+    assert decayed == linears | {"blocks.0.mixer.short_weight"}
+    assert "blocks.0.mixer.bias" in names.values()
 
 
 def test_loss_decreases(tmp_path):
@@ -183,6 +204,25 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", str(path), "--out", str(a_file), "--quiet"]) == 2
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep"
+
+
+def test_cli_out_that_cannot_be_made_exits_2(tmp_path, capsys):
+    """--out below a file: one line naming it, exit 2 (was a traceback), for every command
+    that makes an output directory."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny(epochs=1).model_dump(mode="json")))
+    bad = str(a_file / "sub")
+    for argv in (
+        ["train", str(config), "--out", bad, "--quiet"],
+        ["compare", "--out", bad, "--quiet"],
+        ["sweep", str(Path(__file__).parents[1] / "sweeps" / "smoke.yaml"), "--out", bad],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert f"--out '{bad}': cannot make the directory" in err and len(err.splitlines()) == 1
+    assert a_file.read_text() == "keep"
 
 
 def test_truncate_metrics_drops_later_records_and_a_torn_line(tmp_path):

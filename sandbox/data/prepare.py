@@ -434,10 +434,9 @@ def prepare_data(
         log(f"resuming in {out}")
     else:
         state = _fresh_state(job)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file at --out or on its path, no permission, ...
-        raise DataError(f"--out {str(out)!r}: cannot make the directory ({e.strerror})") from None
+    from sandbox.io import make_dir  # here: the spawned workers need not import torch
+
+    make_dir(out)
 
     workers = workers or os.cpu_count() or 1
     bins = {s: _open_bin(out / f"{s}.bin", state["splits"][s]["tokens"]) for s in SPLITS}
