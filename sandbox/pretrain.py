@@ -175,7 +175,8 @@ def evaluate(model, val: TokenFile, config: PretrainConfig, d: distributed.Dist,
         )
         totals[1] += (targets != -100).sum()
     model.train()
-    loss = float(distributed.all_sum(totals, d)[0] / totals[1])
+    loss_sum, tokens = distributed.all_sum(totals, d)
+    loss = float(loss_sum / tokens)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}  # no OverflowError
 
 
