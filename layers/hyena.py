@@ -134,8 +134,8 @@ class Hyena(Mixer):
             )
 
     def positional_features(self, L: int) -> torch.Tensor:
-        """pe(t) for t = 0 .. L-1: [L, 2K + 1], in the module's dtype (see _exact)."""
-        fk, out_dtype = self._exact()
+        """pe(t) for t = 0 .. L-1: [L, 2K + 1], in the module's dtype (see _feature_kwargs)."""
+        fk, out_dtype = self._feature_kwargs()
         t = torch.arange(L, **fk)[:, None]
         exponent = torch.linspace(0, 1, self.num_pe_features, **fk)
         periods = self.max_len * (MIN_PERIOD / self.max_len) ** exponent
@@ -144,14 +144,14 @@ class Hyena(Mixer):
         return pe.to(out_dtype)
 
     def decay_window(self, L: int) -> torch.Tensor:
-        """window_c(t) for t = 0 .. L-1: [D, L], in the module's dtype (see _exact)."""
-        fk, out_dtype = self._exact()
+        """window_c(t) for t = 0 .. L-1: [D, L], in the module's dtype (see _feature_kwargs)."""
+        fk, out_dtype = self._feature_kwargs()
         pct = torch.linspace(*self.decay_pct, self.d_model, **fk)
         rates = math.log(1 / DECAY_TARGET) / pct
         t = torch.arange(L, **fk)
         return torch.exp(-rates[:, None] * (t / self.max_len)).to(out_dtype)
 
-    def _exact(self) -> tuple[dict, torch.dtype]:
+    def _feature_kwargs(self) -> tuple[dict, torch.dtype]:
         """(factory kwargs in fp32, or fp64 for an fp64 module; the module's dtype): positions
         and angles are computed in the former and rounded once. In bf16, arange(1024) has 513
         distinct values and the filters' features were off by 36-58% past lag 64."""

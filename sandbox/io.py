@@ -24,15 +24,13 @@ def _umask() -> int:
     return mask
 
 
-def make_dir(path: str | Path, what: str = "--out") -> None:
-    """``mkdir -p path``; where it cannot be made (a file on its path, no permission), a
-    one-line ValueError naming ``what``, which the CLI reports with exit 2."""
+def make_dir(path: str | Path) -> None:
+    """``mkdir -p path`` for a command's --out; where it cannot be made (a file on its path, no
+    permission), a one-line ValueError, which the CLI reports with exit 2."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(
-            f"{what} {str(path)!r}: cannot make the directory ({e.strerror})"
-        ) from None
+        raise ValueError(f"--out {str(path)!r}: cannot make the directory ({e.strerror})") from None
 
 
 def atomic_write(path: str | Path, write) -> None:
