@@ -207,8 +207,8 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
 
 
 def test_cli_out_that_cannot_be_made_exits_2(tmp_path, capsys):
-    """--out below a file: one line naming it, exit 2 (was a traceback), for every command
-    that makes an output directory."""
+    """--out below a file: one line naming it, exit 2 (was a traceback), for train, compare
+    and sweep (prepare-data: test_prepare_data; pretrain makes it through the same make_dir)."""
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
     config = tmp_path / "c.yaml"
