@@ -127,17 +127,21 @@ def load_preset(name_or_path: str) -> ComparePreset:
 
 def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None = None) -> list[Run]:
     """Every run of the preset, each with its fully validated RunConfig."""
-    unknown = set(preset.test_params) - set(preset.tasks)
-    if unknown:
-        raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
+    _check_row_keys(preset)
     runs = []
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
             data = deep_merge(deep_merge(preset.base, task_fields), variant_fields)
             try:
                 for override in overrides:
-                    if override.split("=", 1)[0].strip() == "seed":
+                    key = override.split("=", 1)[0].strip()
+                    if key == "seed":
                         raise ConfigError("seed: a preset's runs take seeds 0 .. n-1; use --seeds")
+                    if key == "train.lr" and preset.lr_grid:
+                        raise ConfigError(
+                            f"train.lr: this preset's runs take the lrs of its lr_grid "
+                            f"{preset.lr_grid}; edit lr_grid instead"
+                        )
                     apply_override(data, override)
                 lrs = preset.lr_grid or [build_config(data).train.lr]
                 for seed in range(seeds or preset.seeds):
@@ -147,10 +151,36 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
             except ConfigError as e:
                 raise ConfigError(f"{task}/{variant}: {e}") from None
     # Checked now, not when the grid has trained: a typo there would cost every run.
+    by_id: dict[str, Run] = {}
     for run in runs:
         if run.task in preset.test_params:
             heldout_tasks(run, preset.test_params[run.task])
+        other = by_id.setdefault(run.run_id, run)
+        if other is not run:  # two runs would train into one directory
+            raise ConfigError(
+                f"{other.task}/{other.variant} (lr {other.lr}) and {run.task}/{run.variant} "
+                f"(lr {run.lr}) would share the run directory {run.run_id}: rename one, or "
+                "make the lr_grid values distinct"
+            )
     return runs
+
+
+def _check_row_keys(preset: ComparePreset) -> None:
+    """test_params and paper name task rows, and paper's cells variants (or "random"): a typo
+    there is an error, not a cell left silently without its test params or paper figure."""
+    unknown = set(preset.test_params) - set(preset.tasks)
+    if unknown:
+        raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
+    unknown = set(preset.paper) - set(preset.tasks)
+    if unknown:
+        raise ConfigError(f"paper: {sorted(unknown)} are not task rows {list(preset.tasks)}")
+    for task, cells in preset.paper.items():
+        unknown = set(cells) - set(preset.variants) - {"random"}
+        if unknown:
+            raise ConfigError(
+                f"paper.{task}: {sorted(unknown)} are not variants {list(preset.variants)} "
+                "(or 'random')"
+            )
 
 
 def _check_saved_configs(runs: list[Run], out: Path) -> None:

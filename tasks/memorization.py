@@ -34,7 +34,7 @@ class Memorization(Task):
         self.num_keys = (self.vocab_size - NUM_SPECIAL) // 2
         self.num_values = self.vocab_size - NUM_SPECIAL - self.num_keys
         why_len = f"(seq_len + 1) // 2 distinct keys out of {self.num_keys}"
-        self.seq_len = check_int(name, "seq_len", seq_len, 1, why_len, 2 * self.num_keys - 1)
+        self.seq_len = check_int(name, "seq_len", seq_len, 1, why_len, 2 * self.num_keys)
         self.map_seed = check_seed(name, "map_seed", map_seed)
         self.num_pairs = (self.seq_len + 1) // 2
         self.num_pad = (self.seq_len + 1) % 2

@@ -66,6 +66,34 @@ def test_preset_errors(tmp_path):
         expand(load_preset(str(typo)))
 
 
+@pytest.mark.parametrize(
+    "update, overrides, match",
+    [
+        # Directory names keep to [\w.-]: both variants would train into one directory.
+        ({"variants": {"attn x": {}, "attn-x": {}}}, [], "would share the run directory"),
+        ({"lr_grid": [1e-3, 1e-3]}, [], "make the lr_grid values distinct"),
+        # The grid would replace the override's lr in every run.
+        ({"lr_grid": [1e-3, 3e-3]}, ["train.lr=0.05"], "train.lr: this preset's runs take"),
+        ({"paper": {"associative_recal": {"h3": 99.8}}}, [], r"paper: \['associative_recal'\]"),
+        (
+            {"paper": {"associative_recall": {"H3": 99.8}}},
+            [],
+            r"paper.associative_recall: \['H3'\]",
+        ),
+    ],
+)
+def test_preset_grid_errors(update, overrides, match):
+    """Mistakes in a preset's grid are errors before anything trains, not runs sharing a
+    directory, a silently dropped override or a paper figure that never shows."""
+    preset = load_preset("h3-table2")
+    variants = update.pop("variants", None)
+    if variants:
+        update["variants"] = {name: preset.variants["attention"] for name in variants}
+        update["paper"] = {}  # its cells name the shipped variants
+    with pytest.raises(ConfigError, match=match):
+        expand(preset.model_copy(update=update), overrides)
+
+
 def test_lr_grid_expands_and_selection_ignores_test():
     preset = load_preset("h3-table2").model_copy(update={"lr_grid": [1e-4, 1e-3]})
     assert {r.lr for r in expand(preset)} == {1e-4, 1e-3}

@@ -467,6 +467,16 @@ def test_memorization_map_is_fixed_by_map_seed():
     assert task.value_table[0] != -1
 
 
+def test_memorization_longest_sequence():
+    """seq_len = 2 num_keys: (seq_len + 1) // 2 = num_keys pairs after the leading "." - every
+    key once, in some order."""
+    task = tasks.build("memorization", vocab_size=10, seq_len=8)  # 4 keys
+    batch = task.generate(50, seed=0)
+    check_memorization(task, batch)
+    keys = batch.inputs[:, 1::2]
+    assert torch.equal(keys.sort(dim=1).values, torch.arange(2, 6).expand(50, 4))
+
+
 def test_memorization_map_is_balanced():
     # Every value is the image of floor or ceil(num_keys / num_values) keys.
     for vocab in (6, 12, 13, 40, 41):
@@ -580,7 +590,7 @@ def memorization_params(draw):
     num_keys = (vocab - 2) // 2
     return {
         "vocab_size": vocab,
-        "seq_len": draw(st.integers(1, 2 * num_keys - 1)),
+        "seq_len": draw(st.integers(1, 2 * num_keys)),
         "map_seed": draw(st.integers(0, 2**32)),
     }
 
@@ -654,7 +664,7 @@ def test_property(name):
         ("fuzzy_recall", {"seq_len": 94}, "seq_len must be >= 95"),
         ("fuzzy_recall", {"vocab_size": 17}, "vocab_size must be >= 18"),
         ("memorization", {"seq_len": 0}, "seq_len must be >= 1"),
-        ("memorization", {"seq_len": 254}, "seq_len must be <= 253"),
+        ("memorization", {"seq_len": 255}, "seq_len must be <= 254"),
         ("memorization", {"vocab_size": 5}, "vocab_size must be >= 6"),
         ("memorization", {"map_seed": "a"}, "map_seed must be an integer"),
     ],
