@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from kernels.double_backward import reference_grads
+
 # Smallest output block of the block-Toeplitz method: shorter blocks make the matmuls too thin
 # (measured when choosing it, B=4, H=64, L=16K, K=16, fwd+bwd: P=32 75 ms, 64 84, 128 101).
 TOEPLITZ_MIN_BLOCK = 32
@@ -34,6 +36,14 @@ def _toeplitz(k: torch.Tensor, P: int, offset: int) -> torch.Tensor:
     return _Toeplitz.apply(k, P, offset)
 
 
+def _toeplitz_views(k: torch.Tensor, P: int, offset: int) -> torch.Tensor:
+    """_Toeplitz's result, views of the padded, flipped filter (autograd's own backward)."""
+    K = k.shape[-1]
+    q = F.pad(k.flip(-1), (P - 1, P - 1))  # q[P - 1 + i] = k[K - 1 - i]
+    windows = q.unfold(-1, P, 1)  # [H, K + P - 1, P]: windows[i, m] = q[i + m]
+    return windows[:, K - 1 - offset : K - 1 + P].flip(-1)
+
+
 class _Toeplitz(torch.autograd.Function):
     """k [H, K] -> its Toeplitz block W [H, P + offset, P], with a hand-written backward.
 
@@ -46,14 +56,17 @@ class _Toeplitz(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, P: int, offset: int):
-        K = k.shape[-1]
-        ctx.K, ctx.offset = K, offset
-        q = F.pad(k.flip(-1), (P - 1, P - 1))  # q[P - 1 + i] = k[K - 1 - i]
-        windows = q.unfold(-1, P, 1)  # [H, K + P - 1, P]: windows[i, m] = q[i + m]
-        return windows[:, K - 1 - offset : K - 1 + P].flip(-1)
+        ctx.K, ctx.offset = k.shape[-1], offset
+        ctx.save_for_backward(k)
+        return _toeplitz_views(k, P, offset)
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: kernels.double_backward
+            (k,) = ctx.saved_tensors
+            P = g.shape[-1]
+            dk = reference_grads(lambda k: _toeplitz_views(k, P, ctx.offset), (k,), (True,), g)
+            return *dk, None, None
         # dk[j] = sum of g[s, t] over the diagonal t - s = j - offset. Laid out in rows of
         # ``width`` with g starting at column ``offset``, that diagonal is the elements
         # (s, s + j): a strided view with a row step of width + 1 reads it, and the zero

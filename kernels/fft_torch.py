@@ -36,6 +36,8 @@ import threading
 
 import torch
 
+from kernels.direct import with_skip
+from kernels.double_backward import reference_grads
 from kernels.fft_sizes import next_fast_len
 
 BLOCK_ELEMS = 2**21
@@ -230,13 +232,18 @@ class FFTConv(torch.autograd.Function):
         # k_f may be a row of the joint spectra (see _spectra): without v_f, a copy of it
         # keeps the filter's row alive for the backward pass rather than all of them.
         ctx.k_f = k_f if ctx.v_f else k_f.clone()
-        ctx.save_for_backward(u, k, pregate, postgate)
+        ctx.save_for_backward(u, k, pregate, postgate, D)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        if ctx.k_f is None:  # freed (and conjugated in place) by the first backward
-            raise RuntimeError("fftconv: a second backward through the same graph is not supported")
+        if ctx.k_f is None or torch.is_grad_enabled():
+            # A second backward through a retained graph (the first freed the kept spectra,
+            # conjugated in place), or create_graph=True (kernels.double_backward).
+            ctx.v_f = ctx.z = ctx.k_f = None
+            u, k, pregate, postgate, D = ctx.saved_tensors
+            inputs = (u, k, D, pregate, postgate)
+            return reference_grads(conv_reference, inputs, ctx.needs_input_grad, gy)
         need_u, need_k_only, need_D, need_pre, need_post = ctx.needs_input_grad
         need_k = need_k_only or need_D  # dD is dk[:, 0]
         needs = (need_u, need_k, need_pre, need_post)
@@ -294,15 +301,29 @@ def fft_conv(u, k, D=None, pregate=None, postgate=None) -> torch.Tensor:
     return conv_forward(u, k, D, pregate, postgate)[0]
 
 
-def backward_inputs(ctx, needs=None) -> tuple[tuple, tuple[bool, ...], tuple]:
-    """What every fftconv autograd backward starts from: the saved (u, k, pregate, postgate),
-    which of them need a gradient (``needs``, by default ``ctx.needs_input_grad``, in that
-    order), and empty gradient buffers (g_u, g_pre, g_post) for the [B, H, L] inputs, None
-    where no gradient is needed."""
-    u, k, pregate, postgate = ctx.saved_tensors
+def conv_reference(u, k, D=None, pregate=None, postgate=None) -> torch.Tensor:
+    """fft_conv's result (u [B, H, L], k [H, K] and D [H] in the compute dtype, gates [B, H,
+    L] in u's) in plain torch ops, which autograd differentiates to any order: what the
+    Functions of fftconv differentiate for a double backward (kernels.double_backward)."""
+    L, K = u.shape[-1], k.shape[-1]
+    n = fft_len(L, K)
+    v = u.to(k.dtype) if pregate is None else u.to(k.dtype) * pregate
+    k_f = torch.fft.rfft(with_skip(k, D), n=n)
+    z = torch.fft.irfft(torch.fft.rfft(v, n=n) * k_f, n=n)[..., :L]
+    return (z if postgate is None else z * postgate).to(u.dtype)
+
+
+def backward_inputs(ctx, needs=None, contiguous=False) -> tuple[tuple, tuple[bool, ...], tuple]:
+    """What every fftconv autograd backward starts from: the saved (u, k, pregate, postgate)
+    (saved first, in that order), which of them need a gradient (``needs``, by default
+    ``ctx.needs_input_grad``, in that order), and empty gradient buffers (g_u, g_pre, g_post)
+    for the [B, H, L] inputs, None where no gradient is needed: laid out as those inputs, or
+    ``contiguous`` whatever their layout (for the Triton kernels, which write them as such)."""
+    u, k, pregate, postgate = ctx.saved_tensors[:4]
     needs = ctx.needs_input_grad if needs is None else needs
+    layout = torch.contiguous_format if contiguous else torch.preserve_format
     buffers = tuple(
-        torch.empty_like(x) if need else None
+        torch.empty_like(x, memory_format=layout) if need else None
         for x, need in ((u, needs[0]), (pregate, needs[2]), (postgate, needs[3]))
     )
     return (u, k, pregate, postgate), needs, buffers

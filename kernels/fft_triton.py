@@ -90,7 +90,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fft_torch import backward_inputs
+from kernels.double_backward import reference_grads
+from kernels.fft_torch import backward_inputs, conv_reference
 
 # The largest FFT size the fused kernels can be launched with (L + K - 1 <= 16384).
 FUSED_CAPACITY = 16384
@@ -624,6 +625,9 @@ class TritonFFTConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, pregate, postgate):
+        # The inputs as given, not their contiguous copies (made outside autograd here): a
+        # double backward differentiates through them (kernels.double_backward).
+        ctx.save_for_backward(u, k, pregate, postgate)
         n = fft_size(u.shape[-1], k.shape[-1])
         p = plan(n, u.dtype)
         u, pregate, postgate = (_contiguous(x) for x in (u, pregate, postgate))
@@ -632,12 +636,15 @@ class TritonFFTConv(torch.autograd.Function):
         ctx.spectrum = _filter_spectrum(k, n)
         mats = _packed_matrices(p.n1, p.n2, u.device)
         _launch_conv(u, pregate, ctx.spectrum, False, [(y, postgate)], p, mats)
-        ctx.save_for_backward(u, k, pregate, postgate)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (u, k, pregate, postgate), needs, grads = backward_inputs(ctx)
+        if ctx.spectrum is None or torch.is_grad_enabled():  # as kernels.fft_torch.FFTConv
+            ctx.spectrum = None
+            return reference_grads(reference, ctx.saved_tensors, ctx.needs_input_grad, gy)
+        (u, k, pregate, postgate), needs, grads = backward_inputs(ctx, contiguous=True)
+        u, pregate, postgate = (_contiguous(x) for x in (u, pregate, postgate))
         B, H, L = u.shape
         K = k.shape[-1]
         p = plan(fft_size(L, K), u.dtype)
@@ -694,6 +701,20 @@ def _sum_partial(partial: torch.Tensor | None) -> torch.Tensor | None:
     if partial is None:
         return None
     return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
+def interpreted() -> bool:
+    """Whether these kernels run in Triton's interpreter (TRITON_INTERPRET=1 when they were
+    defined), so on CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_forward_kernel, InterpretedFunction)
+
+
+def reference(u, k, pregate, postgate) -> torch.Tensor:
+    """The Triton Functions' result in plain torch ops (k with D folded in), which a double
+    backward differentiates (kernels.double_backward)."""
+    return conv_reference(u, k, None, pregate, postgate)
 
 
 def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:

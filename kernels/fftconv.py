@@ -131,19 +131,34 @@ def _triton_blocked(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return blocked_conv(v, k, piece, MAX_FUSED_FFT)
 
 
+def _check_triton(u: torch.Tensor, float64: bool) -> None:
+    """A ValueError where the triton backend cannot run u: fp64, or a CPU tensor outside
+    Triton's interpreter (which Triton reads when the kernels are defined, on first use)."""
+    if float64:
+        raise ValueError("fftconv: the triton backend computes in fp32; use torch for float64")
+    from kernels.fft_triton import interpreted
+
+    if not u.is_cuda and not interpreted():
+        raise ValueError(
+            f"fftconv: the triton backend needs CUDA tensors, got {u.device.type} ones (CPU "
+            "tensors run under TRITON_INTERPRET=1, set before the first triton call)"
+        )
+
+
 def _check_shapes(u, k, D, pregate, postgate) -> tuple[int, int, int, int]:
     """(B, H, L, G) of valid inputs; a ValueError naming the bad one otherwise."""
     for name, x in (("u", u), ("k", k), ("D", D), ("pregate", pregate), ("postgate", postgate)):
         # An integer u came back rounded and as integers; a complex one lost its imaginary part.
-        if x is not None and not x.is_floating_point():
-            raise ValueError(f"fftconv: {name} must be a real floating tensor, got {x.dtype}")
+        if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"fftconv: {name} must be a real floating tensor, got {got}")
     for name, g in (("pregate", pregate), ("postgate", postgate)):
         # A wider gate would widen the output (or fail in the direct methods).
         if g is not None and g.dtype != u.dtype:
             raise ValueError(f"fftconv: {name} must have u's dtype {u.dtype}, got {g.dtype}")
     shape = u.shape
-    if len(shape) != 3 or shape[2] < 1:
-        raise ValueError(f"fftconv: u must be [B, H, L>=1], got shape {tuple(shape)}")
+    if len(shape) != 3 or shape[1] < 1 or shape[2] < 1:
+        raise ValueError(f"fftconv: u must be [B, H>=1, L>=1], got shape {tuple(shape)}")
     B, H, L = shape
     G = k.shape[0] if k.dim() == 2 and k.shape[1] >= 1 else 0
     if not G or H % G:
@@ -200,8 +215,8 @@ def fftconv(
     elif backend not in _BACKENDS:
         raise ValueError(f"fftconv: unknown backend {backend!r}; available: {list(_BACKENDS)}")
     float64 = u.dtype == torch.float64
-    if backend == "triton" and float64:
-        raise ValueError("fftconv: the triton backend computes in fp32; use torch for float64")
+    if backend == "triton":
+        _check_triton(u, float64)
     methods = METHODS if backend == "torch" else TRITON_METHODS
     if method is None:
         method = choose_method(B, L, K, backend)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from kernels.double_backward import reference_grads
+
 DISCRETIZATIONS = ("zoh", "bilinear")
 
 
@@ -61,6 +63,8 @@ def s4d_kernel(
 
     Args: dt [H]; A, B, C [H, N] complex (B may be None); L >= 1 kernel length.
     """
+    if L < 1:
+        raise ValueError(f"s4d_kernel: the kernel length L must be >= 1, got {L}")
     return S4DKernel.apply(dt, A, B, C, L, method)
 
 
@@ -118,6 +122,9 @@ class S4DKernel(torch.autograd.Function):
     def backward(ctx, g):
         dt, A, B, C, cb, p, w, y, E = ctx.saved_tensors
         L, P = ctx.L, ctx.P
+        if torch.is_grad_enabled():  # create_graph=True: kernels.double_backward
+            inputs = (dt, A, B, C, L, ctx.method)
+            return reference_grads(_kernel_reference, inputs, ctx.needs_input_grad, g)
         H, PQ, N = E.shape
         Q = PQ - P
         with torch.autocast(g.device.type, enabled=False):
@@ -164,6 +171,16 @@ class S4DKernel(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _kernel_reference(dt, A, B, C, L: int, method: str) -> torch.Tensor:
+    """s4d_kernel's result [H, L] in plain torch ops (the whole [H, L, N] Vandermonde matrix),
+    which a double backward differentiates (kernels.double_backward)."""
+    _, dB = s4d_discretize(dt, A, B, method)
+    lags = torch.arange(L, dtype=dt.dtype, device=dt.device)[:, None]
+    z_re, z_im = _powers_at(log_dA(dt, A, method), lags, L - 1)  # dA^l: [H, L, N]
+    w = C * dB
+    return 2 * (z_re * w.real[:, None] - z_im * w.imag[:, None]).sum(-1)
 
 
 def _pairs(z: torch.Tensor) -> torch.Tensor:

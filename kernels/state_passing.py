@@ -54,6 +54,8 @@ def ssm_chunked_conv(
     """
     if chunk < 1:
         raise ValueError(f"ssm_chunked_conv: chunk must be >= 1, got {chunk}")
+    if u.dim() != 3 or u.shape[-1] < 1:
+        raise ValueError(f"ssm_chunked_conv: u must be [B, H, L>=1], got shape {tuple(u.shape)}")
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     L = u.shape[-1]
     T = min(chunk, L)

@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.double_backward import reference_grads
 from kernels.fft_torch import backward_inputs
-from kernels.fft_triton import DOT_PRECISION, _contiguous, _or, store_signal_grads
+from kernels.fft_triton import DOT_PRECISION, _contiguous, _or, reference, store_signal_grads
 
 
 class Tiles(NamedTuple):
@@ -182,6 +183,7 @@ class TritonToeplitzConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, pregate, postgate):
+        ctx.save_for_backward(u, k, pregate, postgate)  # as given: see TritonFFTConv.forward
         B, H, L = u.shape
         u, k, pregate, postgate = (_contiguous(x) for x in (u, k, pregate, postgate))
         t = tiles(B, L, k.shape[-1])
@@ -191,12 +193,16 @@ class TritonToeplitzConv(torch.autograd.Function):
             BT=t.BT, BN=t.BN, HAS_PRE=pregate is not None, HAS_POST=postgate is not None,
             P=DOT_PRECISION[u.dtype],
         )  # fmt: skip
-        ctx.save_for_backward(u, k, pregate, postgate)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(ctx)
+        if torch.is_grad_enabled():  # create_graph=True: kernels.double_backward
+            return reference_grads(reference, ctx.saved_tensors, ctx.needs_input_grad, gy)
+        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(
+            ctx, contiguous=True
+        )
+        u, k, pregate, postgate = (_contiguous(x) for x in (u, k, pregate, postgate))
         need_u, need_k, need_pre, need_post = needs
         B, H, L = u.shape
         K = k.shape[-1]

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 pytest.importorskip("triton")
 
-from test_kernels import direct_conv, make_inputs  # noqa: E402
+from test_kernels import direct_conv, make_inputs, second_order_grads  # noqa: E402
 
 import kernels.blocked  # noqa: E402
 from kernels import fft_triton, fftconv  # noqa: E402
@@ -253,6 +253,46 @@ def test_triton_toeplitz_beyond_fused_size():
     """The Toeplitz kernel has no length limit: L past the fused FFT size, a short filter."""
     args = make_inputs(1, 1, 17000, 3, torch.float32)
     check_against_oracle(args, 1e-4, backend="triton", method="toeplitz")
+
+
+def strided(conv, u_blh, k, D, pregate, post_row):
+    """conv on a transposed u (a layer's [B, L, H] activations) and an expanded postgate, as
+    a function of contiguous leaves: the kernels take contiguous copies and must write every
+    gradient laid out as they read it."""
+    B, L, H = u_blh.shape
+    return conv(u_blh.transpose(1, 2), k, D, pregate, post_row.expand(B, H, L))
+
+
+@pytest.mark.parametrize("method", ["fft", "toeplitz"])
+def test_triton_strided_inputs(method):
+    u, k, D, pre, post = make_inputs(2, 3, 40, 40, torch.float32)
+    args = [u.detach().transpose(1, 2).contiguous().requires_grad_(), k, D, pre, post[:1]]
+    got = strided(lambda *a: fftconv(*a, backend="triton", method=method), *args)
+    want = strided(direct_conv, *args)
+    assert_close_scaled(got, want, 1e-4)
+    gy = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(
+        torch.autograd.grad(got, args, gy), torch.autograd.grad(want, args, gy.double())
+    ):
+        assert_close_scaled(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("method", ["fft", "toeplitz"])
+def test_triton_double_backward(method):
+    """create_graph=True: the Functions differentiate a torch reference of their forward pass
+    (kernels.double_backward) instead of returning gradients cut off from the inputs; and the
+    fused FFT's second backward through a retained graph recomputes the same way."""
+    args = [
+        a.detach().to(DEVICE).requires_grad_() for a in make_inputs(2, 2, 17, 12, torch.float32)
+    ]
+    got = second_order_grads(lambda *a: fftconv(*a, backend="triton", method=method), args)
+    want = second_order_grads(direct_conv, args)
+    for a, b in zip(got, want):
+        assert_close_scaled(a, b, 1e-4)
+    y = fftconv(*args, backend="triton", method=method).sum()
+    first = torch.autograd.grad(y, args, retain_graph=True)
+    for a, b in zip(torch.autograd.grad(y, args), first):
+        assert_close_scaled(a, b, 1e-6)
 
 
 @pytest.mark.parametrize("method", ["fft", "toeplitz"])

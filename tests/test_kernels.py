@@ -12,6 +12,7 @@ from kernels import (
     s4d_discretize,
     s4d_kernel,
     shift_kernel,
+    ssm_chunked_conv,
 )
 from kernels.fft_sizes import next_fast_len
 from kernels.fftconv import METHODS, choose_method
@@ -199,12 +200,42 @@ def test_fft_kept_workspace_float64():
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_fft_second_backward_is_a_clear_error():
-    u, k, D, pre, post = make_inputs(1, 2, 64, 64, torch.float64)
-    y = fftconv(u, k, D, pre, post, method="fft").sum()
+def second_order_grads(conv, args):
+    """Gradients of a gradient penalty: |d(y . gy)/d args|^2 differentiated again, with respect
+    to every input (create_graph=True through conv)."""
+    y = conv(*args)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    present = [a for a in args if a is not None]
+    first = torch.autograd.grad(y, present, gy, create_graph=True)
+    return torch.autograd.grad(sum((g**2).sum() for g in first), present)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_double_backward_float64(method):
+    """create_graph=True through each method, against autograd through the conv1d oracle: the
+    hand-written backward passes fall back to a differentiable reference (the fft method's
+    second derivatives in k, D and the gates were silently dropped before)."""
+    args = make_inputs(2, 3, 20, 12, torch.float64)
+    got = second_order_grads(lambda *a: fftconv(*a, method=method), args)
+    want = second_order_grads(direct_conv, args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_fft_second_backward_through_retained_graph():
+    """The first backward frees the fft method's kept spectra; a second one (retain_graph, as
+    torch.autograd.functional.jacobian does) recomputes by the reference and agrees."""
+    args = make_inputs(1, 2, 64, 64, torch.float64)
+    y = fftconv(*args, method="fft").sum()
     y.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second backward"):
-        y.backward()
+    first = [a.grad.clone() for a in args]
+    y.backward()
+    for a, g in zip(args, first):
+        torch.testing.assert_close(a.grad, 2 * g, rtol=1e-12, atol=1e-12)
+    u, k = (a.detach() for a in args[:2])
+    jacobian = torch.autograd.functional.jacobian(lambda k: fftconv(u, k, method="fft"), k)
+    want = torch.autograd.functional.jacobian(lambda k: direct_conv(u, k), k)
+    torch.testing.assert_close(jacobian, want, rtol=1e-10, atol=1e-10)
 
 
 def test_method_choice():
@@ -251,7 +282,9 @@ def test_filter_longer_than_sequence_is_truncated():
         (lambda u, k: (u, k[:2]), "k must be"),  # 2 filters cannot be shared by 3 channels
         (lambda u, k: (u, k, torch.ones(7)), "D must be"),
         (lambda u, k: (u, k, None, u[:, :1]), "pregate must match"),
-        (lambda u, k: (u[..., :0], k), r"u must be \[B, H, L>=1\]"),
+        (lambda u, k: (u[..., :0], k), r"u must be \[B, H>=1, L>=1\]"),
+        (lambda u, k: (u[:, :0], k[:0]), r"u must be \[B, H>=1, L>=1\]"),  # not "k must be"
+        (lambda u, k: (u, k.tolist()), "k must be a real floating tensor, got list"),
         # Integers came back rounded, complex numbers without their imaginary part.
         (lambda u, k: (u.long(), k), "u must be a real floating tensor, got torch.int64"),
         (lambda u, k: (u, k.cfloat()), "k must be a real floating tensor"),
@@ -424,9 +457,38 @@ def test_s4d_powers_flush_denormals_float32(method):
         torch.testing.assert_close(a.to(b.dtype), b, rtol=0, atol=1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("method", ["zoh", "bilinear"])
+def test_s4d_kernel_second_derivatives_float64(method):
+    """create_graph=True through s4d_kernel (its backward then differentiates the plain
+    Vandermonde sum) against finite differences of the first derivatives."""
+    g = torch.Generator().manual_seed(3)
+    H, N, L = 2, 3, 7
+    dt = (torch.rand(H, generator=g, dtype=torch.float64) * 0.1 + 0.01).requires_grad_()
+    A = torch.complex(
+        -torch.rand(H, N, generator=g, dtype=torch.float64) - 0.05,
+        torch.randn(H, N, generator=g, dtype=torch.float64),
+    ).requires_grad_()
+    B, C = (
+        torch.randn(H, N, generator=g, dtype=torch.complex128).requires_grad_() for _ in range(2)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda dt, A, B, C: s4d_kernel(dt, A, B, C, L, method), (dt, A, B, C)
+    )
+
+
 def test_s4d_bad_method():
     with pytest.raises(ValueError, match="discretization"):
         s4d_discretize(torch.ones(1), torch.ones(1, 1, dtype=torch.complex64), None, "euler")
+
+
+def test_empty_length_errors():
+    """Length 0 is a one-line error naming it, not an isqrt or modulo error from inside."""
+    dt, A = torch.rand(2), torch.complex(-torch.rand(2, 3), torch.randn(2, 3))
+    C = torch.randn(2, 3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="s4d_kernel: the kernel length L must be >= 1, got 0"):
+        s4d_kernel(dt, A, None, C, 0)
+    with pytest.raises(ValueError, match=r"ssm_chunked_conv: u must be \[B, H, L>=1\]"):
+        ssm_chunked_conv(torch.randn(2, 2, 0), dt, A, None, C, None, 4)
 
 
 def test_shift_kernel_equals_matrix_power():
@@ -461,6 +523,8 @@ def test_gelu_tanh_matches_torch_float64():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     x = (torch.randn(20, dtype=torch.float64) * 4).requires_grad_()
     assert torch.autograd.gradcheck(gelu_tanh, x)
+    # Second derivatives (create_graph=True): the backward's saved sigmoid is no constant.
+    assert torch.autograd.gradgradcheck(gelu_tanh, x)
 
 
 def test_gelu_tanh_float32_accuracy_and_large_inputs():
