@@ -25,6 +25,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed, 0 .. 2^64 - 1 (what a torch.Generator takes; the configs' seed range)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^64 - 1], got {value}")
+    return value
+
+
 def _cmd_train(args) -> int:
     from sandbox.train import train
 
@@ -275,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-files", nargs="+", metavar="FILE", help="files whose documents are the val split"
     )
     p.add_argument("--workers", type=_positive_int, help="tokenizer processes (default: CPUs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the val hash (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the val hash (default 0)")
     p.add_argument(
         "--chunk-docs", type=_positive_int, default=1024, help="lines per work unit (default 1024)"
     )
@@ -313,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=_positive_int, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling: keep probability mass p")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     p.add_argument(
         "--config",
         help="the pretrain config of a released H3 checkpoint, e.g. configs/pretrain/h3-125m.yaml",

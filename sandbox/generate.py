@@ -124,6 +124,16 @@ def generate(
         check_float(OWNER, "top_p", top_p, -math.inf, math.inf)  # a number: the type's message
         if not 0 < top_p <= 1:
             raise ValueError(f"{OWNER}: top_p must be in (0, 1], got {top_p}")
+    vocab = model.embedding.num_embeddings
+    if vocab_size is not None and check_int(OWNER, "vocab_size", vocab_size) > vocab:
+        raise ValueError(f"{OWNER}: vocab_size must be <= {vocab} (the model's), got {vocab_size}")
+    if prompt_ids.numel():
+        lo, hi = int(prompt_ids.min()), int(prompt_ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{OWNER}: prompt token id {bad} is outside the model's 0 .. {vocab - 1}"
+            )
     T = prompt_ids.shape[1]
     # The last new token is never fed back, so positions reach T + max_new_tokens - 2. Checked
     # before decoding starts (Hyena's max_len used to run out after the prompt pass).

@@ -50,6 +50,14 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def remove_stale_temps(directory: Path) -> None:
+    """Delete the temp files of atomic_write calls killed before their rename (a checkpoint
+    with optimizer state each: disk that nothing would free) from a run directory, whose one
+    writer is the caller."""
+    for tmp in directory.glob(".*.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
@@ -129,9 +137,21 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as e:  # not safetensors, truncated, or not one of ours: one line
         kind = type(e).__name__
         raise ValueError(f"{str(path)!r} is not a sandbox checkpoint ({kind})") from None
+    try:
+        return _unpack(tensors, meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # another safetensors layout
+        raise ValueError(f"{str(path)!r} is not a sandbox checkpoint ({e})") from None
+
+
+def _unpack(tensors: dict[str, torch.Tensor], meta) -> dict:
+    """load_checkpoint's dict from the file's tensors and JSON metadata."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("info"), dict):
+        raise ValueError("no info in its metadata")
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "extra": {}}
     for key, value in tensors.items():
-        prefix, rest = key.split(".", 1)
+        prefix, _, rest = key.partition(".")
+        if prefix not in groups or not rest:
+            raise ValueError(f"tensor {key!r} is not under model., optim. or extra.")
         groups[prefix][rest if prefix != "optim" else key] = value
     optim = _join_optimizer_state(groups["optim"], meta["optim"]) if "optim" in meta else None
     return {
@@ -142,8 +162,31 @@ def load_checkpoint(path: str | Path) -> dict:
     }
 
 
+def load_resume_checkpoint(path: Path, info: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict:
+    """load_checkpoint for --resume: a one-line ValueError unless the file holds optimizer
+    state and the ``info`` and ``extra`` entries the command resumes from (another command's
+    checkpoint, or final weights copied into its place, would fail later with a KeyError)."""
+    ckpt = load_checkpoint(path)
+    lacks = [k for k in info if k not in ckpt["info"]]
+    lacks += [f"extra.{k}" for k in extra if k not in ckpt["extra"]]
+    lacks += ["optimizer state"] if ckpt["optim"] is None else []
+    if lacks:
+        raise ValueError(
+            f"--resume: {str(path)!r} is not a checkpoint of this command (no {', '.join(lacks)})"
+        )
+    return ckpt
+
+
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load weights saved by save_checkpoint (tied copies may be missing from the file)."""
+    """Load weights saved by save_checkpoint (tied copies may be missing from the file); a
+    one-line ValueError where they do not fit the model."""
+    wanted = model.state_dict()
+    for name, t in state.items():
+        if name in wanted and t.shape != wanted[name].shape:
+            raise ValueError(
+                f"checkpoint does not match the model: {name} has shape {list(t.shape)}, the "
+                f"model's {list(wanted[name].shape)}"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - set(
         n for n, _ in model.named_parameters()

@@ -39,7 +39,9 @@ from sandbox.io import (
     atomic_write_text,
     load_checkpoint,
     load_model_weights,
+    load_resume_checkpoint,
     make_dir,
+    remove_stale_temps,
     save_state,
 )
 from sandbox.model import LanguageModel
@@ -279,13 +281,15 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
     if resume and (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())  # finished already
     distributed.barrier(d)  # every process has checked the directory before rank 0 writes to it
+    if resume and d.main:
+        remove_stale_temps(out)
 
     model = build_model(config)
     fpt = flops_per_token(model, config.data.seq_len)
     metrics_path, ckpt_path = out / "metrics.jsonl", out / CHECKPOINT
     step, wall_s, ckpt, logged = 0, 0.0, None, []
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_resume_checkpoint(ckpt_path, info=("step", "wall_s"))
         load_model_weights(model, ckpt["model"])
         step, wall_s = ckpt["info"]["step"], ckpt["info"]["wall_s"]
         if d.main:

@@ -29,7 +29,9 @@ from sandbox.io import (
     atomic_write_text,
     load_checkpoint,
     load_model_weights,
+    load_resume_checkpoint,
     make_dir,
+    remove_stale_temps,
     save_checkpoint,
 )
 from sandbox.model import LanguageModel
@@ -238,6 +240,8 @@ def train(
     check_run_dir(out, config, resume)
     if resume and (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())  # finished already
+    if resume:
+        remove_stale_temps(out)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -260,7 +264,7 @@ def train(
     metrics_path = out / "metrics.jsonl"
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_resume_checkpoint(ckpt_path, info=("progress",), extra=("torch_rng",))
         load_model_weights(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["extra"]["torch_rng"])

@@ -152,12 +152,17 @@ def test_eos_and_vocab_limit():
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"top_p": "0.5"}, "top_p must be a number"),
         ({"max_new_tokens": MAX_LEN}, "max_seq_len"),  # learned positions run out
+        ({"vocab_size": VOCAB + 1}, f"vocab_size must be <= {VOCAB}"),
+        ({"vocab_size": 0}, "vocab_size must be >= 1"),
+        # Ids outside the embedding were an IndexError from inside the model.
+        ({"prompt_ids": torch.tensor([[1, VOCAB]])}, f"prompt token id {VOCAB} is outside"),
+        ({"prompt_ids": torch.tensor([[-1, 2]])}, "prompt token id -1 is outside"),
     ],
 )
 def test_generate_rejects_bad_arguments(kwargs, message):
     model = make_model(**HYBRID)
     with pytest.raises(ValueError, match=message):
-        generate(model, prompts(), **{"max_new_tokens": 3, **kwargs})
+        generate(model, **{"prompt_ids": prompts(), "max_new_tokens": 3, **kwargs})
     with pytest.raises(ValueError, match="prompt_ids"):
         generate(model, prompts()[:, :0], 3)
 
@@ -417,3 +422,10 @@ def test_cli_generate_rejects_files_that_are_not_pretrain_checkpoints(tmp_path, 
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
         assert path.read_bytes() == before
+    # A seed a torch.Generator cannot take: named, not torch's "Overflow when unpacking long".
+    for seed in ("-5", str(2**64)):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", str(text), "--prompt", "hi", "--seed", seed])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2
+        assert "argument --seed: expected an integer in [0, 2^64 - 1]" in err and "\n" not in err

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from sandbox.cli import main
 from sandbox.config import build_config
@@ -223,6 +224,40 @@ def test_cli_out_that_cannot_be_made_exits_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert f"--out '{bad}': cannot make the directory" in err and len(err.splitlines()) == 1
     assert a_file.read_text() == "keep"
+
+
+def test_resume_refuses_checkpoints_it_cannot_continue(tmp_path, capsys):
+    """--resume from a checkpoint of another model, from final weights copied into its place,
+    or from a safetensors file of another layout: one line naming the problem and exit 2 (were
+    tracebacks: a size mismatch, None optimizer state, KeyError), the run directory untouched.
+    A temp file left by a kill mid-write goes at the next resume."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny(epochs=1).model_dump(mode="json")))
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
+    assert main(["train", str(config), "model.d_model=8", "--out", str(other), "--quiet"]) == 0
+    for name in ("result.json", "model.safetensors"):  # as if killed before the end
+        (run / name).unlink()
+    ckpt = run / "checkpoint.safetensors"
+    original = ckpt.read_bytes()
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"encoder.weight": torch.zeros(2)}, foreign, metadata={"json": '{"info": {}}'})
+    for source, message in [
+        (other / "checkpoint.safetensors", "checkpoint does not match the model: "),
+        (run / "best.safetensors", "is not a checkpoint of this command (no progress, "),
+        (foreign, "is not a sandbox checkpoint (tensor 'encoder.weight'"),
+    ]:
+        ckpt.write_bytes(source.read_bytes())
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        assert main(["train", str(config), "--out", str(run), "--resume", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    ckpt.write_bytes(original)
+    stale = run / ".checkpoint.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert main(["train", str(config), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert not stale.exists() and (run / "result.json").exists()
 
 
 def test_truncate_metrics_drops_later_records_and_a_torn_line(tmp_path):
