@@ -2,12 +2,13 @@
 
 trials.csv       one row per trial: number, state, value (the objective, the run's validation
                  accuracy; for a pruned trial its last reported one), the retried trial,
-                 one column per parameter path, test accuracy, steps, wall_s, run_dir, ...
+                 one column per parameter path, test accuracy, steps, wall_s, run_dir, ...;
+                 an empty parameter cell: the trial never sampled it, None: the choice None
 best_config.yaml the best complete trial's full run config (`sandbox train` takes it as is)
 history.png      objective by trial number, and the best so far
-importances.png  parameter importances (Optuna's default evaluator), with >= 2 parameters
-                 shared by >= 4 complete trials
-variants.png     objective by value of each categorical or integer parameter
+importances.png  parameter importances (Optuna's default evaluator, PED-ANOVA), with >= 2
+                 parameters shared by >= 4 complete trials
+variants.png     objective by value of each categorical or integer parameter (variant_points)
 Every file is written atomically.
 """
 
@@ -50,7 +51,7 @@ def load_sweep_study(
         if not (Path(out) / "study.db").exists():
             raise ConfigError(f"no study database at {Path(out) / 'study.db'}")
         storage = default_storage(Path(out))
-    rdb = make_storage(storage)
+    rdb = make_storage(storage, create=False)
     names = optuna.get_all_study_names(rdb)
     if study_name is None:
         if len(names) != 1:
@@ -73,7 +74,8 @@ def trial_rows(study: optuna.Study) -> list[dict]:
             "datetime_start": t.datetime_start,
             "duration_s": t.duration.total_seconds() if t.duration is not None else None,
         }
-        row.update(t.params)
+        # pandas writes None as an empty cell, which already means "not sampled".
+        row.update({p: "None" if v is None else v for p, v in t.params.items()})
         row.update({key: t.user_attrs.get(key) for key in ATTR_COLUMNS})
         rows.append(row)
     return rows
@@ -132,24 +134,34 @@ def _importances(study: optuna.Study, path: Path) -> bool:
     return True
 
 
-def tick_labels(values, spec: dict):
-    """A discrete parameter's values (a pandas Series without NaN) as the labels of its
-    ticks: the choice each equals, or the integer. A trial without the parameter (one queued
-    or failed before sampling) makes the column float, and 1.0 would miss the tick "1", so
-    seaborn drew none of the points."""
-    if spec["type"] == "categorical":
-        return values.map(lambda v: next((str(c) for c in spec["choices"] if c == v), str(v)))
-    return values.map(lambda v: str(int(v)))
+def variant_points(study: optuna.Study, param: str):
+    """The points of `param`'s strip plot: a DataFrame with a row (number, state, value,
+    `param` as the tick label str(choice)) per finished trial that sampled `param`.
+
+    Read from the trials, not from a DataFrame of trial_rows: there a trial without the
+    parameter (queued or failed before sampling) is NaN, which turns an integer column float
+    (1.0 misses the tick "1") and looks like a null choice to notna()."""
+    import pandas as pd
+
+    rows = [
+        {"number": t.number, "state": t.state.name, "value": t.value, param: str(t.params[param])}
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if param in t.params
+    ]
+    return pd.DataFrame(rows, columns=["number", "state", "value", param])
 
 
-def _variants(df, study: optuna.Study, path: Path) -> bool:
+def _variants(study: optuna.Study, path: Path) -> bool:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     space = study.user_attrs.get(SPACE_ATTR, {}).get("params", {})
-    discrete = [p for p, spec in space.items() if spec["type"] in ("categorical", "int")]
-    done = df[df.state.isin(["COMPLETE", "PRUNED"])]
-    discrete = [p for p in discrete if p in done and done[p].notna().any()]
+    points = {
+        p: variant_points(study, p)
+        for p, spec in space.items()
+        if spec["type"] in ("categorical", "int")
+    }
+    discrete = [p for p, shown in points.items() if len(shown)]
     if not discrete:
         return False
     cols = min(4, len(discrete))
@@ -160,9 +172,9 @@ def _variants(df, study: optuna.Study, path: Path) -> bool:
     for i, (ax, param) in enumerate(zip(axes.flat, discrete)):
         spec = space[param]
         order = [str(c) for c in spec["choices"]] if spec["type"] == "categorical" else None
-        kept = done[done[param].notna()]
-        shown = kept.assign(**{param: tick_labels(kept[param], spec)})
-        sns.stripplot(data=shown, x=param, y="value", hue="state", order=order, ax=ax, jitter=0.15)
+        sns.stripplot(
+            data=points[param], x=param, y="value", hue="state", order=order, ax=ax, jitter=0.15
+        )
         ax.set(ylabel="validation accuracy")
         ax.tick_params(axis="x", labelrotation=20)
         if i:
@@ -195,6 +207,6 @@ def write_report(study: optuna.Study, out: str | Path) -> list[Path]:
     written.append(out / "history.png")
     if _importances(study, out / "importances.png"):
         written.append(out / "importances.png")
-    if _variants(df, study, out / "variants.png"):
+    if _variants(study, out / "variants.png"):
         written.append(out / "variants.png")
     return written

@@ -76,6 +76,20 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{(out / 'study.db').resolve()}"
 
 
+def _sqlite_file(url: str) -> str | None:
+    """The file of an SQLite URL; None for another database, an in-memory one or a URL that
+    does not parse (SQLAlchemy then reports it)."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return parsed.database
+    return None
+
+
 def _safe_url(url: str) -> str:
     """The URL without its password, an SQLite file's path made absolute (the directory's
     owner record then names one database however the URL was written)."""
@@ -85,16 +99,20 @@ def _safe_url(url: str) -> str:
         parsed = sqlalchemy.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return url
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+    if _sqlite_file(url):
         parsed = parsed.set(database=str(Path(parsed.database).resolve()))
     return parsed.render_as_string(hide_password=True)
 
 
-def make_storage(url: str, heartbeat_s: int | None = None) -> RDBStorage:
-    """An RDB storage (any SQLAlchemy URL); with heartbeats when heartbeat_s is given."""
+def make_storage(url: str, heartbeat_s: int | None = None, create: bool = True) -> RDBStorage:
+    """An RDB storage (any SQLAlchemy URL); with heartbeats when heartbeat_s is given. Without
+    ``create``, an SQLite URL must name an existing file (opening one creates it: a mistyped
+    path would leave an empty database behind that later commands take for a sweep's)."""
     import sqlalchemy
 
     sqlite = url.startswith("sqlite")
+    if sqlite and not create and not Path(_sqlite_file(url) or ".").exists():
+        raise ConfigError(f"--storage {_safe_url(url)}: no such database file")
     # SQLite: wait for the file lock instead of failing when several workers write at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     heartbeat = {}
@@ -343,6 +361,8 @@ def run_sweep(
         raise ConfigError("give a SPACE file, or --study (and --storage) to join a study")
     if jobs < 1 or heartbeat_s < 1 or (n_trials is not None and n_trials < 1):
         raise ConfigError("--trials, --jobs and --heartbeat must be >= 1")
+    if worker < 0:
+        raise ConfigError(f"--worker-index must be >= 0, got {worker}")
     space = load_space(space_path) if space_path else None
     study_name = study_name or Path(space_path).stem
     out = Path(out) if out else Path("runs") / "sweeps" / study_name
@@ -352,7 +372,8 @@ def run_sweep(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # workers print their own lines
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study, space = open_study(make_storage(url, heartbeat_s), study_name, space, worker)
+        rdb = make_storage(url, heartbeat_s, create=space is not None)
+        study, space = open_study(rdb, study_name, space, worker)
         _claim_out_dir(out, url, study_name, claim=True)
         n = n_trials or space.trials
         if jobs > 1:

@@ -1,6 +1,7 @@
 """Optuna sweeps: spaces, worker processes sharing a study (SQLite and PostgreSQL), crash
 recovery with a real SIGKILL, the report, and re-training the exported best config."""
 
+import csv
 import datetime
 import glob
 import json
@@ -18,11 +19,19 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from optuna.trial import FrozenTrial, TrialState
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from sandbox.cli import main
 from sandbox.config import load_config
-from sweeps.runner import FINISHED, default_storage, is_surplus, make_storage, origin
+from sweeps.runner import (
+    FINISHED,
+    SPACE_ATTR,
+    default_storage,
+    is_surplus,
+    make_storage,
+    origin,
+)
 from sweeps.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,10 +158,20 @@ def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys,
     # OUT/trials/<n> belongs to one study.
     assert main(["sweep", str(sqlite_sweep["space"]), "--study", "other", "--out", str(out)]) == 2
     assert "another study" in capsys.readouterr().err
-    # A command that fails on its study name leaves a fresh --out unclaimed.
+    # A command that fails on its study name leaves a fresh --out unclaimed, and no empty
+    # database that a later sweep-report would take for the sweep's.
     fresh = tmp_path / "fresh"
     assert main(["sweep", "--study", "tinyy", "--out", str(fresh)]) == 2
-    assert "not found" in capsys.readouterr().err and not (fresh / "sweep.json").exists()
+    assert "no such database file" in capsys.readouterr().err
+    assert not (fresh / "sweep.json").exists() and not (fresh / "study.db").exists()
+    assert main(["sweep", "--storage", storage, "--study", "tinyy", "--out", str(fresh)]) == 2
+    assert "study 'tinyy' not found" in capsys.readouterr().err
+    typo = tmp_path / "typo.db"
+    assert main(["sweep-report", "--storage", f"sqlite:///{typo}", "--out", str(report)]) == 2
+    assert "no such database file" in capsys.readouterr().err and not typo.exists()
+    # A negative worker index named (was numpy's "expected non-negative integer").
+    assert main(["sweep", *args, "--worker-index", "-1"]) == 2
+    assert "--worker-index must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_killed_worker_trial_is_retried_and_study_completes(tmp_path, capsys):
@@ -203,21 +222,55 @@ def _trial(number, state, *, failed=None, user=None, ago=0.0, history=()):
     return FrozenTrial(number, state, value, now, done, {}, {}, user or {}, system, {}, number)
 
 
-def test_variant_ticks_survive_a_trial_without_the_parameter():
-    import pandas as pd
+def test_variants_and_trials_csv_keep_a_none_choice_apart_from_not_sampled(tmp_path):
+    from sweeps.report import variant_points, write_report
 
-    from sweeps.report import tick_labels
+    # The space a YAML `choices: [null, true]` makes, and an integer parameter.
+    dists = {
+        "model.pos_emb": CategoricalDistribution([None, True]),
+        "model.n_layers": IntDistribution(1, 8),
+    }
+    specs = {
+        "model.pos_emb": {"type": "categorical", "choices": [None, True]},
+        "model.n_layers": {"type": "int", "low": 1, "high": 8},
+    }
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(SPACE_ATTR, {"params": specs})
+    C, P, F, W = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.WAITING
+    for state, value, params in [
+        (C, 0.5, {"model.pos_emb": None, "model.n_layers": 1}),
+        (C, 0.75, {"model.pos_emb": True, "model.n_layers": 8}),
+        (P, 0.25, {"model.pos_emb": None, "model.n_layers": 2}),
+        (F, None, {"model.pos_emb": None}),  # failed after sampling: not finished
+        (W, None, {}),  # queued: samples nothing yet
+    ]:
+        used = {p: dists[p] for p in params}
+        # The run config the runner stores: write_report exports the best trial's.
+        config = {"task": {"name": "associative_recall"}}
+        study.add_trial(
+            create_trial(
+                state=state,
+                value=value,
+                params=params,
+                distributions=used,
+                user_attrs={"config": config},
+            )
+        )
 
-    # One queued trial (NaN) turns the column float: 1.0 must still be the tick "1".
-    column = pd.Series([1, 8, None, 2])
-    kept = column[column.notna()]
-    assert list(tick_labels(kept, {"type": "categorical", "choices": [1, 2, 8]})) == ["1", "8", "2"]
-    assert list(tick_labels(kept, {"type": "int"})) == ["1", "8", "2"]
-    names = pd.Series(["diag", "shift"])
-    assert list(tick_labels(names, {"type": "categorical", "choices": ["shift", "diag"]})) == [
-        "diag",
-        "shift",
+    points = variant_points(study, "model.pos_emb")
+    assert points.values.tolist() == [
+        [0, "COMPLETE", 0.5, "None"],
+        [1, "COMPLETE", 0.75, "True"],
+        [2, "PRUNED", 0.25, "None"],
     ]
+    # The queued trial without the parameter does not turn 1 into the label "1.0".
+    assert variant_points(study, "model.n_layers")["model.n_layers"].tolist() == ["1", "8", "2"]
+
+    written = write_report(study, tmp_path)
+    assert tmp_path / "variants.png" in written
+    with open(tmp_path / "trials.csv", newline="") as f:
+        cells = [row["model.pos_emb"] for row in csv.DictReader(f)]
+    assert cells == ["None", "True", "None", "None", ""]
 
 
 def test_places_ordering_decides_surplus_trials():
