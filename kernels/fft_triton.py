@@ -625,12 +625,14 @@ class TritonFFTConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, pregate, postgate):
-        # The inputs as given, not their contiguous copies (made outside autograd here): a
-        # double backward differentiates through them (kernels.double_backward).
-        ctx.save_for_backward(u, k, pregate, postgate)
         n = fft_size(u.shape[-1], k.shape[-1])
         p = plan(n, u.dtype)
-        u, pregate, postgate = (_contiguous(x) for x in (u, pregate, postgate))
+        contiguous = [_contiguous(x) for x in (u, pregate, postgate)]
+        # The inputs as given (a double backward differentiates through them, and the copies
+        # are made outside autograd here), then the copies the kernels read (the inputs
+        # themselves where contiguous: saved twice at no cost).
+        ctx.save_for_backward(u, k, pregate, postgate, *contiguous)
+        u, pregate, postgate = contiguous
         y = torch.empty_like(u)
         # Kept for the backward pass: [H, n, 2] is small next to the activations it recomputes.
         ctx.spectrum = _filter_spectrum(k, n)
@@ -642,9 +644,9 @@ class TritonFFTConv(torch.autograd.Function):
     def backward(ctx, gy):
         if ctx.spectrum is None or torch.is_grad_enabled():  # as kernels.fft_torch.FFTConv
             ctx.spectrum = None
-            return reference_grads(reference, ctx.saved_tensors, ctx.needs_input_grad, gy)
-        (u, k, pregate, postgate), needs, grads = backward_inputs(ctx, contiguous=True)
-        u, pregate, postgate = (_contiguous(x) for x in (u, pregate, postgate))
+            return reference_grads(reference, ctx.saved_tensors[:4], ctx.needs_input_grad, gy)
+        (_, k, _, _), needs, grads = backward_inputs(ctx, contiguous=True)
+        u, pregate, postgate = ctx.saved_tensors[4:]
         B, H, L = u.shape
         K = k.shape[-1]
         p = plan(fft_size(L, K), u.dtype)

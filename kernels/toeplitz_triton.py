@@ -183,9 +183,10 @@ class TritonToeplitzConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, pregate, postgate):
-        ctx.save_for_backward(u, k, pregate, postgate)  # as given: see TritonFFTConv.forward
         B, H, L = u.shape
-        u, k, pregate, postgate = (_contiguous(x) for x in (u, k, pregate, postgate))
+        contiguous = [_contiguous(x) for x in (u, k, pregate, postgate)]
+        ctx.save_for_backward(u, k, pregate, postgate, *contiguous)  # see TritonFFTConv.forward
+        u, k, pregate, postgate = contiguous
         t = tiles(B, L, k.shape[-1])
         y = torch.empty_like(u)
         _forward_kernel[(H, triton.cdiv(t.ncols, t.BN))](
@@ -198,11 +199,9 @@ class TritonToeplitzConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         if torch.is_grad_enabled():  # create_graph=True: kernels.double_backward
-            return reference_grads(reference, ctx.saved_tensors, ctx.needs_input_grad, gy)
-        (u, k, pregate, postgate), needs, (g_u, g_pre, g_post) = backward_inputs(
-            ctx, contiguous=True
-        )
-        u, k, pregate, postgate = (_contiguous(x) for x in (u, k, pregate, postgate))
+            return reference_grads(reference, ctx.saved_tensors[:4], ctx.needs_input_grad, gy)
+        _, needs, (g_u, g_pre, g_post) = backward_inputs(ctx, contiguous=True)
+        u, k, pregate, postgate = ctx.saved_tensors[4:]
         need_u, need_k, need_pre, need_post = needs
         B, H, L = u.shape
         K = k.shape[-1]

@@ -100,6 +100,7 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, s
         if not path.exists():
             raise ConfigError(f"unknown preset {name_or_path!r}; available: {preset_names()}")
     data = read_yaml(path, "preset file")
+    own_paper = isinstance(data, dict) and "paper" in data
     parent_name = data.get("extends")
     if parent_name:
         if not isinstance(parent_name, str):
@@ -111,7 +112,27 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, s
         if not all(isinstance(b, dict) for b in bases):
             raise ConfigError(f"preset {path.name}: 'base' must be a mapping")
         data = {**parent, **data, "base": deep_merge(*bases)}
+    if own_paper:
+        _check_paper(data, path.name)
     return data, path.name
+
+
+def _check_paper(data: dict, name: str) -> None:
+    """A preset file's own paper cells must name its task rows and variants (or "random"): a
+    typo would leave the cell silently without its figure. Not inherited ones: a preset that
+    extends another with other variants keeps the parent's figures for those it shares."""
+    rows, variants = data.get("tasks"), data.get("variants")
+    if not all(isinstance(x, dict) for x in (data["paper"], rows, variants)):
+        return  # a wrong type: the preset's validation names it
+    for task, cells in data["paper"].items():
+        if task not in rows:
+            raise ConfigError(f"preset {name}: paper: {task!r} is not a task row {list(rows)}")
+        unknown = set(cells) - set(variants) - {"random"} if isinstance(cells, dict) else ()
+        if unknown:
+            raise ConfigError(
+                f"preset {name}: paper.{task}: {sorted(unknown)} are not variants "
+                f"{list(variants)} (or 'random')"
+            )
 
 
 def load_preset(name_or_path: str) -> ComparePreset:
@@ -122,12 +143,17 @@ def load_preset(name_or_path: str) -> ComparePreset:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"preset {name}: field {field!r}: {err['msg']}") from None
+        where = f"field {field!r}: " if field else ""  # none: the whole preset's validator
+        raise ConfigError(
+            f"preset {name}: {where}{err['msg'].removeprefix('Value error, ')}"
+        ) from None
 
 
 def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None = None) -> list[Run]:
     """Every run of the preset, each with its fully validated RunConfig."""
-    _check_row_keys(preset)
+    unknown = set(preset.test_params) - set(preset.tasks)
+    if unknown:
+        raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
     runs = []
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
@@ -163,24 +189,6 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                 "make the lr_grid values distinct"
             )
     return runs
-
-
-def _check_row_keys(preset: ComparePreset) -> None:
-    """test_params and paper name task rows, and paper's cells variants (or "random"): a typo
-    there is an error, not a cell left silently without its test params or paper figure."""
-    unknown = set(preset.test_params) - set(preset.tasks)
-    if unknown:
-        raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
-    unknown = set(preset.paper) - set(preset.tasks)
-    if unknown:
-        raise ConfigError(f"paper: {sorted(unknown)} are not task rows {list(preset.tasks)}")
-    for task, cells in preset.paper.items():
-        unknown = set(cells) - set(preset.variants) - {"random"}
-        if unknown:
-            raise ConfigError(
-                f"paper.{task}: {sorted(unknown)} are not variants {list(preset.variants)} "
-                "(or 'random')"
-            )
 
 
 def _check_saved_configs(runs: list[Run], out: Path) -> None:

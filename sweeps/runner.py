@@ -77,17 +77,18 @@ def default_storage(out: Path) -> str:
 
 
 def _sqlite_file(url: str) -> str | None:
-    """The file of an SQLite URL; None for another database, an in-memory one or a URL that
-    does not parse (SQLAlchemy then reports it)."""
+    """The file of an SQLite URL; None for another database, an in-memory one, a "file:" URI
+    (uri=true: SQLite reads its own options, such as mode=ro) or a URL that does not parse
+    (SQLAlchemy then reports it)."""
     import sqlalchemy
 
     try:
         parsed = sqlalchemy.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return parsed.database
-    return None
+    if parsed.get_backend_name() != "sqlite" or parsed.query.get("uri") in ("true", "1"):
+        return None
+    return None if parsed.database in (None, "", ":memory:") else parsed.database
 
 
 def _safe_url(url: str) -> str:

@@ -74,12 +74,6 @@ def test_preset_errors(tmp_path):
         ({"lr_grid": [1e-3, 1e-3]}, [], "make the lr_grid values distinct"),
         # The grid would replace the override's lr in every run.
         ({"lr_grid": [1e-3, 3e-3]}, ["train.lr=0.05"], "train.lr: this preset's runs take"),
-        ({"paper": {"associative_recal": {"h3": 99.8}}}, [], r"paper: \['associative_recal'\]"),
-        (
-            {"paper": {"associative_recall": {"H3": 99.8}}},
-            [],
-            r"paper.associative_recall: \['H3'\]",
-        ),
     ],
 )
 def test_preset_grid_errors(update, overrides, match):
@@ -92,6 +86,22 @@ def test_preset_grid_errors(update, overrides, match):
         update["paper"] = {}  # its cells name the shipped variants
     with pytest.raises(ConfigError, match=match):
         expand(preset.model_copy(update=update), overrides)
+
+
+@pytest.mark.parametrize(
+    "paper, match",
+    [
+        ({"associative_recal": {"h3": 99.8}}, "paper: 'associative_recal' is not a task row"),
+        ({"associative_recall": {"H3": 99.8}}, r"paper.associative_recall: \['H3'\] are not"),
+    ],
+)
+def test_preset_paper_cells_name_rows_and_variants(tmp_path, paper, match):
+    """A misspelt row or variant in a preset's own paper: is an error as it loads (its figure
+    was silently left out of the table); inherited cells need not match (see test_extends)."""
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"extends": "h3-table2", "paper": paper}))
+    with pytest.raises(ConfigError, match=match):
+        load_preset(str(path))
 
 
 def test_lr_grid_expands_and_selection_ignores_test():

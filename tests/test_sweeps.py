@@ -169,6 +169,8 @@ def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys,
     typo = tmp_path / "typo.db"
     assert main(["sweep-report", "--storage", f"sqlite:///{typo}", "--out", str(report)]) == 2
     assert "no such database file" in capsys.readouterr().err and not typo.exists()
+    read_only = f"sqlite:///file:{out / 'study.db'}?mode=ro&uri=true"  # SQLite's own URI form
+    assert main(["sweep-report", "--storage", read_only, "--out", str(report)]) == 0
     # A negative worker index named (was numpy's "expected non-negative integer").
     assert main(["sweep", *args, "--worker-index", "-1"]) == 2
     assert "--worker-index must be >= 0, got -1" in capsys.readouterr().err
