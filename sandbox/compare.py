@@ -143,10 +143,7 @@ def load_preset(name_or_path: str) -> ComparePreset:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
-        where = f"field {field!r}: " if field else ""  # none: the whole preset's validator
-        raise ConfigError(
-            f"preset {name}: {where}{err['msg'].removeprefix('Value error, ')}"
-        ) from None
+        raise ConfigError(f"preset {name}: field {field!r}: {err['msg']}") from None
 
 
 def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None = None) -> list[Run]:
