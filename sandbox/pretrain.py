@@ -88,6 +88,7 @@ def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
         index = json.loads((root / "index.json").read_text())
         name, vocab = index["tokenizer"]["name"], index["tokenizer"]["vocab_size"]
         files = {s: root / index["splits"][s]["file"] for s in ("train", "val")}
+        counts = {s: int(index["splits"][s]["tokens"]) for s in ("train", "val")}
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise DataError(
             f"data.dir {str(root)!r}: index.json is not a prepare-data index ({e!r})"
@@ -105,6 +106,12 @@ def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
         if not path.is_file():
             raise DataError(f"data.dir {str(root)!r}: the {split} split's {path.name} is missing")
     splits = {s: TokenFile(path) for s, path in files.items()}
+    for s, tokens in splits.items():
+        if len(tokens) != counts[s]:  # changed since prepare-data finished (appended, cut)
+            raise DataError(
+                f"data.dir {str(root)!r}: {files[s].name} holds {len(tokens)} tokens, "
+                f"index.json says {counts[s]}; prepare it again"
+            )
     if len(splits["train"]) <= seq:
         raise DataError(
             f"data.dir {str(root)!r}: the train split has {len(splits['train'])} tokens, "

@@ -3,6 +3,8 @@ kill + resume byte for byte, refusals, and GPT-2 ids on known strings."""
 
 from __future__ import annotations
 
+import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -184,13 +186,10 @@ def test_resume_after_interrupt_is_byte_identical(corpus, tmp_path, event, at):
     with pytest.raises(_Killed):
         _run(corpus, out, workers=1, hook=hook)
     done = at - 1 if event == "appended" else at  # chunks committed before the kill
-    if done:
-        progress = json.loads((out / "progress.json").read_text())
-        assert [f["lines"] for f in progress["files"]] == [16 * done, 0]
-        committed = sum(v["tokens"] for v in progress["splits"].values())
-    else:
-        assert not (out / "progress.json").exists()
-        committed = 0
+    progress = json.loads((out / "progress.json").read_text())  # written before any append
+    assert [f["lines"] for f in progress["files"]] == [16 * done, 0]
+    committed = sum(v["tokens"] for v in progress["splits"].values())
+    assert committed > 0 if done else committed == 0
     on_disk = sum((out / f"{s}.bin").stat().st_size for s in ("train", "val")) // 2
     assert on_disk > committed if event == "appended" else on_disk == committed  # torn append
     _run(corpus, out, workers=1)
@@ -255,6 +254,81 @@ def test_refusals_exit_2_with_one_line(corpus, tmp_path, capsys):
         argv = ["prepare-data", a, "--out", str(bad_out), "--tokenizer", "bytes", "--quiet"]
         assert "cannot make the directory" in _error(capsys, argv)
     assert a_file.read_text() == "kept"
+
+
+def test_bad_lines_are_counted_not_fatal(tmp_path, capsys):
+    """Lines json.loads fails on other than by JSONDecodeError (nesting past the recursion
+    limit, an integer past int()'s digit limit) are malformed lines like the others; a byte
+    order mark opening the file is not part of its first document."""
+    src = tmp_path / "odd.jsonl"
+    src.write_bytes(
+        b'\xef\xbb\xbf{"text": "first"}\n'
+        + b"[" * 100_000
+        + b'\n{"text": "x", "n": '
+        + b"9" * 5000
+        + b'}\n{"text": "last"}\n'
+    )
+    index = prepare_data(
+        [str(src)],
+        tmp_path / "out",
+        tokenizer="bytes",
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+        log=lambda msg: None,
+    )
+    listed = [(m["line"], m["reason"]) for m in index["malformed"]["listed"]]
+    assert listed == [(2, "bad_json"), (3, "bad_json")]
+    assert _tokens(tmp_path / "out")["train"].tolist() == [*b"first", EOS, *b"last", EOS]
+
+
+def test_inputs_with_no_document_are_refused(corpus, tmp_path, capsys):
+    """A gzip file named .jsonl, a file of malformed lines only, inputs with no document: one
+    line, exit 2, no index.json (each would have made an empty dataset)."""
+    base = ["--tokenizer", "bytes", "--quiet", "--workers", "1"]
+    packed = tmp_path / "packed.jsonl"
+    packed.write_bytes(gzip.compress(corpus["b"].read_bytes()))
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n[1]\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases = {
+        packed: "packed.jsonl is gzip-compressed",
+        junk: "junk.jsonl: no document in 2 lines",
+        empty: "no document in the inputs",
+    }
+    for i, (src, message) in enumerate(cases.items()):
+        out = tmp_path / f"out{i}"
+        assert main(["prepare-data", str(src), "--out", str(out), *base]) == 2
+        # The junk file's malformed lines are warned about first, as in any job.
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("sandbox: error:") and message in last
+        assert not (out / "index.json").exists()
+
+
+def test_foreign_or_busy_directories_are_refused(corpus, tmp_path, capsys):
+    """.bin files of no prepare-data job (a nanoGPT data directory), a damaged index.json, and a
+    directory another job holds (its flock taken here by hand): refused, nothing changed."""
+    argv = ["prepare-data", str(corpus["b"]), "--tokenizer", "bytes", "--quiet", "--out"]
+    nano = tmp_path / "nano"
+    nano.mkdir()
+    (nano / "train.bin").write_bytes(bytes(range(200)))
+    assert "holds no prepare-data job state" in _error(capsys, [*argv, str(nano)])
+    assert (nano / "train.bin").read_bytes() == bytes(range(200))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "index.json").write_text("{}")
+    assert "not a prepare-data index file" in _error(capsys, [*argv, str(damaged)])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert "another prepare-data job is writing there" in _error(capsys, [*argv, str(busy)])
+        assert os.listdir(busy) == []
+    finally:
+        os.close(fd)
+    assert main([*argv, str(busy), "--workers", "1"]) == 0  # the lock went with the fd
 
 
 @pytest.mark.parametrize("keep", [0.75, 0.25])

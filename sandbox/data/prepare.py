@@ -17,8 +17,10 @@ sees only the text and the seed, so it is the same on every rerun, resume and wo
 
 Malformed lines (invalid UTF-8, bad JSON, no string ``"text"``, a text with lone surrogates) are
 skipped and counted per file and reason; the first few are printed as warnings and the first
-``MAX_LISTED`` are listed in ``index.json`` with file and line number (1-based). Blank lines are
-skipped silently.
+``MAX_LISTED`` are listed in ``index.json`` with file and line number (1-based). Blank lines and a
+UTF-8 byte order mark opening a file are skipped silently. A file that yields no document but
+malformed lines is an error (a gzip file named .jsonl, say), as are inputs with no document at
+all, and a .jsonl whose first bytes are a gzip, zstd, bzip2 or xz header.
 
 Resume. Files are read in order and each in chunks of documents, tokenized by a pool of
 ``spawn`` worker processes; results are committed in order: the chunk's tokens are appended to
@@ -26,11 +28,15 @@ the .bin files (flush + fsync), then ``progress.json`` (committed tokens per spl
 per file) is replaced atomically. A rerun truncates each .bin to its committed length and goes on
 from the recorded line, so a kill at any moment neither duplicates nor loses a document. A rerun of
 a finished job does nothing; one with other inputs, tokenizer or split into the same directory is
-refused.
+refused. One job at a time per directory: a second one is refused while the first holds its lock
+(flock on the directory), and a directory that holds .bin files but no job state is not written
+to.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -123,6 +129,24 @@ class _ZstdFrames(io.RawIOBase):
         return b"".join(out)
 
 
+# Headers of compressed files that a plain .jsonl would be misread from (as malformed lines).
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+}
+
+
+def _compressed_as_plain(path: Path) -> str | None:
+    """The compression whose header opens a file not named .zst, or None."""
+    if path.name.endswith(".zst"):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+
+
 class _Source:
     """Lines (bytes) of one input file, decompressed if ``.zst``; sha256 of the file as read."""
 
@@ -168,12 +192,15 @@ def _read(sources: list[dict], files: list[dict], chunk_docs: int):
     for i, (src, state) in enumerate(zip(sources, files)):
         if state["done"]:
             continue
-        reader, n = _Source(src["path"]), 0
+        reader, n = None, 0
         try:
+            reader = _Source(src["path"])
             skip, batch = state["lines"], []
             for n, line in enumerate(reader.lines, 1):
                 if n <= skip:
                     continue
+                if n == 1 and line.startswith(b"\xef\xbb\xbf"):  # a byte order mark
+                    line = line[3:]
                 batch.append(line)
                 if len(batch) == chunk_docs:
                     yield _Chunk(i, n - len(batch) + 1, batch, reader.pos)
@@ -186,7 +213,8 @@ def _read(sources: list[dict], files: list[dict], chunk_docs: int):
         except OSError as e:
             raise DataError(f"{src['path']}: cannot read after line {n}: {e}") from None
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
 
 
 def _zstd_errors() -> tuple[type[BaseException], ...]:
@@ -218,6 +246,10 @@ def _parse(line: bytes) -> tuple[str | None, bytes | None, str | None, str | Non
         obj = json.loads(decoded)
     except json.JSONDecodeError as e:
         return None, None, "bad_json", f"bad JSON ({e.msg}, column {e.colno})"
+    except ValueError as e:  # an integer of more digits than int() converts
+        return None, None, "bad_json", f"bad JSON ({e})"
+    except RecursionError:
+        return None, None, "bad_json", "bad JSON (nested too deeply)"
     if not isinstance(obj, dict) or "text" not in obj:
         return None, None, "missing_text", 'no "text" field'
     text = obj["text"]
@@ -276,6 +308,14 @@ def _sources(inputs: Sequence[str], val_files: Sequence[str]) -> list[dict]:
         path = Path(given)
         if not path.is_file():
             raise DataError(f"input file not found: {given}")
+        try:
+            compressed = _compressed_as_plain(path)
+        except OSError as e:
+            raise DataError(f"{given}: cannot read: {e.strerror}") from None
+        if compressed:
+            raise DataError(
+                f"{given} is {compressed}-compressed: prepare-data reads .jsonl and .jsonl.zst"
+            )
         resolved = str(path.resolve())
         if resolved in paths:
             if resolved in val:  # a val file may also match the INPUT glob: it is val only
@@ -334,10 +374,40 @@ def _fresh_state(job: dict) -> dict:
     }
 
 
-def _open_bin(path: Path, tokens: int):
-    """Open a .bin for appending, cut back to its committed length."""
+def _load_state(path: Path, what: str) -> dict:
+    """index.json or progress.json (``what``), checked to be one that prepare-data wrote."""
+    try:
+        state = json.loads(path.read_text())
+        fmt, sources = state["format"], state["job"]["sources"]
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: not a prepare-data {what} file ({e!r})") from None
+    if fmt != FORMAT or not isinstance(sources, list):
+        raise DataError(f"{path}: not a {what} file of this version (format {FORMAT})")
+    return state
+
+
+def _lock(out: Path, stack: contextlib.ExitStack) -> None:
+    """Hold an exclusive flock on the directory ``out`` until ``stack`` closes: two jobs
+    appending to one directory's .bin files would interleave their documents."""
+    fd = os.open(out, os.O_RDONLY)
+    stack.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DataError(f"{out}: another prepare-data job is writing there") from None
+
+
+def _open_bin(path: Path, tokens: int, fresh: bool):
+    """Open a .bin for appending, cut back to its committed length. A ``fresh`` job refuses a
+    non-empty one: it is not this job's (a nanoGPT-style train.bin, say) and would be lost."""
     f = open(path, "a+b")
     size, committed = os.fstat(f.fileno()).st_size, tokens * DTYPE.itemsize
+    if fresh and size:
+        f.close()
+        raise DataError(
+            f"{path} exists ({size} bytes) but {path.parent} holds no prepare-data job state "
+            "(index.json or progress.json); use another --out or delete it"
+        )
     if size < committed:
         f.close()
         raise DataError(
@@ -421,116 +491,139 @@ def prepare_data(
     )
     job = {"tokenizer": tok.name, "split": split, "sources": _sources(inputs, val_files)}
 
-    out = Path(out)
-    index_path, progress_path = out / "index.json", out / "progress.json"
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        _check_same_job(index["job"], job, out)
-        log(f"{out} is already prepared; nothing to do")
-        return index
-    if progress_path.exists():
-        state = json.loads(progress_path.read_text())
-        _check_same_job(state["job"], job, out)
-        log(f"resuming in {out}")
-    else:
-        state = _fresh_state(job)
     from sandbox.io import make_dir  # here: the spawned workers need not import torch
 
+    out = Path(out)
     make_dir(out)
-
-    workers = workers or os.cpu_count() or 1
-    bins = {s: _open_bin(out / f"{s}.bin", state["splits"][s]["tokens"]) for s in SPLITS}
-    sources, files = job["sources"], state["files"]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        done_bytes = sum(src["size"] for src, f in zip(sources, files) if f["done"])
-        total = sum(src["size"] for src in sources)
-        bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="prepare")
-    commits = 0
-
-    def commit(item, future) -> None:
-        nonlocal commits
-        f = files[item.file]
-        if isinstance(item, _FileEnd):
-            f.update(done=True, lines=item.lines, sha256=item.sha256)
+    # Everything below runs under the directory's lock; the stack also closes the .bin files.
+    with contextlib.ExitStack() as stack:
+        _lock(out, stack)
+        index_path, progress_path = out / "index.json", out / "progress.json"
+        if index_path.exists():
+            index = _load_state(index_path, "index")
+            _check_same_job(index["job"], job, out)
+            log(f"{out} is already prepared; nothing to do")
+            return index
+        fresh = not progress_path.exists()
+        if fresh:
+            state = _fresh_state(job)
         else:
-            arrays, docs, malformed = future.result()
-            for s in SPLITS:
-                bins[s].write(arrays[s].tobytes())
-            for b in bins.values():
-                b.flush()
-                os.fsync(b.fileno())
-            commits += 1
-            if hook:
-                hook("appended", commits)
-            for s in SPLITS:
-                state["splits"][s]["tokens"] += len(arrays[s])
-                state["splits"][s]["documents"] += docs[s]
-                f["tokens"][s] += len(arrays[s])
-                f["documents"][s] += docs[s]
-            f["lines"] = item.first_line + len(item.lines) - 1
-            seen = sum(sum(g["malformed"].values()) for g in files)
-            for k, (number, reason, detail) in enumerate(malformed, seen):
-                if k < MAX_WARNINGS:
-                    log(f"sandbox: warning: {sources[item.file]['path']}:{number}: {detail}")
-                if len(state["malformed_listed"]) < MAX_LISTED:
-                    state["malformed_listed"].append(
-                        {
-                            "file": sources[item.file]["path"],
-                            "line": number,
-                            "reason": reason,
-                            "detail": detail,
-                        }
+            state = _load_state(progress_path, "progress")
+            _check_same_job(state["job"], job, out)
+            log(f"resuming in {out}")
+
+        workers = workers or os.cpu_count() or 1
+        bins = {}
+        for s in SPLITS:
+            try:
+                bins[s] = _open_bin(out / f"{s}.bin", state["splits"][s]["tokens"], fresh)
+            except OSError as e:
+                raise DataError(
+                    f"{out / f'{s}.bin'}: cannot open for writing: {e.strerror}"
+                ) from None
+            stack.callback(bins[s].close)
+        if fresh:  # from here on a kill leaves a job to resume, not .bin files of no job
+            _write_json(progress_path, state)
+        sources, files = job["sources"], state["files"]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            done_bytes = sum(src["size"] for src, f in zip(sources, files) if f["done"])
+            total = sum(src["size"] for src in sources)
+            bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="prepare")
+        commits = 0
+
+        def commit(item, future) -> None:
+            nonlocal commits
+            f = files[item.file]
+            if isinstance(item, _FileEnd):
+                if not any(f["documents"].values()) and f["malformed"]:
+                    raise DataError(
+                        f"{sources[item.file]['path']}: no document in {item.lines} lines, "
+                        f"malformed: {f['malformed']} (prepare-data reads JSON lines with a "
+                        '"text" field, plain .jsonl or .jsonl.zst)'
                     )
-                f["malformed"][reason] = f["malformed"].get(reason, 0) + 1
-            if bar is not None:
-                prior = sum(src["size"] for src, g in zip(sources, files) if g["done"])
-                bar.update(prior + item.pos - bar.n)
-        _write_json(progress_path, state)
-        if hook and isinstance(item, _Chunk):
-            hook("committed", commits)
+                f.update(done=True, lines=item.lines, sha256=item.sha256)
+            else:
+                arrays, docs, malformed = future.result()
+                try:
+                    for s in SPLITS:
+                        bins[s].write(arrays[s].tobytes())
+                    for b in bins.values():
+                        b.flush()
+                        os.fsync(b.fileno())
+                except OSError as e:  # a full disk: the rerun cuts the .bin files back and goes on
+                    raise DataError(f"{out}: cannot write the token files: {e.strerror}") from None
+                commits += 1
+                if hook:
+                    hook("appended", commits)
+                for s in SPLITS:
+                    state["splits"][s]["tokens"] += len(arrays[s])
+                    state["splits"][s]["documents"] += docs[s]
+                    f["tokens"][s] += len(arrays[s])
+                    f["documents"][s] += docs[s]
+                f["lines"] = item.first_line + len(item.lines) - 1
+                seen = sum(sum(g["malformed"].values()) for g in files)
+                for k, (number, reason, detail) in enumerate(malformed, seen):
+                    if k < MAX_WARNINGS:
+                        log(f"sandbox: warning: {sources[item.file]['path']}:{number}: {detail}")
+                    if len(state["malformed_listed"]) < MAX_LISTED:
+                        state["malformed_listed"].append(
+                            {
+                                "file": sources[item.file]["path"],
+                                "line": number,
+                                "reason": reason,
+                                "detail": detail,
+                            }
+                        )
+                    f["malformed"][reason] = f["malformed"].get(reason, 0) + 1
+                if bar is not None:
+                    prior = sum(src["size"] for src, g in zip(sources, files) if g["done"])
+                    bar.update(prior + item.pos - bar.n)
+            _write_json(progress_path, state)
+            if hook and isinstance(item, _Chunk):
+                hook("committed", commits)
 
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(os.getpid(),),
-        )
-    try:
-        pending: deque = deque()
-        for item in _read(sources, files, chunk_docs):
-            future = None
-            if isinstance(item, _Chunk):
-                args = (tok.name, item.lines, item.first_line, sources[item.file]["split"])
-                args += (val_fraction, seed)
-                if pool is not None:
-                    future = pool.submit(_tokenize_chunk, *args)
-                else:
-                    future = Future()
-                    future.set_result(_tokenize_chunk(*args))
-            pending.append((item, future))
-            while len(pending) > 2 * workers:  # keep the pool fed, memory bounded
+        pool = None
+        if workers > 1:
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
+            )
+        try:
+            pending: deque = deque()
+            for item in _read(sources, files, chunk_docs):
+                future = None
+                if isinstance(item, _Chunk):
+                    args = (tok.name, item.lines, item.first_line, sources[item.file]["split"])
+                    args += (val_fraction, seed)
+                    if pool is not None:
+                        future = pool.submit(_tokenize_chunk, *args)
+                    else:
+                        future = Future()
+                        future.set_result(_tokenize_chunk(*args))
+                pending.append((item, future))
+                while len(pending) > 2 * workers:  # keep the pool fed, memory bounded
+                    commit(*pending.popleft())
+            while pending:
                 commit(*pending.popleft())
-        while pending:
-            commit(*pending.popleft())
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for b in bins.values():
-            b.close()
-        if bar is not None:
-            bar.close()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if bar is not None:
+                bar.close()
 
-    index = _index(state)
-    _write_json(index_path, index)
-    progress_path.unlink()
-    if index["malformed"]["count"]:
-        log(
-            f"sandbox: warning: {index['malformed']['count']} malformed lines skipped "
-            f"({index['malformed']['by_reason']}); see {index_path}"
-        )
-    return index
+        if not any(state["splits"][s]["documents"] for s in SPLITS):
+            raise DataError(f"no document in the inputs: {[src['path'] for src in sources]}")
+        index = _index(state)
+        _write_json(index_path, index)
+        progress_path.unlink()
+        if index["malformed"]["count"]:
+            log(
+                f"sandbox: warning: {index['malformed']['count']} malformed lines skipped "
+                f"({index['malformed']['by_reason']}); see {index_path}"
+            )
+        return index
