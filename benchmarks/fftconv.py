@@ -188,11 +188,26 @@ def _peak_child(impl: str, B: int, H: int, L: int) -> None:
     # file-backed pages at L = 256, most of what this used to report there. A warm-up of one
     # channel at the same L loads them (same FFT sizes) with buffers too small to move glibc's
     # mmap threshold, so the measured call's memory is still fresh pages.
-    make_case(impl, 1, 1, L, L, torch.float32, "cpu")().sum().backward()
+    # One channel, or one head of 64 for SDPA (1 // 64 heads would load nothing).
+    make_case(impl, 1, 64 if impl == "sdpa" else 1, L, L, torch.float32, "cpu")().sum().backward()
     fn = make_case(impl, B, H, L, L, torch.float32, "cpu")
     before = _proc_status_kb("VmRSS")
     fn().sum().backward()
     print((_proc_status_kb("VmHWM") - before) * 1024 / 1e6)  # /proc's kB are KiB
+
+
+def cuda_peak_mb(impl: str, B: int, H: int, L: int, dtype, **options) -> float:
+    """CUDA's counterpart of peak_memory_mb: the growth of the allocated peak (MB) over one
+    forward + backward of a fresh case, over what was allocated once its inputs were made.
+    Neither the other cases' tensors (still alive) nor the inputs count; the gradients do, as
+    in the CPU figure. FFT plans and compiled kernels are warm from the timing."""
+    fn = make_case(impl, B, H, L, L, dtype, "cuda", **options)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn().float().sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e6
 
 
 def _proc_status_kb(field: str) -> int:
@@ -230,15 +245,13 @@ def run_side_by_side(args, device: str, dtype) -> list[dict]:
         for group, repeats in groups:
             base = "naive" if "naive" in group else None
             times.update(time_fwd_and_bwd(group, repeats, device, args.min_seconds, base))
-        for name, fn in fns.items():
+        for name, options in impls:
             row = {"case": "K=L", "impl": name, "B": B, "H": H, "L": L, "K": L}
             row["fwd"], row["fwd_bwd"] = times[name]
             if device == "cpu":
                 row["peak_mb"] = peak_memory_mb(name, B, H, L, args.threads)
             else:
-                torch.cuda.reset_peak_memory_stats()
-                fn().float().sum().backward()
-                row["peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
+                row["peak_mb"] = cuda_peak_mb(name.split("[")[0], B, H, L, dtype, **options)
                 row["bandwidth_frac"] = bandwidth_fraction(B, H, L, dtype, row["fwd"]["median_ms"])
             rows.append(row)
             progress(row)

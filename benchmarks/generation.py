@@ -28,6 +28,7 @@ JSON to benchmarks/results/generation-{cpu,cuda}.json (or --out).
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
@@ -79,9 +80,11 @@ def time_generation(models: dict, args) -> list[dict]:
     for T in args.prompts:
         prompt = torch.randint(0, args.vocab, (args.batch, T), generator=g).to(args.device)
         runs = {name: [] for name in models}
+        order, shuffle = list(models), random.Random(T).shuffle
         for _ in range(args.repeats):
-            for name, model in models.items():
-                runs[name].append(generate(model, prompt, args.new_tokens, temperature=0))
+            shuffle(order)  # as time_round_robin: no model always runs after the same one
+            for name in order:
+                runs[name].append(generate(models[name], prompt, args.new_tokens, temperature=0))
         for name, results in runs.items():
             row = {"prompt_len": T, "model": name}
             for field in ("prefill_s", "decode_s", "decode_ms_per_token", "tokens_per_s"):

@@ -52,6 +52,7 @@ def run_step(name: str, out_dir: Path) -> tuple[int, float]:
     """Runs one step, its output shown and also written to out_dir/NAME.log; returns (exit
     status, seconds)."""
     module, extra, json_name = STEPS[name]
+    out_dir = out_dir.resolve()  # the step runs in the repository root, this may not
     cmd = [sys.executable, "-m", module, *extra, "--out", str(out_dir / json_name)]
     start = time.perf_counter()
     with open(out_dir / f"{name}.log", "w") as log:

@@ -68,8 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--max-len", type=positive_int, default=8192)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--task-shapes", action="store_true", help="the h3-table2 preset's shapes")
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()  # each writes its own JSON
+    mode.add_argument("--task-shapes", action="store_true", help="the h3-table2 preset's shapes")
+    mode.add_argument(
         "--h3-forms",
         action="store_true",
         help="multi-head H3's convolution and regrouped forms side by side (width --width)",

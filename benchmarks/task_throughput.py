@@ -14,7 +14,6 @@ benchmarks/results/task_throughput.json.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 import tasks
-from benchmarks.fftconv import positive_int, write_json
+from benchmarks.fftconv import machine_info, positive_int, write_json
 
 # (task, params, num_examples): each task at its defaults, then at seq_len 4096 with its
 # difficulty knobs scaled along where the defaults would no longer fit or would mostly pad.
@@ -136,12 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "benchmark": "task_throughput",
         "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            **machine_info("cpu", torch.get_num_threads()),
             "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
         },
         "repeats": args.repeats,
         "target_tokens_per_s": TARGET_TOKENS_PER_S,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks import gpu
+from sandbox.compare import load_preset
 
 
 def test_gpu_steps_report_status_and_keep_output(monkeypatch, tmp_path):
@@ -16,6 +17,7 @@ def test_gpu_steps_report_status_and_keep_output(monkeypatch, tmp_path):
     monkeypatch.setitem(gpu.STEPS, "tiny", ("benchmarks.layer_speed", tiny, "t.json"))
     no_gpu = ["--device", "cuda"]
     monkeypatch.setitem(gpu.STEPS, "nogpu", ("benchmarks.layer_speed", no_gpu, "x.json"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the step's process sees no GPU, if any
     status, _ = gpu.run_step("tiny", tmp_path)
     assert status == 0
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
@@ -73,7 +75,10 @@ def test_state_passing_benchmark_compares_both_paths(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["L"], r["impl"]) for r in rows] == [(64, "full"), (64, "T=16")]  # 100 >= L
     assert all(r["median_ms"] > 0 for r in rows)
-    assert "1.00x" in capsys.readouterr().out
+    # One round: the paired ratio is the ratio of the two calls' times, printed as T / full.
+    full, chunked = rows
+    assert chunked["speedup"] == pytest.approx(full["median_ms"] / chunked["median_ms"])
+    assert f"{chunked['median_ms'] / full['median_ms']:.2f}x" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     with pytest.raises(SystemExit) as e:
         state_passing.main(["--chunks", "0", "--out", str(bad)])
@@ -90,7 +95,10 @@ def test_layer_speed_task_shapes(tmp_path, capsys):
     layer_speed.main(["--task-shapes", "--repeats", "1", "--out", str(out)])
     payload = json.loads(out.read_text())
     assert (payload["batch"], payload["width"]) == (32, 64)
-    assert payload["mixers"]["h3"] == {"head_dim": 8}
+    variants = load_preset("h3-table2").variants  # the mixers as the preset trains them
+    want = {name: v["model"].get("mixer_params", {}) for name, v in variants.items()}
+    assert payload["mixers"] == want
+    assert payload["width"] == load_preset("h3-table2").base["model"]["d_model"]
     assert [r["L"] for r in payload["rows"]] == [20, 30]
     for row in payload["rows"]:
         assert all(row[n]["median_ms"] > 0 for n in ("s4d", "gss", "h3", "attention", "hyena"))
