@@ -8,8 +8,9 @@ resumed run sees exactly the batches an uninterrupted one would, and W processes
 train on the same batch as one process x W*A micro-steps. Dropout's RNG is reseeded from
 (seed, step, global micro-batch) before every micro-batch for the same reason.
 
-A run directory holds config.yaml (fully resolved), metrics.jsonl (one JSON object per logged
-step: train_loss, lr, tokens_per_s, mfu; val_loss and val_ppl at evaluations),
+A run directory holds config.yaml (fully resolved), metrics.jsonl (one JSON object per log or
+evaluation step: train_loss, lr, tokens_per_s and mfu at log steps, val_loss and val_ppl at
+evaluations),
 checkpoint.safetensors (weights, optimizer, step; written atomically by rank 0), and at the end
 model.safetensors (weights and config: what :func:`load_pretrained` reads) and result.json.
 """
@@ -77,6 +78,8 @@ def accumulation_steps(config: PretrainConfig, world: int) -> int:
 def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
     """The train and val token files of data.dir, checked against the config."""
     root, seq = Path(config.data.dir), config.data.seq_len
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.dir {str(root)!r} is not a directory (give prepare-data's --out)")
     if not root.is_dir():
         raise DataError(
             f"data.dir {str(root)!r} does not exist; make it with "
@@ -86,7 +89,7 @@ def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
         raise DataError(f"data.dir {str(root)!r} has no index.json: prepare-data has not finished")
     try:
         index = json.loads((root / "index.json").read_text())
-        name, vocab = index["tokenizer"]["name"], index["tokenizer"]["vocab_size"]
+        name, vocab = index["tokenizer"]["name"], int(index["tokenizer"]["vocab_size"])
         files = {s: root / index["splits"][s]["file"] for s in ("train", "val")}
         counts = {s: int(index["splits"][s]["tokens"]) for s in ("train", "val")}
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError

@@ -120,17 +120,18 @@ def test_loss_decreases_and_run_dir(reference):
     torch.testing.assert_close(model2.embedding.weight, model.embedding.weight, rtol=0, atol=0)
 
 
+class Killed(Exception):
+    pass
+
+
+def kill_at_5(step):
+    if step == 5:  # checkpoint at 4; the log line of step 5 is already written
+        raise Killed
+
+
 def test_kill_and_resume_continues_exactly(reference, data_dir, tmp_path):
     ref_out, ref_result = reference
     out = tmp_path / "run"
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step):
-        if step == 5:  # checkpoint at 4; the log line of step 5 is already written
-            raise Killed
-
     with pytest.raises(Killed):
         pretrain(small(data_dir), out, progress=False, on_step=kill_at_5)
     assert len(curve(out)) == 5
@@ -165,6 +166,7 @@ def _torchrun_pretrain(args: list[str], out: Path, timeout: float) -> None:
     as does a second crash.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    resume = "--resume" in args
     for attempt in (1, 2):
         proc = subprocess.Popen(
             [*cmd, "-m", "sandbox.cli", "pretrain", *args, "--quiet", "--out", str(out)],
@@ -188,21 +190,32 @@ def _torchrun_pretrain(args: list[str], out: Path, timeout: float) -> None:
         if attempt == 2 or not re.search(r"exitcode\s*:\s*-\d+", root):
             break
         warnings.warn(f"torchrun worker killed by a signal, retrying: {root[-600:]}", stacklevel=2)
-        shutil.rmtree(out, ignore_errors=True)  # a fresh run refuses a used directory
+        if not resume:  # a fresh run refuses a used directory; a resume goes on from it
+            shutil.rmtree(out, ignore_errors=True)
     pytest.fail(f"torchrun failed (exit {proc.returncode}): {err[-3000:]}")
 
 
 @pytest.mark.timeout(500)  # two launches of at most 120 s, each retried at most once
 def test_two_processes_match_one(reference, data_dir, tmp_path):
-    """torchrun, 2 processes x 1 micro-batch (DDP, then FSDP2) vs 1 process x 2 micro-batches."""
+    """torchrun with 2 processes against one process:
+    - DDP, 1 micro-batch each, resuming a one-process run (2 micro-batches) killed after step 5:
+      a checkpoint carries over to another world size;
+    - FSDP2 at twice the batch, 2 micro-batches each (the gradient sync skipped in the first)
+      against one process x 4."""
     ref_out, _ = reference
-    config = tmp_path / "small.yaml"
-    config.write_text(yaml.safe_dump(small(data_dir).model_dump(mode="json")))
-    _torchrun_pretrain([str(config)], tmp_path / "ddp", timeout=120)
-    _torchrun_pretrain([str(config), "train.fsdp=true"], tmp_path / "fsdp", timeout=120)
+    big = small(data_dir, global_batch_tokens=256)
+    pretrain(big, tmp_path / "ref_big", progress=False)
+    configs = {"ddp": small(data_dir), "fsdp": big}
+    for run, config in configs.items():
+        (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    with pytest.raises(Killed):
+        pretrain(small(data_dir), tmp_path / "ddp", progress=False, on_step=kill_at_5)
+    _torchrun_pretrain([str(tmp_path / "ddp.yaml"), "--resume"], tmp_path / "ddp", timeout=120)
+    fsdp_args = [str(tmp_path / "fsdp.yaml"), "train.fsdp=true"]
+    _torchrun_pretrain(fsdp_args, tmp_path / "fsdp", timeout=120)
     assert json.loads((tmp_path / "ddp" / "result.json").read_text())["processes"] == 2
-    ref_curve, ref_weights = curve(ref_out), weights(ref_out / "model.safetensors")
-    for run in ("ddp", "fsdp"):
+    for run, ref in (("ddp", ref_out), ("fsdp", tmp_path / "ref_big")):
+        ref_curve, ref_weights = curve(ref), weights(ref / "model.safetensors")
         got = curve(tmp_path / run)
         assert [r["step"] for r in got] == [r["step"] for r in ref_curve]
         for a, b in zip(got, ref_curve):
@@ -233,6 +246,7 @@ def test_bad_data_exit_2_and_write_nothing(data_dir, tmp_path, capsys):
     cases = {
         f"data.dir={tmp_path / 'missing'}": "does not exist",
         f"data.dir={no_index}": "no index.json",
+        f"data.dir={data_dir / 'train.bin'}": "is not a directory",
         "data.tokenizer=gpt2": "prepared with 'bytes'",
         "train.global_batch_tokens=100": "train.global_batch_tokens",
         "train.log_every=3": "multiple of train.log_every",
@@ -270,7 +284,9 @@ def test_bad_data_exit_2_and_write_nothing(data_dir, tmp_path, capsys):
     assert "the val split's val.bin is missing" in _error(
         capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
     )
-    for broken in ('{"format": 1}', "[1, 2]", "{not json"):
+    bad_vocab = json.loads((data_dir / "index.json").read_text())
+    bad_vocab["tokenizer"]["vocab_size"] = "many"
+    for broken in ('{"format": 1}', "[1, 2]", "{not json", json.dumps(bad_vocab)):
         (bad / "index.json").write_text(broken)
         assert "index.json is not a prepare-data index" in _error(
             capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
