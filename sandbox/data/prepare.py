@@ -386,15 +386,19 @@ def _load_state(path: Path, what: str) -> dict:
     return state
 
 
-def _lock(out: Path, stack: contextlib.ExitStack) -> None:
-    """Hold an exclusive flock on the directory ``out`` until ``stack`` closes: two jobs
-    appending to one directory's .bin files would interleave their documents."""
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive flock on the directory ``out``: two jobs appending to one directory's
+    .bin files would interleave their documents."""
     fd = os.open(out, os.O_RDONLY)
-    stack.callback(os.close, fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise DataError(f"{out}: another prepare-data job is writing there") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{out}: another prepare-data job is writing there") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _open_bin(path: Path, tokens: int, fresh: bool):
@@ -416,6 +420,23 @@ def _open_bin(path: Path, tokens: int, fresh: bool):
         )
     f.truncate(committed)
     return f
+
+
+def _open_bins(out: Path, state: dict, fresh: bool) -> dict:
+    """Both splits' .bin files opened by _open_bin; none left open if one fails."""
+    bins = {}
+    try:
+        for s in SPLITS:
+            path = out / f"{s}.bin"
+            try:
+                bins[s] = _open_bin(path, state["splits"][s]["tokens"], fresh)
+            except OSError as e:
+                raise DataError(f"{path}: cannot open for writing: {e.strerror}") from None
+    except DataError:
+        for f in bins.values():
+            f.close()
+        raise
+    return bins
 
 
 def _index(state: dict) -> dict:
@@ -495,135 +516,134 @@ def prepare_data(
 
     out = Path(out)
     make_dir(out)
-    # Everything below runs under the directory's lock; the stack also closes the .bin files.
-    with contextlib.ExitStack() as stack:
-        _lock(out, stack)
-        index_path, progress_path = out / "index.json", out / "progress.json"
-        if index_path.exists():
-            index = _load_state(index_path, "index")
-            _check_same_job(index["job"], job, out)
-            log(f"{out} is already prepared; nothing to do")
-            return index
-        fresh = not progress_path.exists()
-        if fresh:
-            state = _fresh_state(job)
-        else:
-            state = _load_state(progress_path, "progress")
-            _check_same_job(state["job"], job, out)
-            log(f"resuming in {out}")
+    with _locked(out):
+        return _run_job(job, out, workers, chunk_docs, progress, log, hook)
 
-        workers = workers or os.cpu_count() or 1
-        bins = {}
-        for s in SPLITS:
-            try:
-                bins[s] = _open_bin(out / f"{s}.bin", state["splits"][s]["tokens"], fresh)
-            except OSError as e:
-                raise DataError(
-                    f"{out / f'{s}.bin'}: cannot open for writing: {e.strerror}"
-                ) from None
-            stack.callback(bins[s].close)
-        if fresh:  # from here on a kill leaves a job to resume, not .bin files of no job
-            _write_json(progress_path, state)
-        sources, files = job["sources"], state["files"]
-        bar = None
-        if progress:
-            from tqdm import tqdm
 
-            done_bytes = sum(src["size"] for src, f in zip(sources, files) if f["done"])
-            total = sum(src["size"] for src in sources)
-            bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="prepare")
-        commits = 0
-
-        def commit(item, future) -> None:
-            nonlocal commits
-            f = files[item.file]
-            if isinstance(item, _FileEnd):
-                if not any(f["documents"].values()) and f["malformed"]:
-                    raise DataError(
-                        f"{sources[item.file]['path']}: no document in {item.lines} lines, "
-                        f"malformed: {f['malformed']} (prepare-data reads JSON lines with a "
-                        '"text" field, plain .jsonl or .jsonl.zst)'
-                    )
-                f.update(done=True, lines=item.lines, sha256=item.sha256)
-            else:
-                arrays, docs, malformed = future.result()
-                try:
-                    for s in SPLITS:
-                        bins[s].write(arrays[s].tobytes())
-                    for b in bins.values():
-                        b.flush()
-                        os.fsync(b.fileno())
-                except OSError as e:  # a full disk: the rerun cuts the .bin files back and goes on
-                    raise DataError(f"{out}: cannot write the token files: {e.strerror}") from None
-                commits += 1
-                if hook:
-                    hook("appended", commits)
-                for s in SPLITS:
-                    state["splits"][s]["tokens"] += len(arrays[s])
-                    state["splits"][s]["documents"] += docs[s]
-                    f["tokens"][s] += len(arrays[s])
-                    f["documents"][s] += docs[s]
-                f["lines"] = item.first_line + len(item.lines) - 1
-                seen = sum(sum(g["malformed"].values()) for g in files)
-                for k, (number, reason, detail) in enumerate(malformed, seen):
-                    if k < MAX_WARNINGS:
-                        log(f"sandbox: warning: {sources[item.file]['path']}:{number}: {detail}")
-                    if len(state["malformed_listed"]) < MAX_LISTED:
-                        state["malformed_listed"].append(
-                            {
-                                "file": sources[item.file]["path"],
-                                "line": number,
-                                "reason": reason,
-                                "detail": detail,
-                            }
-                        )
-                    f["malformed"][reason] = f["malformed"].get(reason, 0) + 1
-                if bar is not None:
-                    prior = sum(src["size"] for src, g in zip(sources, files) if g["done"])
-                    bar.update(prior + item.pos - bar.n)
-            _write_json(progress_path, state)
-            if hook and isinstance(item, _Chunk):
-                hook("committed", commits)
-
-        pool = None
-        if workers > 1:
-            pool = ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(os.getpid(),),
-            )
-        try:
-            pending: deque = deque()
-            for item in _read(sources, files, chunk_docs):
-                future = None
-                if isinstance(item, _Chunk):
-                    args = (tok.name, item.lines, item.first_line, sources[item.file]["split"])
-                    args += (val_fraction, seed)
-                    if pool is not None:
-                        future = pool.submit(_tokenize_chunk, *args)
-                    else:
-                        future = Future()
-                        future.set_result(_tokenize_chunk(*args))
-                pending.append((item, future))
-                while len(pending) > 2 * workers:  # keep the pool fed, memory bounded
-                    commit(*pending.popleft())
-            while pending:
-                commit(*pending.popleft())
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if bar is not None:
-                bar.close()
-
-        if not any(state["splits"][s]["documents"] for s in SPLITS):
-            raise DataError(f"no document in the inputs: {[src['path'] for src in sources]}")
-        index = _index(state)
-        _write_json(index_path, index)
-        progress_path.unlink()
-        if index["malformed"]["count"]:
-            log(
-                f"sandbox: warning: {index['malformed']['count']} malformed lines skipped "
-                f"({index['malformed']['by_reason']}); see {index_path}"
-            )
+def _run_job(job, out: Path, workers, chunk_docs, progress, log, hook) -> dict:
+    """prepare_data's job in the directory ``out``, which the caller holds locked."""
+    tokenizer = job["tokenizer"]
+    val_fraction, seed = job["split"].get("val_fraction", 0.0), job["split"].get("seed", 0)
+    index_path, progress_path = out / "index.json", out / "progress.json"
+    if index_path.exists():
+        index = _load_state(index_path, "index")
+        _check_same_job(index["job"], job, out)
+        log(f"{out} is already prepared; nothing to do")
         return index
+    fresh = not progress_path.exists()
+    if fresh:
+        state = _fresh_state(job)
+    else:
+        state = _load_state(progress_path, "progress")
+        _check_same_job(state["job"], job, out)
+        log(f"resuming in {out}")
+
+    workers = workers or os.cpu_count() or 1
+    bins = _open_bins(out, state, fresh)
+    if fresh:  # from here on a kill leaves a job to resume, not .bin files of no job
+        _write_json(progress_path, state)
+    sources, files = job["sources"], state["files"]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        done_bytes = sum(src["size"] for src, f in zip(sources, files) if f["done"])
+        total = sum(src["size"] for src in sources)
+        bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="prepare")
+    commits = 0
+
+    def commit(item, future) -> None:
+        nonlocal commits
+        f = files[item.file]
+        if isinstance(item, _FileEnd):
+            if not any(f["documents"].values()) and f["malformed"]:
+                raise DataError(
+                    f"{sources[item.file]['path']}: no document in {item.lines} lines, "
+                    f"malformed: {f['malformed']} (prepare-data reads JSON lines with a "
+                    '"text" field, plain .jsonl or .jsonl.zst)'
+                )
+            f.update(done=True, lines=item.lines, sha256=item.sha256)
+        else:
+            arrays, docs, malformed = future.result()
+            try:
+                for s in SPLITS:
+                    bins[s].write(arrays[s].tobytes())
+                for b in bins.values():
+                    b.flush()
+                    os.fsync(b.fileno())
+            except OSError as e:  # a full disk: the rerun cuts the .bin files back and goes on
+                raise DataError(f"{out}: cannot write the token files: {e.strerror}") from None
+            commits += 1
+            if hook:
+                hook("appended", commits)
+            for s in SPLITS:
+                state["splits"][s]["tokens"] += len(arrays[s])
+                state["splits"][s]["documents"] += docs[s]
+                f["tokens"][s] += len(arrays[s])
+                f["documents"][s] += docs[s]
+            f["lines"] = item.first_line + len(item.lines) - 1
+            seen = sum(sum(g["malformed"].values()) for g in files)
+            for k, (number, reason, detail) in enumerate(malformed, seen):
+                if k < MAX_WARNINGS:
+                    log(f"sandbox: warning: {sources[item.file]['path']}:{number}: {detail}")
+                if len(state["malformed_listed"]) < MAX_LISTED:
+                    state["malformed_listed"].append(
+                        {
+                            "file": sources[item.file]["path"],
+                            "line": number,
+                            "reason": reason,
+                            "detail": detail,
+                        }
+                    )
+                f["malformed"][reason] = f["malformed"].get(reason, 0) + 1
+            if bar is not None:
+                prior = sum(src["size"] for src, g in zip(sources, files) if g["done"])
+                bar.update(prior + item.pos - bar.n)
+        _write_json(progress_path, state)
+        if hook and isinstance(item, _Chunk):
+            hook("committed", commits)
+
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
+    try:
+        pending: deque = deque()
+        for item in _read(sources, files, chunk_docs):
+            future = None
+            if isinstance(item, _Chunk):
+                args = (tokenizer, item.lines, item.first_line, sources[item.file]["split"])
+                args += (val_fraction, seed)
+                if pool is not None:
+                    future = pool.submit(_tokenize_chunk, *args)
+                else:
+                    future = Future()
+                    future.set_result(_tokenize_chunk(*args))
+            pending.append((item, future))
+            while len(pending) > 2 * workers:  # keep the pool fed, memory bounded
+                commit(*pending.popleft())
+        while pending:
+            commit(*pending.popleft())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for b in bins.values():
+            b.close()
+        if bar is not None:
+            bar.close()
+
+    if not any(state["splits"][s]["documents"] for s in SPLITS):
+        raise DataError(f"no document in the inputs: {[src['path'] for src in sources]}")
+    index = _index(state)
+    _write_json(index_path, index)
+    progress_path.unlink()
+    if index["malformed"]["count"]:
+        log(
+            f"sandbox: warning: {index['malformed']['count']} malformed lines skipped "
+            f"({index['malformed']['by_reason']}); see {index_path}"
+        )
+    return index
