@@ -123,8 +123,8 @@ def lm_loss(logits: torch.Tensor, batch: tasks.Batch, loss_on: str) -> torch.Ten
     """Cross entropy on every labelled next token ("all") or on answer positions only."""
     targets = batch.targets
     if loss_on == "answers":
-        targets = targets.masked_fill(~batch.answer_mask, -100)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        targets = targets.masked_fill(~batch.answer_mask, tasks.IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=tasks.IGNORE_INDEX)
 
 
 def training_step(

@@ -31,7 +31,8 @@ class Batch:
     """A batch of examples.
 
     inputs:      int64 [N, T] token ids.
-    targets:     int64 [N, T] next-token labels, IGNORE_INDEX where there is no label.
+    targets:     int64 [N, T] next-token labels (every position has one; tasks never emit
+                 IGNORE_INDEX, the loss applies it where answer_mask is False if asked to).
     answer_mask: bool  [N, T] positions that are scored.
     """
 
@@ -56,6 +57,9 @@ class Batch:
     @classmethod
     def cat(cls, batches: list[Batch]) -> Batch:
         """Concatenate batches of equal T along the example dimension."""
+        lengths = sorted({b.inputs.shape[1] for b in batches})
+        if len(lengths) > 1:
+            raise ValueError(f"Batch.cat: batches must share one seq_len, got {lengths}")
         return cls(
             torch.cat([b.inputs for b in batches]),
             torch.cat([b.targets for b in batches]),
@@ -72,6 +76,11 @@ class Batch:
     def __getitem__(self, idx) -> Batch:
         """Sub-batch by a slice, an index or bool tensor, or an integer (a Python, numpy or 0-d
         torch one: a one-example Batch)."""
+        # A bool is an Integral, so batch[True] would silently mean example 1.
+        if isinstance(idx, bool) or (
+            isinstance(idx, torch.Tensor) and idx.dtype == torch.bool and idx.ndim == 0
+        ):
+            raise TypeError("Batch index: a single bool is not an index; use a bool tensor [N]")
         if isinstance(idx, numbers.Integral) or (isinstance(idx, torch.Tensor) and idx.ndim == 0):
             idx = torch.tensor([int(idx)])  # keep the [N, T] rank so a Batch is always 2-D
         return Batch(self.inputs[idx], self.targets[idx], self.answer_mask[idx])
@@ -234,9 +243,17 @@ def split_seed(seed: int, split: str, round_: int = 0) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _row_parts(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int64 [N, T] x 3: what identifies an example: its inputs, its scored targets (an
+    unscored target, such as MQAR's random final filler, is not part of it: two examples that
+    differ only there leak the same answers) and its answer mask."""
+    scored = batch.targets.masked_fill(~batch.answer_mask, IGNORE_INDEX)
+    return batch.inputs, scored, batch.answer_mask.long()
+
+
 def _row_keys(batch: Batch) -> torch.Tensor:
-    """int64 [N, 3T]: everything that identifies an example, one row per example."""
-    return torch.cat([batch.inputs, batch.targets, batch.answer_mask.long()], dim=1)
+    """int64 [N, 3T]: the identifying parts side by side, one row per example."""
+    return torch.cat(_row_parts(batch), dim=1)
 
 
 def _row_hashes(batch: Batch) -> torch.Tensor:
@@ -247,12 +264,17 @@ def _row_hashes(batch: Batch) -> torch.Tensor:
     """
     generator = torch.Generator().manual_seed(0)
     weights = torch.randint(-(2**62), 2**62, (3, batch.inputs.shape[1]), generator=generator)
-    parts = (batch.inputs, batch.targets, batch.answer_mask.long())
-    return sum(part @ w for part, w in zip(parts, weights, strict=True))
+    return sum(part @ w for part, w in zip(_row_parts(batch), weights, strict=True))
 
 
 def not_in(candidates: Batch, excluded: Batch) -> torch.Tensor:
-    """bool [N]: examples of candidates that equal no example of excluded (whole rows)."""
+    """bool [N]: examples of candidates that equal no example of excluded (inputs, scored
+    targets and answer mask compared)."""
+    if candidates.inputs.shape[1] != excluded.inputs.shape[1]:
+        raise ValueError(
+            f"not_in: candidates have seq_len {candidates.inputs.shape[1]}, excluded "
+            f"{excluded.inputs.shape[1]}; examples of different lengths cannot be compared"
+        )
     # Only hash matches can be duplicates; those few rows are compared exactly.
     cand_hash, excl_hash = _row_hashes(candidates), _row_hashes(excluded)
     suspect = torch.isin(cand_hash, excl_hash)
@@ -267,21 +289,28 @@ def not_in(candidates: Batch, excluded: Batch) -> torch.Tensor:
 def _held_out(task: Task, count: int, split: str, seed: int, excluded: Batch) -> Batch:
     """``count`` examples from the split's own seed stream, none equal to an excluded one."""
     kept: list[Batch] = []
-    found = 0
+    found = drawn = fresh_drawn = 0
     for round_ in range(MAX_ROUNDS):
         # Oversample 2x so a few collisions rarely cost a second round; grow 4x per round so
         # that spaces where most draws collide still fill up in a few rounds.
-        oversample = 2 * 4**round_
-        candidates = task.generate(oversample * (count - found), split_seed(seed, split, round_))
-        fresh = candidates[not_in(candidates, excluded)][: count - found]
-        kept.append(fresh)
-        found += len(fresh)
+        need = count - found
+        candidates = task.generate(2 * 4**round_ * need, split_seed(seed, split, round_))
+        keep = not_in(candidates, excluded)
+        drawn, fresh_drawn = drawn + len(candidates), fresh_drawn + int(keep.sum())
+        kept.append(candidates[keep][:need])
+        found += len(kept[-1])
         if found == count:
             return Batch.cat(kept)
+        # Give up early when even an optimistic fresh rate (3 more fresh draws than seen,
+        # about a 95% upper bound when none was) cannot fill the rest in the rounds left:
+        # otherwise a hopeless request draws up to 682x count examples before failing.
+        left = sum(2 * 4**r for r in range(round_ + 1, MAX_ROUNDS)) * (count - found)
+        if (fresh_drawn + 3) / drawn * left < count - found:
+            break
     raise ValueError(
         f"make_splits: found only {found} of num_{split}={count} {split} examples distinct "
-        f"from the earlier splits in {MAX_ROUNDS} rounds; the example space of {task!r} is "
-        "too small for these counts"
+        f"from the earlier splits in {drawn} draws; the example space of {task!r} is too "
+        "small for these counts"
     )
 
 
@@ -289,8 +318,9 @@ def make_splits(task: Task, num_train: int, num_valid: int, num_test: int, seed:
     """Train / valid / test batches from disjoint seed streams.
 
     No valid or test example equals a training example and none is shared between valid
-    and test (whole rows compared). Duplicates within one split are kept: they follow the
-    task's own distribution and leak nothing.
+    and test (inputs, scored targets and answer mask compared: see ``_row_parts``).
+    Duplicates within one split are kept: they follow the task's own distribution and leak
+    nothing.
     """
     counts = {"train": num_train, "valid": num_valid, "test": num_test}
     counts = {s: check_int("make_splits", f"num_{s}", n, minimum=0) for s, n in counts.items()}

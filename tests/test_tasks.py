@@ -198,7 +198,10 @@ def test_induction_property(vocab_size, seq_len, seed):
 
 
 def rows(batch):
-    return set(map(tuple, torch.cat([batch.inputs, batch.targets], dim=1).tolist()))
+    """What a model sees and is scored on, one tuple per example: an unscored target (MQAR's
+    random final filler) is blanked, so examples that differ only there count as equal."""
+    scored = torch.where(batch.answer_mask, batch.targets, -1)
+    return set(map(tuple, torch.cat([batch.inputs, scored], dim=1).tolist()))
 
 
 @pytest.mark.parametrize(
@@ -236,6 +239,24 @@ def test_splits_too_small_space():
     task = tasks.build("induction_head", vocab_size=4, seq_len=3)
     with pytest.raises(ValueError, match="too small"):
         tasks.make_splits(task, num_train=50, num_valid=5, num_test=5)
+    # A hopeless request gives up once an optimistic fresh rate cannot fill it, instead of
+    # drawing all five rounds (682 x 2000 examples here).
+    with pytest.raises(ValueError, match="in 4000 draws") as error:
+        tasks.make_splits(task, num_train=50, num_valid=2000, num_test=0)
+    assert "found only 0 of num_valid=2000" in str(error.value)
+
+
+def test_batch_misuse_is_refused():
+    batch = tasks.build("induction_head", seq_len=8).generate(3, seed=0)
+    for index in (True, torch.tensor(False)):
+        with pytest.raises(TypeError, match="single bool is not an index"):
+            batch[index]
+    assert len(batch[torch.tensor([True, False, True])]) == 2
+    longer = tasks.build("induction_head", seq_len=9).generate(2, seed=0)
+    with pytest.raises(ValueError, match=r"one seq_len, got \[8, 9\]"):
+        tasks.Batch.cat([batch, longer])
+    with pytest.raises(ValueError, match="candidates have seq_len 8, excluded 9"):
+        tasks.not_in(batch, longer)
 
 
 @pytest.mark.parametrize(
