@@ -83,15 +83,16 @@ class S4DKernel(torch.autograd.Function):
 
     Backward, for g = dloss/dK and in conjugate form (ĝ = conj(dloss/dz) for complex z, torch's
     convention being dloss/dRe + i dloss/dIm; through a holomorphic f, ĝ_z = f'(z) ĝ_f, no
-    conjugates): ĝ_w = 2 S0 and ĝ_lam = 2 w S1 with S0 = sum_l g_l z^l and S1 = sum_l l g_l z^l,
-    both from the transposed product over the same grid of lags (one matmul per channel, then
-    a complex product with the high powers summed over b). Then the chain rule to dt, A, B, C
-    (:meth:`_parameter_grads`). Left to autograd, the Vandermonde product's dozen [H, N,
-    sqrt(L)] ops took 6.0 ms of an H3 layer's 9 ms fwd+bwd at width 256, L = 64 on CPU. At the
-    tasks' sizes (H = 64, N = 32, L = 20) the op count is what costs (a small op is 4-15 us on
-    CPU, a complex exp of [64, 32] 112 us, a product with a strided .real view 4x a contiguous
-    one): a DiagonalSSM's filter from its parameters now takes 24 ops forward and 35 backward,
-    against 47 and 53 in the previous form.
+    conjugates): ĝ_w = 2 S0 and ĝ_z = 2 w S1 with S0 = sum_l g_l z^l and S1 = dS0/dz = sum_l
+    (l + 1) g_(l+1) z^l (not through lam = log z: dlam/dz = 1/z is infinite where a bilinear
+    dA is 0, at dt A = -2), both from the transposed product over the same grid of lags (one
+    matmul per channel, then a complex product with the high powers summed over b). Then the
+    chain rule to dt, A, B, C (:meth:`_parameter_grads`). Left to autograd, the Vandermonde
+    product's dozen [H, N, sqrt(L)] ops took 6.0 ms of an H3 layer's 9 ms fwd+bwd at width 256,
+    L = 64 on CPU. At the tasks' sizes (H = 64, N = 32, L = 20) the op count is what costs (a
+    small op is 4-15 us on CPU, a complex exp of [64, 32] 112 us, a product with a strided .real
+    view 4x a contiguous one): a DiagonalSSM's filter from its parameters now takes 24 ops
+    forward and 35 backward, against 47 and 53 in the previous form.
     Computed in the inputs' precision with autocast off: a bf16 filter would lose its tail.
     """
 
@@ -129,38 +130,39 @@ class S4DKernel(torch.autograd.Function):
         Q = PQ - P
         with torch.autocast(g.device.type, enabled=False):
             _, lags = _kernel_lags(P, Q, L, dt.dtype, dt.device)
-            grid = g.new_zeros((H, 2, Q * P), dtype=dt.dtype)  # g_l and l g_l, zero past L
+            # g_l and (l + 1) g_(l+1), zero past their ends
+            grid = g.new_zeros((H, 2, Q * P), dtype=dt.dtype)
             grid[:, 0, :L] = g
-            torch.mul(g, lags, out=grid[:, 1, :L])
+            torch.mul(g[:, 1:], lags[1:], out=grid[:, 1, : L - 1])
             low, high = E[:, :P], E[:, P:]
             # sum_a grid[c, b, a] z^a as complex [H, 2, Q, N], then times z^(P b), summed over b
             t = torch.bmm(grid.view(H, 2 * Q, P), _pairs(low))
             s = (torch.view_as_complex(t.view(H, 2, Q, N, 2)) * high[:, None]).sum(2)
             s.mul_(2)  # [H, 2, N]: 2 S0, 2 S1
-            grad_w, grad_lam = s[:, 0], w * s[:, 1]
+            grad_w, grad_z = s[:, 0], w * s[:, 1]
             return S4DKernel._parameter_grads(
-                ctx.method, dt, A, B, C, cb, p, y, E[:, 1], grad_w, grad_lam
+                ctx.method, dt, A, B, C, cb, p, y, E[:, 1], grad_w, grad_z
             )
 
     @staticmethod
-    def _parameter_grads(method, dt, A, B, C, cb, p, y, dA, grad_w, grad_lam):
+    def _parameter_grads(method, dt, A, B, C, cb, p, y, dA, grad_w, grad_z):
         """(d dt, d A, d B, d C, None, None) from the conjugate-form gradients of w = C B p(dt,
-        A) and lam(dt, A), p being dB without B; dt is real, so its gradient is the real part,
-        summed over the modes. With x = dt A: zoh: lam = x, dA = e^x, p = (dA - 1) / A, so
-        dp/dA = (dt dA - p) / A, dp/ddt = dA. bilinear: y = 1 - x/2, dA = (1 + x/2) / y, p = dt
-        / y, lam = log dA, so dp/dA = dt^2 / (2 y^2) = p^2 / 2, dp/ddt = 1 / y^2 and dlam/dx =
-        1 / ((1 + x/2) y) = 1 / ((2 - y) y) (from y rather than dA, which may underflow to 0)."""
+        A) and z = dA(dt, A), p being dB without B; dt is real, so its gradient is the real
+        part, summed over the modes. With x = dt A, ĝ_x = dz/dx ĝ_z: zoh: dA = e^x, dz/dx = dA,
+        p = (dA - 1) / A, so dp/dA = (dt dA - p) / A, dp/ddt = dA. bilinear: y = 1 - x/2, dA =
+        (1 + x/2) / y, dz/dx = 1 / y^2, p = dt / y, so dp/dA = dt^2 / (2 y^2) = p^2 / 2 and
+        dp/ddt = 1 / y^2."""
         dt = dt[:, None]
         grad_p = cb * grad_w
         if method == "zoh":
-            grad_A = torch.addcmul((dt * dA - p) / A * grad_p, dt, grad_lam)
-            grad_dt = dA * grad_p + A * grad_lam
+            grad_x = dA * grad_z
+            grad_A = torch.addcmul((dt * dA - p) / A * grad_p, dt, grad_x)
+            grad_dt = dA * grad_p + A * grad_x
         else:
-            inv_y = 1 / y
-            dlam_dx = inv_y / (2 - y)
-            lam_x = dlam_dx * grad_lam
-            grad_A = torch.addcmul(p * p / 2 * grad_p, dt, lam_x)
-            grad_dt = torch.addcmul(inv_y * inv_y * grad_p, A, lam_x)
+            inv_y2 = (1 / y).square_()
+            grad_x = inv_y2 * grad_z
+            grad_A = torch.addcmul(p * p / 2 * grad_p, dt, grad_x)
+            grad_dt = torch.addcmul(inv_y2 * grad_p, A, grad_x)
         grad_B = None if B is None else (C * p * grad_w).conj_physical_()
         pb = p if B is None else p * B
         return (
@@ -250,7 +252,11 @@ def log_dA(dt: torch.Tensor, A: torch.Tensor, method: str) -> tuple[torch.Tensor
     if method == "zoh":
         return a, b
     a, b = a / 2, b / 2
-    log_abs = 0.5 * torch.log(((1 + a) ** 2 + b**2) / ((1 - a) ** 2 + b**2))
+    # |1 + x|^2 is 0 where dt A = -2 exactly (dA = 0, reachable by a mode with Im A = 0); its
+    # log would be -inf, and lag 0's exponent 0 * -inf NaN for the whole channel. Floored at
+    # the smallest normal, dA^l for l >= 1 is off by at most sqrt(tiny) (1e-19 in fp32).
+    num = ((1 + a) ** 2 + b**2).clamp_min(torch.finfo(a.dtype).tiny)
+    log_abs = 0.5 * torch.log(num / ((1 - a) ** 2 + b**2))
     return log_abs, torch.atan2(b, 1 + a) - torch.atan2(-b, 1 - a)
 
 

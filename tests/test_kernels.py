@@ -16,6 +16,7 @@ from kernels import (
 )
 from kernels.fft_sizes import next_fast_len
 from kernels.fftconv import METHODS, choose_method
+from kernels.ssm import s4d_state
 
 
 def direct_conv(u, k, D=None, pregate=None, postgate=None):
@@ -420,6 +421,40 @@ def test_s4d_kernel_gradients_float64(method, L, with_b):
     got_grads = torch.autograd.grad(got, params, gy, retain_graph=True)  # A is shared
     for a, b in zip(got_grads, torch.autograd.grad(want, params, gy)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_bilinear_at_zero_dA_float64():
+    """dt A = -2 on a real mode makes the bilinear dA exactly 0 (log dA = -inf): the kernel, its
+    gradients and the state stay exact, against a recurrence and central differences (the
+    kernel is smooth there)."""
+    C = torch.tensor([[1.0 + 0.5j, 2.0 - 1j]], dtype=torch.complex128)
+    A = torch.tensor([[-0.5 + 0j, -0.5 + 1j]], dtype=torch.complex128)
+    dt = torch.tensor([4.0], dtype=torch.float64)
+    gy = torch.tensor([[0.3, -1.2, 0.7, 2.0, -0.4]], dtype=torch.float64)
+
+    def loss(dt, A):
+        return (s4d_kernel(dt, A, None, C, 5, "bilinear") * gy).sum()
+
+    dA, dB = s4d_discretize(dt, A, None, "bilinear")
+    assert dA[0, 0] == 0
+    x, want = torch.zeros_like(dA), []
+    for t in range(5):
+        x = dA * x + (dB if t == 0 else 0)
+        want.append(2 * (C * x).sum(-1).real)
+    torch.testing.assert_close(s4d_kernel(dt, A, None, C, 5, "bilinear"), torch.stack(want, 1))
+    params = (dt.clone().requires_grad_(), A.clone().requires_grad_())
+    got_dt, got_A = torch.autograd.grad(loss(*params), params)
+    h = 1e-6
+    fd_dt = (loss(dt + h, A) - loss(dt - h, A)) / (2 * h)
+    step = torch.zeros_like(A)
+    step[0, 0] = h
+    fd_re = (loss(dt, A + step) - loss(dt, A - step)) / (2 * h)
+    fd_im = (loss(dt, A + 1j * step) - loss(dt, A - 1j * step)) / (2 * h)
+    torch.testing.assert_close(got_dt, fd_dt.reshape(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_A[0, 0], torch.complex(fd_re, fd_im), rtol=1e-6, atol=1e-6)
+    u = torch.tensor([[[1.0, -2.0, 0.5]]], dtype=torch.float64)
+    state = dB * (dA**2 * u[..., 0] + dA * u[..., 1] + u[..., 2])  # x_L from the zero state
+    torch.testing.assert_close(s4d_state(u, dt, A, None, "bilinear"), state[None])
 
 
 @pytest.mark.parametrize("method", ["zoh", "bilinear"])
