@@ -68,9 +68,14 @@ def make(name: str, params: dict, dtype=torch.float64) -> layers.Mixer:
     return mixer.to(dtype)
 
 
-def inputs(dtype=torch.float64, seed=1) -> torch.Tensor:
+def inputs(dtype=torch.float64, seed=1, batch=BATCH) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(BATCH, SEQ_LEN, D_MODEL, generator=generator, dtype=dtype)
+    return torch.randn(batch, SEQ_LEN, D_MODEL, generator=generator, dtype=dtype)
+
+
+# kernels.fftconv takes its Toeplitz method from this batch size on at short lengths (the task
+# batches' shape); BATCH takes the FFT or direct one. Oracle tests run both.
+TOEPLITZ_BATCH = 17
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +105,11 @@ def stepped_state(mixer: layers.Mixer, x: torch.Tensor) -> layers.State:
     return state
 
 
+@pytest.mark.parametrize("batch", [BATCH, TOEPLITZ_BATCH])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_prefill_then_step_matches_forward(config):
+def test_prefill_then_step_matches_forward(config, batch):
     mixer = make(*config)
-    x = inputs()
+    x = inputs(batch=batch)
     y = mixer(x)
     # One position, fewer positions than a shift SSM's taps (D_STATE), and more.
     for split in (1, D_STATE - 3, SEQ_LEN - 2):
@@ -389,34 +395,85 @@ def test_shift_ssm_matches_recurrence(d_state, learn_b):
     torch.testing.assert_close(ssm(u, pregate=pre, postgate=post), gated, rtol=1e-10, atol=1e-10)
 
 
+def ssm_loop(ssm: DiagonalSSM | ShiftSSM, u: torch.Tensor) -> torch.Tensor:
+    return shift_loop(ssm, u) if isinstance(ssm, ShiftSSM) else diagonal_loop(ssm, u)
+
+
 def h3_loop(mixer: layers.H3, x: torch.Tensor) -> torch.Tensor:
-    """H3 from the paper's equations with Python loops over heads, i, j and time."""
+    """H3 from the module docstring's equations, every ablation knob, with Python loops over
+    heads, i, j and time: k' = ssm1(k), kv[h, i, j] = k'[h, i] v[h, j] (or k'[h, i] + v[h, j]),
+    out[h, j] = sum_i q[h, i] ssm2(kv)[h, i, j] (q = 1 without the q gate)."""
     hd = mixer.head_dim
-    q, k, v = (F.linear(x, p.weight, p.bias) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
-    k = shift_loop(mixer.k_ssm, k.transpose(1, 2)).transpose(1, 2)
-    dA, dB, C = discretise(mixer.kv_ssm)
-    D = mixer.kv_ssm.D.detach()
-    out = torch.zeros_like(x)
-    for h in range(D_MODEL // hd):
+    k, v = (F.linear(x, p.weight, p.bias).transpose(1, 2) for p in (mixer.k_proj, mixer.v_proj))
+    q = torch.ones_like(k)
+    if mixer.q_gate:
+        q = F.linear(x, mixer.q_proj.weight, mixer.q_proj.bias).transpose(1, 2)
+    if mixer.k_ssm is not None:
+        k = ssm_loop(mixer.k_ssm, k)
+    heads = D_MODEL // hd
+    kv = torch.zeros(x.shape[0], heads * hd * hd, x.shape[1], dtype=x.dtype)
+    for h in range(heads):
         for i in range(hd):
             for j in range(hd):
-                ci, cj = h * hd + i, h * hd + j
-                state = torch.zeros(x.shape[0], dA.shape[1], dtype=torch.complex128)
-                for t in range(x.shape[1]):
-                    kv = k[:, t, ci] * v[:, t, cj]
-                    state = dA[h] * state + dB[h] * kv[:, None]
-                    y = 2 * (C[h] * state).sum(-1).real + D[h] * kv
-                    out[:, t, cj] += q[:, t, ci] * y
-    return F.linear(out, mixer.output_linear.weight, mixer.output_linear.bias)
+                ki, vj = k[:, h * hd + i], v[:, h * hd + j]
+                kv[:, (h * hd + i) * hd + j] = ki * vj if mixer.kv_gate else ki + vj
+    y = ssm_loop(mixer.kv_ssm, kv)  # channel (h hd + i) hd + j uses head h's parameters
+    out = torch.zeros(x.shape[0], D_MODEL, x.shape[1], dtype=x.dtype)
+    for h in range(heads):
+        for i in range(hd):
+            for j in range(hd):
+                out[:, h * hd + j] += q[:, h * hd + i] * y[:, (h * hd + i) * hd + j]
+    return F.linear(out.transpose(1, 2), mixer.output_linear.weight, mixer.output_linear.bias)
 
 
-@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
-@pytest.mark.parametrize("head_dim", [1, 2])
-def test_h3_matches_loop_oracle(head_dim, discretization):
-    mixer = make("h3", {"head_dim": head_dim, "discretization": discretization})
-    x = inputs()
+def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
+
+
+def s4d_loop(mixer: layers.S4D, x: torch.Tensor) -> torch.Tensor:
+    """The S4D block: y = SSM(x) + D x per channel, then GLU(Linear(GELU(y)))."""
+    y = diagonal_loop(mixer.ssm, x.transpose(1, 2)).transpose(1, 2)
+    a, b = linear(mixer.output_linear, F.gelu(y)).chunk(2, dim=-1)
+    return a * torch.sigmoid(b)
+
+
+def gss_loop(mixer: layers.GSS, x: torch.Tensor) -> torch.Tensor:
+    """GSS (Mehta et al.): u = GELU(x W1), v = GELU(x W2), out = (u * (SSM(v) W3)) W4."""
+    u, v = F.gelu(linear(mixer.gate_proj, x)), F.gelu(linear(mixer.ssm_proj, x))
+    y = diagonal_loop(mixer.ssm, v.transpose(1, 2)).transpose(1, 2)
+    return linear(mixer.output_linear, u * linear(mixer.ssm_out_proj, y))
+
+
+def attention_loop(mixer: layers.Attention, x: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention written out per head and query position (no rotary)."""
+    d, heads = D_MODEL, mixer.num_heads
+    q, k, v = linear(mixer.qkv, x).split(d, dim=-1)
+    out = torch.zeros_like(x)
+    for h in range(heads):
+        cols = slice(h * d // heads, (h + 1) * d // heads)
+        for t in range(x.shape[1]):
+            scores = (q[:, t, None, cols] * k[:, : t + 1, cols]).sum(-1) / math.sqrt(d // heads)
+            out[:, t, cols] = (scores.softmax(-1)[..., None] * v[:, : t + 1, cols]).sum(1)
+    return linear(mixer.out_proj, out)
+
+
+ORACLES = {"h3": h3_loop, "s4d": s4d_loop, "gss": gss_loop, "attention": attention_loop}
+ORACLE_CONFIGS = (
+    [("h3", variant) for variant in [{}, *H3_VARIANTS]]
+    + [("s4d", {}), ("s4d", {"discretization": "bilinear", "init": "inv"})]
+    + [("gss", {}), ("gss", {"expansion": 2, "ssm_reduction": 2})]
+    + [("attention", {}), ("attention", {"num_heads": 4})]
+)
+
+
+@pytest.mark.parametrize("batch", [BATCH, TOEPLITZ_BATCH])
+@pytest.mark.parametrize("config", ORACLE_CONFIGS, ids=config_id)
+def test_mixer_matches_loop_oracle(config, batch):
+    mixer = make(*config)
+    x = inputs(batch=batch)
     with torch.no_grad():
-        torch.testing.assert_close(mixer(x), h3_loop(mixer, x), rtol=1e-10, atol=1e-10)
+        want = ORACLES[config[0]](mixer, x)
+        torch.testing.assert_close(mixer(x), want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(

@@ -75,3 +75,55 @@ def test_diagonal_ssm_layer_passes_state_beyond_fused_length(monkeypatch):
     full = ssm(u, pre, post)
     monkeypatch.setattr(layers.ssm, "STATE_PASSING_LEN", 64)  # 150 = 64 + 64 + 22
     torch.testing.assert_close(ssm(u, pre, post), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("h3", {"head_dim": 2}),
+        ("h3", {"first_ssm": "diag", "discretization": "zoh"}),
+        ("s4d", {}),
+        ("gss", {"expansion": 2, "ssm_reduction": 2}),
+    ],
+)
+def test_layers_beyond_the_fused_length(name, params, monkeypatch):
+    """Whole layers past STATE_PASSING_LEN (chunks of 4, which do not divide L = 13): the
+    output, prefill then step, and the gradients of the input and of every parameter equal
+    those of the full convolution, float64."""
+    import layers
+    import layers.h3
+    import layers.ssm
+
+    torch.manual_seed(0)
+    mixer = layers.build(name, d_model=8, d_state=4, **params).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 13, 8, generator=g, dtype=torch.float64)
+
+    def run():
+        y = mixer(x)
+        grads = torch.autograd.grad(y, [x, *mixer.parameters()], gy)
+        with torch.no_grad():
+            y_prefix, state = mixer.prefill(x[:, :11])
+            steps = [y_prefix]
+            for t in (11, 12):
+                y_t, state = mixer.step(x[:, t], state)
+                steps.append(y_t[:, None])
+        return y, torch.cat(steps, dim=1), grads
+
+    full, full_stepped, full_grads = run()
+    torch.testing.assert_close(full_stepped, full.detach(), rtol=1e-10, atol=1e-10)
+    monkeypatch.setattr(layers.ssm, "STATE_PASSING_LEN", 4)
+    # Multi-head H3 takes its second SSM regrouped at short lengths, never beyond 8K.
+    monkeypatch.setattr(layers.h3, "REGROUPED_MAX_LEN", 0)
+    calls = []
+    chunked_conv = layers.ssm.ssm_chunked_conv
+    monkeypatch.setattr(
+        layers.ssm, "ssm_chunked_conv", lambda *a: calls.append(1) or chunked_conv(*a)
+    )
+    chunked, chunked_stepped, chunked_grads = run()
+    assert len(calls) == 2 * sum(isinstance(m, layers.DiagonalSSM) for m in mixer.modules())
+    torch.testing.assert_close(chunked, full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(chunked_stepped, full.detach(), rtol=1e-10, atol=1e-10)
+    for a, b in zip(chunked_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
