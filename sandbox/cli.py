@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
-from sandbox.config import ConfigError, load_config
+from sandbox.config import ConfigError, load_config, preset_names
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text, width):
+        # Wrapped at spaces only: a name such as h3-ih-paper-loss must stay whole.
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse's own usage errors: one line, exit 2
         self.exit(2, f"sandbox: error: {message}\n")
 
@@ -36,11 +50,28 @@ def _seed(text: str) -> int:
     return value
 
 
+def _warn_if_nothing_to_resume(out: Path, config, resume: bool) -> None:
+    """--resume without a checkpoint in --out starts from step 0 (job scripts pass --resume
+    on every attempt, the first included), but says so: a mistyped --out would otherwise
+    silently redo a whole run."""
+    from sandbox.train import CHECKPOINT, check_run_dir
+
+    if not resume or (out / CHECKPOINT).exists() or (out / "result.json").exists():
+        return
+    check_run_dir(out, config, resume)  # a refusal (a file, another config) comes alone
+    print(
+        f"sandbox: warning: --resume: nothing to resume in {out} (no {CHECKPOINT}); "
+        "starting from step 0",
+        file=sys.stderr,
+    )
+
+
 def _cmd_train(args) -> int:
     from sandbox.train import train
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    _warn_if_nothing_to_resume(out, config, args.resume)
     result = train(config, out, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     print(f"run written to {out}")
@@ -169,13 +200,13 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    import os
-
     from sandbox.pretrain import pretrain
     from sandbox.pretrain_config import load_pretrain_config
 
     config = load_pretrain_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / "pretrain" / Path(args.config).stem
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process warns
+        _warn_if_nothing_to_resume(out, config, args.resume)
     result = pretrain(config, out, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
         print(json.dumps(result, indent=2))
@@ -205,10 +236,16 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    # default=[]: argparse takes a nargs="*" positional without a default for a required one
+    # and names it in "the following arguments are required" when CONFIG is missing.
+    p.add_argument("overrides", nargs="*", default=[], help=help)
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, what: str, example: str, out: str) -> None:
     """The arguments `train` and `pretrain` share: CONFIG, overrides, --out, --resume, --quiet."""
     p.add_argument("config", help=f"{what} config YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", help=f"a.b=value overrides, e.g. {example}")
+    _add_overrides(p, f"a.b=value overrides, e.g. {example}")
     p.add_argument("--out", help=f"run directory (default {out})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -223,8 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="train a grid of mixers on tasks; print the gap table")
-    p.add_argument("--preset", default="h3-table2", help="name in configs/compare/ or a YAML path")
-    p.add_argument("overrides", nargs="*", help="a.b=value overrides applied to every run")
+    p.add_argument(
+        "--preset",
+        default="h3-table2",
+        help=f"a name in configs/compare/ ({', '.join(preset_names())}) or a YAML path "
+        "(default %(default)s)",
+    )
+    _add_overrides(p, "a.b=value overrides applied to every run")
     p.add_argument("--seeds", type=_positive_int, help="number of seeds (default: the preset's)")
     p.add_argument("--out", help="output directory (default runs/compare/<preset>)")
     p.add_argument("--workers", type=_positive_int, help="parallel runs (default: CPU count)")
@@ -304,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="parameter count of a run or pretrain config, by part")
     p.add_argument("config", help="run config or pretrain config YAML")
-    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. model.n_layers=24")
+    _add_overrides(p, "a.b=value overrides, e.g. model.n_layers=24")
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser(
@@ -333,7 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA OutOfMemoryError, the CPU allocator's RuntimeError (torch raises no
+    dedicated type for it) or Python's MemoryError; not any other RuntimeError, whose
+    traceback is the only clue to a bug."""
+    torch = sys.modules.get("torch")  # not imported: nothing of torch's can have failed
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -342,9 +394,36 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sandbox: error: {msg}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        size = re.search(r"tried to allocate ([\d.]+ ?\w+)", str(e), re.IGNORECASE)
+        print(
+            f"sandbox: error: out of memory in `sandbox {args.command}`"
+            + (f" (tried to allocate {size[1]})" if size else "")
+            + "; try smaller sizes (sequence length, batch size, model width or depth)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("sandbox: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Flushed here, not at exit: a reader that is gone (`| head -1`) must raise where
+            # it is handled below, not in the interpreter's final flush.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed the pipe: the rest of the output is not wanted. Point stdout at
+        # devnull so that the interpreter's final flush does not raise again (Python docs,
+        # "Note on SIGPIPE"), and exit as a process killed by SIGPIPE does (cat, yes): 141.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -32,12 +32,14 @@ from tqdm.auto import tqdm
 
 import tasks
 from sandbox.config import (
+    PRESET_DIR,
     ConfigError,
     RunConfig,
     Strict,
     apply_override,
     build_config,
     deep_merge,
+    preset_names,
     read_yaml,
 )
 from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights, make_dir
@@ -50,8 +52,6 @@ from sandbox.train import (
     evaluate,
     total_steps,
 )
-
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "compare"
 
 
 class ComparePreset(Strict):
@@ -85,10 +85,6 @@ class Run:
         # Variant names are free text ("shift + diag"); directory names keep to [\w.-].
         name = f"{self.task}__{self.variant}__seed{self.seed}__lr{self.lr:g}"
         return re.sub(r"[^\w.-]+", "-", name)
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
@@ -195,10 +191,11 @@ def _check_saved_configs(runs: list[Run], out: Path) -> None:
     for r in runs:
         try:
             check_run_dir(out / "runs" / r.run_id, r.config, resume=True)
-        except RunDirError:
+        except RunDirError as e:
+            changed = getattr(e, "differences", None)
             raise RunDirError(
                 f"--out {out}: run {r.run_id} was made with another config (the preset or the "
-                "overrides changed); choose another --out"
+                f"overrides changed{': ' + changed if changed else ''}); choose another --out"
             ) from None
 
 

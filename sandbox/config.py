@@ -196,17 +196,36 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
     path."""
     path = Path(path)
     try:
-        data = load_yaml(path.read_text()) or {}
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what} {str(path)!r} not found") from None
     except OSError as e:  # a directory, no permission, ...
         raise ConfigError(f"{what} {str(path)!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # its own message names the byte, not the file
+        raise ConfigError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+            f"offset {e.start})"
+        ) from None
     except yaml.YAMLError as e:
         line = str(e).replace("\n", " ")
         raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {line}") from None
+    # No document at all (an empty file, or only comments) is almost surely a mistake, such as
+    # a config written by a failed step: taken as {} it would run every default for hours.
+    # An explicit {} still means "all defaults".
+    if data is None:
+        raise ConfigError(f"{what} {str(path)!r} is empty (no settings, only blanks or comments)")
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {str(path)!r}: top level must be a mapping")
     return data
+
+
+# `sandbox compare` presets. Here, not in sandbox.compare, so that the CLI lists them in its
+# help without importing torch.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "compare"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -110,13 +110,17 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(header, rows, title: str) -> None:
+def print_table(header, rows, title: str, caption: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=caption, caption_justify="left")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        # Folded at spaces (task names' underscores shown as spaces here only), not rich's
+        # default ellipsis: at 80 columns "associative_recall (ours)" was cut to "associa…",
+        # which left the columns unnamed. Mixer names stay whole.
+        justify = "left" if i == 0 else "right"
+        table.add_column(h.replace("_", " "), justify=justify, overflow="fold", no_wrap=i == 0)
     for r in rows:
         table.add_row(*r)
     Console().print(table)
@@ -321,4 +325,4 @@ def write_all(chosen: list[dict], preset, runs, out: Path, show: bool = True) ->
         for kind in preset.figures:
             FIGURES[kind](chosen, preset, chance, out / f"{kind}.png")
     if show:
-        print_table(header, rows, preset.description or "sandbox compare")
+        print_table(header, rows, preset.description or "sandbox compare", preset.paper_note)

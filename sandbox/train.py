@@ -197,11 +197,45 @@ def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
     # Compared as validated configs, not as text: a field added to the schema since the run
     # was saved takes its default on both sides, so older runs still resume.
     try:
-        saved = type(config).model_validate(load_yaml(saved_config.read_text()))
-    except (ValidationError, yaml.YAMLError):
-        saved = None
+        saved = type(config).model_validate(load_yaml(saved_config.read_text(encoding="utf-8")))
+    except (ValidationError, yaml.YAMLError, UnicodeDecodeError):
+        raise RunDirError(
+            f"--resume: {saved_config} is not a readable config of this command; "
+            "choose another --out"
+        ) from None
     if saved != config:
-        raise RunDirError(f"--resume: the config differs from the one saved in {saved_config}")
+        differences = config_differences(saved, config)
+        error = RunDirError(
+            f"--resume: the config differs from the one saved in {saved_config}: {differences}"
+        )
+        error.differences = differences  # for callers that phrase the refusal their own way
+        raise error
+
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    """A nested dict as {"a.b": value}; an empty section has no leaves."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: BaseModel, config: BaseModel, limit: int = 3) -> str:
+    """The first ``limit`` dotted fields that differ, as "train.lr: saved 0.001, now 0.002":
+    one line that tells the user which override or edit to undo."""
+    old, new = (_leaves(c.model_dump(mode="json")) for c in (saved, config))
+    unset = object()  # a key only one side has (a free-form section such as mixer_params)
+    keys = [k for k in {**old, **new} if old.get(k, unset) != new.get(k, unset)]
+
+    def show(value) -> str:
+        return "(unset)" if value is unset else json.dumps(value)
+
+    parts = [f"{k}: saved {show(old.get(k, unset))}, now {show(new.get(k, unset))}" for k in keys]
+    more = f" (and {len(parts) - limit} more)" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
 
 
 def truncate_metrics(path: Path, last_step: int) -> list[dict]:

@@ -360,8 +360,9 @@ def run_sweep(
     trials; then write the report into `out`. Returns the study and `out`."""
     if space_path is None and study_name is None:
         raise ConfigError("give a SPACE file, or --study (and --storage) to join a study")
-    if jobs < 1 or heartbeat_s < 1 or (n_trials is not None and n_trials < 1):
-        raise ConfigError("--trials, --jobs and --heartbeat must be >= 1")
+    for flag, value in (("--trials", n_trials), ("--jobs", jobs), ("--heartbeat", heartbeat_s)):
+        if value is not None and value < 1:  # --trials None: the space's number
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if worker < 0:
         raise ConfigError(f"--worker-index must be >= 0, got {worker}")
     space = load_space(space_path) if space_path else None

@@ -190,8 +190,10 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert table.splitlines()[0] == "| mixer | ar | ar steps | fuzzy | fuzzy steps |"  # no paper
 
     # Finished runs are not reused for another config; a seed override is pointed to --seeds.
-    with pytest.raises(RunDirError, match="another config"):
+    with pytest.raises(RunDirError, match="another config") as refused:
         compare(preset, out, workers=1, progress=False, overrides=["train.max_steps=4"])
+    assert "changed: train.max_steps: saved" in str(refused.value)
+    assert str(refused.value).endswith(", now 4); choose another --out")
     with pytest.raises(ConfigError, match="use --seeds"):
         compare(preset, out, workers=1, progress=False, overrides=["seed=3"])
 

@@ -12,6 +12,7 @@ from sandbox.config import (
     deep_merge,
     dump_config,
     load_config,
+    read_yaml,
 )
 
 
@@ -99,6 +100,33 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="Is a directory"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "  \n\n", "# only a comment\n---\n"])
+def test_an_empty_file_is_an_error_naming_it(tmp_path, text):
+    """Was read as {}: `sandbox train empty.yaml` trained every default for ~40 minutes."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file '{path}' is empty"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"space file '{path}' is empty"):
+        read_yaml(path, "space file")
+
+
+def test_a_config_setting_some_sections_or_none_explicitly_is_valid(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# only the train section\ntrain: {epochs: 3}\n")
+    assert load_config(path) == build_config({"train": {"epochs": 3}})
+    path.write_text("{}  # every default, said explicitly\n")
+    assert load_config(path) == build_config({})
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train: {lr: 1e-3}  # d\xe9faut\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"config file '{path}' is not UTF-8 text (byte 0xe9 at offset 22)"
 
 
 def test_exponent_floats_are_numbers(tmp_path):
