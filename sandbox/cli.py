@@ -385,8 +385,22 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed arguments, with a.b=value overrides accepted after the flags too
+    (`sandbox train c.yaml --out r train.lr=1e-2`): argparse takes a positional list only
+    in one run of positionals, and its intermixed parsing does not work with subcommands."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra and (late != extra or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def _run(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.func(args)
     except (ConfigError, ValueError) as e:

@@ -168,7 +168,7 @@ def test_resume_names_the_fields_that_differ(tmp_path, tiny, capsys):
     assert main(["train", str(tiny), "--out", str(run), "--quiet"]) == 0
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
-    flags = ["--out", str(run), "--resume", "--quiet"]  # after the overrides (argparse)
+    flags = ["--out", str(run), "--resume", "--quiet"]
     resume = ["train", str(tiny), *flags]
     assert main(["train", str(tiny), "train.lr=0.01", *flags]) == 2
     assert _one_line(capsys) == (
@@ -252,3 +252,20 @@ def test_compare_help_lists_the_presets_and_the_default(capsys, monkeypatch, tmp
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     assert "configs/compare/ (a-new-preset, h3-table2)" in capsys.readouterr().out
+
+
+def test_overrides_after_the_flags(tmp_path, tiny, capsys):
+    """Overrides may come after --out and the other flags (argparse refused them there)."""
+    run = tmp_path / "run"
+    assert main(["train", str(tiny), "--out", str(run), "--quiet", "train.lr=0.01"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 0.01
+    for argv in (
+        ["train", str(tiny), "--out", str(run), "--bogus"],
+        ["train", str(tiny), "--out", str(run), "train.lr=0.01", "--bogus"],
+        ["sweep-report", "--out", str(tmp_path / "d"), "a.b=1"],  # takes no overrides
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert _one_line(capsys).startswith("sandbox: error: unrecognized arguments: ")
+    assert not (tmp_path / "d").exists()
