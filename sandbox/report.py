@@ -161,6 +161,17 @@ def _tasks_by_length(rows: list[dict], preset) -> list[str]:
     return sorted((t for t in preset.tasks if t in length), key=lambda t: length[t])
 
 
+def _chance_line(ax, accuracy: float) -> None:
+    """Chance as a dashed line, named on the panel itself (seaborn's figure legend lists the
+    plotted hues only)."""
+    ax.axhline(accuracy, ls="--", color="gray", lw=1)
+    ax.annotate(
+        "chance", (1, accuracy), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+        textcoords="offset points", ha="right", va="bottom", color="gray", fontsize=8,
+        zorder=5, bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.8},
+    )  # fmt: skip
+
+
 def figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
     """Bar chart of test accuracy per mixer (ours with sd over seeds, paper beside it),
     one panel per task, chance as a dashed line."""
@@ -193,7 +204,7 @@ def figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> No
         aspect=1.3,
     )
     for task, ax in grid.axes_dict.items():
-        ax.axhline(chance[task], ls="--", color="gray", lw=1)
+        _chance_line(ax, chance[task])
         ax.set_ylim(0, 105)
         ax.tick_params(axis="x", rotation=30)
     grid.set_axis_labels("", "test accuracy (%)")
@@ -226,7 +237,7 @@ def width_figure(rows: list[dict], preset, chance: dict[str, float], path: Path)
     widths = sorted(set(frame["d_model"]))
     length = dict(zip(frame["task"], frame["seq_len"], strict=True))
     for task, ax in grid.axes_dict.items():
-        ax.axhline(chance[task], ls="--", color="gray", lw=1)
+        _chance_line(ax, chance[task])
         ax.set_ylim(-2, 105)
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
