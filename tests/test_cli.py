@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import TINY as TRAIN_TINY
 
 import sandbox.config
 import sandbox.train
@@ -18,13 +19,11 @@ from sandbox.config import preset_names
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Two optimizer steps: a run of its own takes about a second.
+# test_train's tiny run cut to two optimizer steps (about a second).
 TINY = {
-    "seed": 3,
-    "threads": 1,
-    "task": {"name": "associative_recall", "num_train": 64, "num_valid": 32, "num_test": 32},
-    "model": {"mixer": "h3", "d_model": 16, "mixer_params": {"d_state": 8}},
-    "train": {"lr": 3.0e-3, "batch_size": 32, "epochs": 1, "eval_every": 2},
+    **TRAIN_TINY,
+    "task": {**TRAIN_TINY["task"], "num_train": 64, "num_valid": 32, "num_test": 32},
+    "train": {**TRAIN_TINY["train"], "epochs": 1, "eval_every": 2},
 }
 
 
