@@ -171,7 +171,10 @@ def _variants(study: optuna.Study, path: Path) -> bool:
         ax.set_visible(False)
     for i, (ax, param) in enumerate(zip(axes.flat, discrete)):
         spec = space[param]
-        order = [str(c) for c in spec["choices"]] if spec["type"] == "categorical" else None
+        if spec["type"] == "categorical":
+            order = [str(c) for c in spec["choices"]]
+        else:  # int: numeric order (seaborn keeps the strings in order of first appearance)
+            order = [str(v) for v in sorted({int(x) for x in points[param][param]})]
         sns.stripplot(
             data=points[param], x=param, y="value", hue="state", order=order, ax=ax, jitter=0.15
         )

@@ -152,9 +152,13 @@ class SweepSpace(Strict):
         return values
 
     def config_data(self, values: dict[str, Any]) -> dict:
-        """The base with each sampled value set (or merged, for a mapping) at its path."""
+        """The base with each sampled value set (or merged, for a mapping) at its path.
+
+        Shorter paths first: a value at `task.params.seq_len` beats a `task` choice's mapping
+        whatever their order in the file, so the value a trial records is the one it trains.
+        """
         data = copy.deepcopy(self.base)
-        for path, value in values.items():
+        for path, value in sorted(values.items(), key=lambda item: item[0].count(".")):
             nested = functools.reduce(
                 lambda inner, key: {key: inner},
                 reversed(path.split(".")),

@@ -490,3 +490,78 @@ def test_two_workers_share_a_postgres_study(postgres_url, tmp_path):
     for name in ("trials.csv", "best_config.yaml", "history.png"):
         assert (out / name).exists()
     load_config(out / "best_config.yaml")
+
+
+def test_variant_ticks_of_an_integer_parameter_are_in_numeric_order(tmp_path, monkeypatch):
+    """Were in order of first appearance: 8, 2, 16, 4."""
+    import sweeps.report as report
+
+    study = optuna.create_study(direction="maximize")
+    spec = {"model.n_layers": {"type": "int", "low": 1, "high": 16}}
+    study.set_user_attr(SPACE_ATTR, {"params": spec})
+    for n_layers, value in [(8, 0.5), (2, 0.6), (16, 0.7), (4, 0.4)]:
+        study.add_trial(
+            create_trial(
+                value=value,
+                params={"model.n_layers": n_layers},
+                distributions={"model.n_layers": IntDistribution(1, 16)},
+            )
+        )
+    ticks = []
+    monkeypatch.setattr(
+        report,
+        "_save",
+        lambda fig, path: ticks.extend(t.get_text() for t in fig.axes[0].get_xticklabels()),
+    )
+    assert report._variants(study, tmp_path / "variants.png")
+    assert ticks == ["2", "4", "8", "16"]
+
+
+def test_a_dotted_parameter_beats_a_mapping_choice_whatever_the_order(tmp_path):
+    """A task choice (a mapping with seq_len 20) listed after task.params.seq_len used to
+    overwrite it: the trial recorded seq_len 30 and trained with 20."""
+    ar = {"name": "associative_recall", "params": {"vocab_size": 10, "seq_len": 20}}
+    params = {
+        "task.params.seq_len": {"type": "categorical", "choices": [20, 30]},
+        "task": {"type": "categorical", "choices": {"ar": ar}},
+    }
+    for order in (params, dict(reversed(params.items()))):
+        space = load_space(write_space(tmp_path / "order.yaml", params=order))
+        config = space.config_for({"task.params.seq_len": 30, "task": "ar"})
+        assert config.task.params == {"vocab_size": 10, "seq_len": 30}
+
+
+def _processes_with(text: str) -> list[int]:
+    """Pids whose command line contains `text` (Linux /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_sigterm_to_a_multi_worker_sweep_stops_its_workers(tmp_path):
+    """SIGTERM (timeout, kill, a scheduler) ended the parent alone: its workers, in their own
+    sessions, ran on as orphans beside the next run of the command."""
+    base = json.loads(json.dumps(SPACE["base"]))
+    base["train"]["epochs"] = 20  # trials long enough to be cut
+    space = write_space(tmp_path / "term.yaml", base=base, trials=4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        sweep_cmd(space, "--jobs", 2, "--out", out, "--no-report"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while not list(out.glob("trials/*/metrics.jsonl")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    workers = [pid for pid in _processes_with(str(out)) if pid != proc.pid]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-3000:]
+    assert _processes_with(str(out)) == []
