@@ -382,6 +382,20 @@ def test_shipped_spaces_load():
     ih = ablation.config_for({"task": "induction_head", "train.loss_on": "answers"})
     assert ih.train.loss_on == "answers" == load_config(REPO / "configs/h3_ih.yaml").train.loss_on
     assert ablation.config_for({"task": "associative_recall"}).train.loss_on == "all"
+    # The diagonal-SSM knobs are sampled whenever either SSM is diagonal (they were tied to the
+    # second SSM only, so diag + shift always ran with the defaults).
+    pairs = {"shift+diag": True, "diag+shift": True, "shift+shift": False, "none+shift": False}
+    for pair, diagonal in pairs.items():
+        assert ablation.active("model.mixer_params.init", {"model.mixer_params": pair}) == diagonal
+    knobs = {"model.mixer_params.init": "inv", "model.mixer_params.discretization": "zoh"}
+    config = ablation.config_for({"model.mixer_params": "diag+shift", **knobs})
+    assert config.model.mixer_params == {
+        "head_dim": 8,  # from configs/h3_ar.yaml
+        "first_ssm": "diag",
+        "second_ssm": "shift",
+        "init": "inv",
+        "discretization": "zoh",
+    }
 
 
 # --- PostgreSQL: a private server on 127.0.0.1, started and stopped by the test -----------
