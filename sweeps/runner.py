@@ -207,6 +207,19 @@ class Objective:
         self.sweep = sweep
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            # Wherever it lands (sampling, training, recording the result), the trial is
+            # queued again: the next worker resumes its checkpoint, or takes a finished run's
+            # result as it is, rather than the trial holding a place as a bare failure.
+            sw = self.sweep
+            trial.set_user_attr("error", "interrupted")
+            frozen = next(t for t in sw.study.get_trials() if t.number == trial.number)
+            RETRY(sw.study, frozen)
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         from sandbox.train import train
 
         sw = self.sweep
@@ -243,11 +256,6 @@ class Objective:
         try:
             result = train(config, run_dir, resume=True, progress=False, on_eval=on_eval)
         except optuna.TrialPruned:
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted")
-            frozen = next(t for t in sw.study.get_trials() if t.number == trial.number)
-            RETRY(sw.study, frozen)  # queued again; the next worker resumes its checkpoint
             raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")

@@ -579,3 +579,34 @@ def test_sigterm_to_a_multi_worker_sweep_stops_its_workers(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-3000:]
     assert _processes_with(str(out)) == []
+
+
+@pytest.mark.parametrize("where", ["sampling", "recording"])
+def test_an_interrupt_anywhere_in_a_trial_queues_it_again(tmp_path, monkeypatch, where):
+    """Ctrl-C outside train() (while sampling, or recording a finished run's result) left a
+    bare failed trial holding a place, and its finished run was trained again."""
+    from sweeps.runner import Objective, Sweep, open_study
+
+    space = load_space(write_space(tmp_path / "int.yaml", trials=2))
+    study, space = open_study(make_storage(default_storage(tmp_path)), "int", space)
+    sweep = Sweep(space, study, 2, tmp_path / "out", grace_s=60)
+    if where == "sampling":
+
+        def suggest(self, trial):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(type(space), "suggest", suggest)  # a pydantic model's class
+    else:
+        record = optuna.Trial.set_user_attr
+
+        def set_user_attr(trial, key, value):
+            if key == "num_params":  # after train() returned
+                raise KeyboardInterrupt
+            record(trial, key, value)
+
+        monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(Objective(sweep), n_trials=1)
+    failed, queued = study.get_trials()
+    assert failed.state == TrialState.FAIL and failed.user_attrs["error"] == "interrupted"
+    assert queued.state == TrialState.WAITING and origin(queued) == 0
