@@ -72,6 +72,9 @@ class Sweep:
     worker: int = 0
 
 
+DEFAULT_STORAGE = "study.db in --out"  # sweep.json's name for default_storage(out)
+
+
 def default_storage(out: Path) -> str:
     return f"sqlite:///{(out / 'study.db').resolve()}"
 
@@ -357,12 +360,21 @@ def _claim_out_dir(out: Path, url: str, study_name: str, claim: bool) -> None:
     """OUT/trials/<n> belongs to one study: refuse to mix another study's runs into it. With
     ``claim``, once the study has opened, write the owner if none is: a command that fails
     on its storage or study name must not tie the directory to them."""
-    owner = {"storage": _safe_url(url), "study": study_name}
+
+    def storage(url: str) -> str:
+        # The default database by its place in OUT, not its absolute path, so that a moved or
+        # copied sweep directory goes on (sweep.json files written before kept the path).
+        return DEFAULT_STORAGE if url == default_storage(out) else _safe_url(url)
+
+    owner = {"storage": storage(url), "study": study_name}
     path = out / "sweep.json"
     if not path.exists():
         if claim:
             atomic_write_text(path, json.dumps(owner, indent=2) + "\n")
-    elif json.loads(path.read_text()) != owner:
+        return
+    saved = json.loads(path.read_text())
+    saved["storage"] = storage(saved.get("storage", ""))
+    if saved != owner:
         raise ConfigError(f"--out {out} holds the trials of another study ({path}); use another")
 
 

@@ -610,3 +610,25 @@ def test_an_interrupt_anywhere_in_a_trial_queues_it_again(tmp_path, monkeypatch,
     failed, queued = study.get_trials()
     assert failed.state == TrialState.FAIL and failed.user_attrs["error"] == "interrupted"
     assert queued.state == TrialState.WAITING and origin(queued) == 0
+
+
+def test_a_moved_sweep_directory_goes_on(sqlite_sweep, tmp_path, capsys):
+    """sweep.json held the default database's absolute path, so a copied or moved sweep
+    directory was refused as "the trials of another study"."""
+    moved = tmp_path / "moved"
+    shutil.copytree(sqlite_sweep["out"], moved)
+    owner = json.loads((moved / "sweep.json").read_text())
+    assert owner == {"storage": "study.db in --out", "study": "tiny"}
+    assert main(["sweep", str(sqlite_sweep["space"]), "--out", str(moved), "--no-report"]) == 0
+    assert len(load(default_storage(moved), "tiny").get_trials()) == len(
+        load(sqlite_sweep["storage"], "tiny").get_trials()
+    )  # nothing more to run
+    # A sweep.json written before, with the absolute path, is still read as the default.
+    owner["storage"] = default_storage(moved)
+    (moved / "sweep.json").write_text(json.dumps(owner))
+    assert main(["sweep", str(sqlite_sweep["space"]), "--out", str(moved), "--no-report"]) == 0
+    owner["study"] = "other"
+    (moved / "sweep.json").write_text(json.dumps(owner))
+    capsys.readouterr()
+    assert main(["sweep", str(sqlite_sweep["space"]), "--out", str(moved), "--no-report"]) == 2
+    assert "holds the trials of another study" in capsys.readouterr().err
