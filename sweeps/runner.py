@@ -364,7 +364,8 @@ def _claim_out_dir(out: Path, url: str, study_name: str, claim: bool) -> None:
     def storage(url: str) -> str:
         # The default database by its place in OUT, not its absolute path, so that a moved or
         # copied sweep directory goes on (sweep.json files written before kept the path).
-        return DEFAULT_STORAGE if url == default_storage(out) else _safe_url(url)
+        safe = _safe_url(url)
+        return DEFAULT_STORAGE if safe == _safe_url(default_storage(out)) else safe
 
     owner = {"storage": storage(url), "study": study_name}
     path = out / "sweep.json"
