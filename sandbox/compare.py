@@ -192,10 +192,10 @@ def _check_saved_configs(runs: list[Run], out: Path) -> None:
         try:
             check_run_dir(out / "runs" / r.run_id, r.config, resume=True)
         except RunDirError as e:
-            changed = getattr(e, "differences", None)
+            changed = f": {e.differences}" if e.differences else ""
             raise RunDirError(
                 f"--out {out}: run {r.run_id} was made with another config (the preset or the "
-                f"overrides changed{': ' + changed if changed else ''}); choose another --out"
+                f"overrides changed{changed}); choose another --out"
             ) from None
 
 

@@ -47,7 +47,13 @@ BEST = "best.safetensors"
 
 
 class RunDirError(ValueError):
-    """The output directory cannot take this run (exists, or holds a different config)."""
+    """The output directory cannot take this run (exists, or holds a different config);
+    ``differences`` names the fields that differ, for callers that phrase the refusal their
+    own way."""
+
+    def __init__(self, message: str, differences: str | None = None):
+        super().__init__(message)
+        self.differences = differences
 
 
 def resolve_device(name: str) -> torch.device:
@@ -205,11 +211,10 @@ def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
         ) from None
     if saved != config:
         differences = config_differences(saved, config)
-        error = RunDirError(
-            f"--resume: the config differs from the one saved in {saved_config}: {differences}"
+        raise RunDirError(
+            f"--resume: the config differs from the one saved in {saved_config}: {differences}",
+            differences,
         )
-        error.differences = differences  # for callers that phrase the refusal their own way
-        raise error
 
 
 def _leaves(data: dict, prefix: str = "") -> dict:
