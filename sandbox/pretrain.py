@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import operator
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,9 +90,10 @@ def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
         raise DataError(f"data.dir {str(root)!r} has no index.json: prepare-data has not finished")
     try:
         index = json.loads((root / "index.json").read_text())
-        name, vocab = index["tokenizer"]["name"], int(index["tokenizer"]["vocab_size"])
+        # operator.index, not int: a float (a hand-edited index) is refused, not truncated.
+        name, vocab = index["tokenizer"]["name"], operator.index(index["tokenizer"]["vocab_size"])
         files = {s: root / index["splits"][s]["file"] for s in ("train", "val")}
-        counts = {s: int(index["splits"][s]["tokens"]) for s in ("train", "val")}
+        counts = {s: operator.index(index["splits"][s]["tokens"]) for s in ("train", "val")}
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise DataError(
             f"data.dir {str(root)!r}: index.json is not a prepare-data index ({e!r})"

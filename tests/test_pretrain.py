@@ -286,7 +286,10 @@ def test_bad_data_exit_2_and_write_nothing(data_dir, tmp_path, capsys):
     )
     bad_vocab = json.loads((data_dir / "index.json").read_text())
     bad_vocab["tokenizer"]["vocab_size"] = "many"
-    for broken in ('{"format": 1}', "[1, 2]", "{not json", json.dumps(bad_vocab)):
+    float_vocab = json.loads((data_dir / "index.json").read_text())
+    float_vocab["tokenizer"]["vocab_size"] += 0.5  # was truncated to the true size, and passed
+    broken_indexes = (json.dumps(bad_vocab), json.dumps(float_vocab))
+    for broken in ('{"format": 1}', "[1, 2]", "{not json", *broken_indexes):
         (bad / "index.json").write_text(broken)
         assert "index.json is not a prepare-data index" in _error(
             capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
