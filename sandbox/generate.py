@@ -11,12 +11,14 @@ SSM states), time growing with the position for attention (its KV cache) and Hye
 
 Sampling: logits / temperature, then top-k (the k largest logits; ties with the k-th are
 kept), then top-p on what is left (the smallest set of most likely tokens whose probability
-reaches p), then a draw from ``generator``. temperature 0 is greedy (argmax).
+reaches p, and any tied with the least likely of them), then a draw from ``generator``.
+temperature 0 is greedy (argmax).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +63,13 @@ def filter_logits(
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p is not None and top_p < 1:
-        ranked, order = torch.sort(logits, dim=-1, descending=True)
+        ranked = torch.sort(logits, dim=-1, descending=True).values
         probs = ranked.softmax(-1)
         # A token goes when the more likely ones before it already reach top_p (so the most
-        # likely token always stays).
-        drop_ranked = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked)
-        logits = logits.masked_fill(drop, -math.inf)
+        # likely token always stays); ties with the last one kept stay too, as in top-k (a
+        # cut by sort order dropped the higher ids of equally likely tokens).
+        kept = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True)
+        logits = logits.masked_fill(logits < ranked.gather(-1, kept - 1), -math.inf)
     return logits
 
 
@@ -114,6 +116,8 @@ def generate(
     sequence has. With ``vocab_size``, only ids below it are drawn (a model's vocabulary may be
     padded beyond its tokenizer's). The model runs in eval mode (restored afterwards).
     """
+    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+        raise ValueError(f"{OWNER}: prompt_ids must hold integer token ids, got {prompt_ids.dtype}")
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"{OWNER}: prompt_ids must be [B, T] with T >= 1, got {prompt_ids.shape}")
     max_new_tokens = check_int(OWNER, "max_new_tokens", max_new_tokens)
@@ -121,9 +125,10 @@ def generate(
     if top_k is not None:
         check_int(OWNER, "top_k", top_k)
     if top_p is not None:
-        check_float(OWNER, "top_p", top_p, -math.inf, math.inf)  # a number: the type's message
-        if not 0 < top_p <= 1:
-            raise ValueError(f"{OWNER}: top_p must be in (0, 1], got {top_p}")
+        # NaN fails the comparison too (a range check of any number came first: it called
+        # NaN and inf out of "[-inf, inf)")
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+            raise ValueError(f"{OWNER}: top_p must be a number in (0, 1], got {top_p!r}")
     vocab = model.embedding.num_embeddings
     if vocab_size is not None and check_int(OWNER, "vocab_size", vocab_size) > vocab:
         raise ValueError(f"{OWNER}: vocab_size must be <= {vocab} (the model's), got {vocab_size}")

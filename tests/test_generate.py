@@ -95,6 +95,7 @@ def brute_force_kept(logits: torch.Tensor, top_k, top_p) -> set[int]:
     """Token ids that top-k then top-p keep, for one row, by sorting and counting."""
     ranked = sorted(range(len(logits)), key=lambda i: -logits[i].item())
     kept = ranked[: top_k or len(ranked)]
+    kept = [t for t in ranked if logits[t] >= logits[kept[-1]]]  # ties with the k-th stay
     if top_p is not None:
         probs = torch.softmax(logits[kept], dim=0).tolist()
         mass, nucleus = 0.0, []
@@ -103,13 +104,18 @@ def brute_force_kept(logits: torch.Tensor, top_k, top_p) -> set[int]:
             mass += p
             if mass >= top_p:
                 break
-        kept = nucleus
+        # Tokens tied with the nucleus's least likely one stay, as top-k keeps its ties.
+        kept = [t for t in kept if logits[t] >= logits[nucleus[-1]]]
     return set(kept)
 
 
 @pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.5), (None, 0.9), (5, 0.7), (1, 0.3)])
 def test_filters_match_brute_force_and_sampling_respects_them(top_k, top_p):
     logits = 2 * torch.randn(4, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # Ties: a row of four equal logits, and a row whose ties straddle the nucleus's edge (top-p
+    # kept only the lower ids of equally likely tokens).
+    logits[2, :4], logits[2, 4:] = 0.0, -5.0
+    logits[3, :6] = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 2.0], dtype=torch.float64)
     filtered = filter_logits(logits, top_k, top_p)
     for row, out in zip(logits, filtered):
         kept = brute_force_kept(row, top_k, top_p)
@@ -147,10 +153,13 @@ def test_eos_and_vocab_limit():
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": -0.5}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": "0.5"}, "top_p must be a number"),
+        ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\], got 0.0"),
+        ({"top_p": -0.5}, r"top_p must be a number in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+        ({"top_p": "0.5"}, r"top_p must be a number in \(0, 1\], got '0.5'"),
+        ({"top_p": math.nan}, r"top_p must be a number in \(0, 1\], got nan"),  # was [-inf, inf)
+        ({"top_p": math.inf}, r"top_p must be a number in \(0, 1\], got inf"),
+        ({"prompt_ids": torch.tensor([[1.0, 2.0]])}, "prompt_ids must hold integer token ids"),
         ({"max_new_tokens": MAX_LEN}, "max_seq_len"),  # learned positions run out
         ({"vocab_size": VOCAB + 1}, f"vocab_size must be <= {VOCAB}"),
         ({"vocab_size": 0}, "vocab_size must be >= 1"),
