@@ -165,6 +165,30 @@ def test_attention_steps_from_a_batch_slice_of_the_state():
         torch.testing.assert_close(mixer.step(x[:, 3], state)[0], y[:, 3])
 
 
+def test_attention_cache_holds_k_and_v_only_with_room_to_grow():
+    # The prefill cache was a view of the qkv projection (q kept alive: 3/2 of the cache) and
+    # the first step copied it into a buffer of twice its length. Now: one buffer per tensor,
+    # room for a quarter more positions, filled in place until full, then regrown once.
+    mixer = make("attention", {"num_heads": 2})
+    B, T, E = 3, 64, D_MODEL // 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T + 37, D_MODEL, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = mixer(x)
+        y_prefix, state = mixer.prefill(x[:, :T])
+        for cache in state.values():
+            assert cache.untyped_storage().nbytes() == B * 2 * (T + 16) * E * cache.itemsize
+        buffers = [state["k"].untyped_storage().data_ptr()]
+        for t in range(T, T + 37):
+            y_t, state = mixer.step(x[:, t], state)
+            torch.testing.assert_close(y_t, y[:, t], rtol=1e-10, atol=1e-10)
+            buffers.append(state["k"].untyped_storage().data_ptr())
+    # Positions T .. T + 15 went in place, the 17th step regrew the buffer to T + 17 and a
+    # quarter (20), and the 20 steps after it fill that in place.
+    assert len(set(buffers[:17])) == 1 and len(set(buffers)) == 2
+    assert state["k"].untyped_storage().nbytes() == B * 2 * (T + 17 + 20) * E * 8
+
+
 def test_prefill_fallback_steps():
     # The Mixer base's prefill (for mixers without a parallel one) on a mixer that has one.
     mixer = make("s4d", {})
