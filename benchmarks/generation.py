@@ -18,11 +18,13 @@ within each repeat so a shared machine's slow spells hit them alike (one warm-up
 Training: tokens/s of one forward + backward + AdamW step at ``--train-seq-len``.
 
 The CPU default is small (d_model 256, 12 layers with attention at 6, vocab 4096) so a run
-takes minutes: the vocabulary projection is then about a fifth of a decode step's
-multiply-adds (a tenth in the paper's 1.3B model with GPT-2's vocabulary); GPT-2's vocabulary
+takes minutes: the vocabulary projection is then about a tenth of a decode step's
+multiply-adds, as in the paper's 1.3B model with GPT-2's vocabulary (8%); GPT-2's vocabulary
 on this width would make every model mostly that projection. ``--size`` takes the released
 models' shapes (125m, 355m, 1.3b, 2.7b) for a GPU; CUDA runs in float32.
-JSON to benchmarks/results/generation-{cpu,cuda}.json (or --out).
+JSON to benchmarks/results/generation-{cpu,cuda}.json (or --out), rewritten after each
+prompt length, so that a run cut short (a time limit, running out of memory at a long prompt)
+keeps the lengths it timed.
 """
 
 from __future__ import annotations
@@ -71,12 +73,14 @@ def build_models(args, max_len: int) -> dict[str, LanguageModel]:
     }
 
 
-def time_generation(models: dict, args) -> list[dict]:
+def time_generation(models: dict, args, rows: list, save) -> None:
+    """Appends a row per (prompt length, model) to ``rows``, calling save() after each length."""
     g = torch.Generator().manual_seed(0)
+    # Short enough for the models' length limit (learned positions stop at max_len).
+    warm_len, warm_new = min(16, *args.prompts), min(4, args.new_tokens)
     for model in models.values():  # warm-up: allocation, dispatch and FFT-plan caches
-        warm_up = torch.zeros(args.batch, 16, dtype=torch.long, device=args.device)
-        generate(model, warm_up, max_new_tokens=4, temperature=0)
-    rows = []
+        warm_up = torch.zeros(args.batch, warm_len, dtype=torch.long, device=args.device)
+        generate(model, warm_up, max_new_tokens=warm_new, temperature=0)
     for T in args.prompts:
         prompt = torch.randint(0, args.vocab, (args.batch, T), generator=g).to(args.device)
         runs = {name: [] for name in models}
@@ -92,7 +96,8 @@ def time_generation(models: dict, args) -> list[dict]:
             row["decode_tokens_per_s"] = args.batch * args.new_tokens / row["decode_s"]
             rows.append(row)
             print(f"  T={T} {name}: {row['decode_ms_per_token']:.2f} ms/token", flush=True)
-    return rows
+        del runs  # each run's tokens; the next length's caches need the memory
+        save()
 
 
 def time_training(models: dict, args) -> dict[str, dict]:
@@ -192,11 +197,7 @@ def main(argv=None) -> None:
     models = build_models(args, max_len)
     params = {name: m.num_params() for name, m in models.items()}
     print(f"parameters: {params}", flush=True)
-    with torch.no_grad():
-        rows = time_generation(models, args)
-    training = time_training(models, args)
-    summary = summarise(rows)
-    print_tables(rows, summary, training, args, Console())
+    rows = []
     payload = {
         "machine": machine_info(args.device, args.threads),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
@@ -204,12 +205,19 @@ def main(argv=None) -> None:
             zip(("d_model", "n_layers", "heads", "attn_layers"), SIZES[args.size])
         ),
         "params": params,
-        "wall_s": time.perf_counter() - start,
         "generation": rows,
-        "summary": summary,
-        "training": training,
     }
-    write_json(payload, args.out or RESULTS / f"generation-{args.device}.json")
+
+    def save():
+        payload["wall_s"] = time.perf_counter() - start
+        write_json(payload, args.out or RESULTS / f"generation-{args.device}.json")
+
+    with torch.no_grad():
+        time_generation(models, args, rows, save)
+    payload["summary"] = summarise(rows)
+    payload["training"] = training = time_training(models, args)
+    save()
+    print_tables(rows, payload["summary"], training, args, Console())
 
 
 if __name__ == "__main__":

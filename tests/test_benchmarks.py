@@ -333,3 +333,23 @@ def test_benchmark_json_is_readable_by_others(tmp_path):
     plain.write_text("{}")
     assert (tmp_path / "r.json").stat().st_mode == plain.stat().st_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "r.json"]  # no temp left
+
+
+def test_generation_benchmark_runs_short_prompts_and_keeps_what_it_timed(tmp_path, monkeypatch):
+    """Prompts shorter than the warm-up's 16 tokens with learned positions (max_len 12 here)
+    raised before anything was timed; and the JSON is written after each prompt length, so a
+    run that fails later (here: the training part) keeps its generation rows."""
+    from benchmarks import generation
+
+    def out_of_memory(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(generation, "time_training", out_of_memory)
+    out = tmp_path / "gen.json"
+    argv = ["--prompts", "4", "8", "--new-tokens", "4", "--batch", "1", "--repeats", "1"]
+    with pytest.raises(MemoryError):
+        generation.main([*argv, "--vocab", "64", "--train-seq-len", "8", "--out", str(out)])
+    rows = json.loads(out.read_text())["generation"]
+    assert [(r["prompt_len"], r["model"]) for r in rows] == [
+        (T, m) for T in (4, 8) for m in generation.MODELS
+    ]
