@@ -8,8 +8,10 @@ temp + rename is atomic, so a kill at any moment leaves either the old or the ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,38 +36,56 @@ def make_dir(path: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``."""
+    """Call ``write(tmp_path)``, flush the result to disk and rename it onto ``path``.
+
+    The temp file sits alone in a private temp directory beside ``path``: safetensors'
+    save_file writes a temp file of its own next to the name it is given, which a kill left
+    behind in the run directory, full-size and under a name nothing recognised. fsync before the
+    rename (and of the directory after it): without it, a host crash can leave the renamed file
+    empty on disk, the old checkpoint gone with it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp_dir = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = os.path.join(tmp_dir, path.name)
     try:
         write(tmp)
-        # mkstemp creates 0600 files; give the result the mode a plain open() would have.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # A plain open() gives the mode a file would have had; keep that, not a writer's choice.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename) to disk, where the platform allows it."""
+    with contextlib.suppress(OSError):  # e.g. a filesystem that cannot fsync directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_stale_temps(directory: Path) -> None:
-    """Delete the temp files of atomic_write calls killed before their rename (a checkpoint
-    with optimizer state each: disk that nothing would free) from a run directory, whose one
-    writer is the caller."""
+    """Delete what atomic_write calls killed before their rename left in a run directory
+    (their temp directories, with a checkpoint and optimizer state in each: disk that nothing
+    would free), whose one writer is the caller."""
     for tmp in directory.glob(".*.*.tmp"):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # a temp file of an older version, which wrote them straight into ``directory``
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from sandbox.cli import main
 from sandbox.config import build_config
+from sandbox.io import atomic_write_text, remove_stale_temps
 from sandbox.train import evaluate, lr_factor, make_optimizer, train
 
 TINY = {
@@ -281,13 +282,53 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_atomic_writes_have_ordinary_permissions(tmp_path):
-    from sandbox.io import atomic_write_text
-
     atomic_write_text(tmp_path / "a.txt", "x")
     plain = tmp_path / "b.txt"
     plain.write_text("x")
     assert (tmp_path / "a.txt").stat().st_mode == plain.stat().st_mode
     assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_write_killed_before_its_rename_leaves_only_what_resume_removes(tmp_path):
+    # safetensors' save_file writes its own temp file (".tmpXXXXXX") beside the name it gets and
+    # renames it onto that name; killed in between, that full-size file stayed in the run
+    # directory, where nothing removed it.
+    script = f"""
+import os, signal
+from pathlib import Path
+from sandbox.io import atomic_write
+def write(tmp):
+    (Path(tmp).parent / ".tmpAbC123").write_bytes(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+atomic_write(Path({str(tmp_path)!r}) / "checkpoint.safetensors", write)
+"""
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(list(tmp_path.iterdir())) == 2  # keep.txt and the killed write's leftovers
+    remove_stale_temps(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_write_flushes_the_file_before_its_rename_and_the_directory_after(
+    tmp_path, monkeypatch
+):
+    # Without fsync a host crash can leave the renamed checkpoint empty, the old one gone.
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_text(tmp_path / "r.json", "{}")
+    assert events == [("fsync", "r.json"), ("replace", "r.json"), ("fsync", tmp_path.name)]
+    assert (tmp_path / "r.json").read_text() == "{}"
 
 
 def test_resume_accepts_an_older_saved_config_and_refuses_a_different_one(tmp_path):
