@@ -47,7 +47,7 @@ from sandbox.io import (
     save_state,
 )
 from sandbox.model import LanguageModel
-from sandbox.pretrain_config import PretrainConfig, total_steps, vocab_size
+from sandbox.pretrain_config import TOKENIZER_VOCAB, PretrainConfig, total_steps, vocab_size
 from sandbox.train import (
     CHECKPOINT,
     WEIGHTS,
@@ -131,11 +131,18 @@ def open_data(config: PretrainConfig, world: int = 1) -> dict[str, TokenFile]:
     return splits
 
 
-def _windows(tokens: TokenFile, starts: np.ndarray, seq_len: int, vocab: int) -> torch.Tensor:
-    """int64 [len(starts), seq_len + 1]: the windows starting at ``starts``."""
+def _windows(tokens: TokenFile, starts: np.ndarray, seq_len: int, tokenizer: str) -> torch.Tensor:
+    """int64 [len(starts), seq_len + 1]: the windows starting at ``starts``, checked against
+    the tokenizer's vocabulary: a clear error rather than an index error (or CUDA assert), and
+    not the model's padded one, whose extra rows no tokenizer produces (ids there are
+    corruption that would train silently)."""
     rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
-    if rows.max() >= vocab:  # a clear error here rather than an index error (or CUDA assert)
-        raise DataError(f"{tokens.path}: token id {rows.max()} exceeds the model's vocab {vocab}")
+    vocab = TOKENIZER_VOCAB[tokenizer]
+    if rows.max() >= vocab:
+        raise DataError(
+            f"{tokens.path}: token id {rows.max()} is past the {tokenizer} tokenizer's "
+            f"vocabulary of {vocab}"
+        )
     return torch.from_numpy(rows)
 
 
@@ -174,12 +181,16 @@ def _now(device: torch.device) -> float:
 @torch.no_grad()
 def evaluate(model, val: TokenFile, config: PretrainConfig, d: distributed.Dist, autocast) -> dict:
     """Mean next-token loss (and perplexity) over the fixed validation windows, all processes."""
-    seq, micro, vocab = config.data.seq_len, config.train.micro_batch_size, vocab_size(config.data)
+    seq, micro, tokenizer = (
+        config.data.seq_len,
+        config.train.micro_batch_size,
+        config.data.tokenizer,
+    )
     totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
     model.eval()
     starts, counted = _eval_starts(config, val, d.rank, d.world)
     for i in range(0, len(starts), micro):
-        w = _windows(val, starts[i : i + micro], seq, vocab).to(d.device)
+        w = _windows(val, starts[i : i + micro], seq, tokenizer).to(d.device)
         with autocast:
             logits = model(w[:, :-1])
         targets = w[:, 1:].clone()
@@ -240,7 +251,11 @@ def _train_step(model, optimizer, step, starts, train_tokens, config, d, accumul
     """Optimizer step ``step`` on this process's rows of its global batch (``starts``: the start
     offsets of all rows); returns the sum of the micro-batch mean losses (a tensor, not
     synchronised)."""
-    seq, micro, vocab = config.data.seq_len, config.train.micro_batch_size, vocab_size(config.data)
+    seq, micro, tokenizer = (
+        config.data.seq_len,
+        config.train.micro_batch_size,
+        config.data.tokenizer,
+    )
     loss_sum = torch.zeros((), device=d.device)
     for m in range(accumulation):
         block = d.rank * accumulation + m  # the global micro-batch: rows block*micro onwards
@@ -250,7 +265,7 @@ def _train_step(model, optimizer, step, starts, train_tokens, config, d, accumul
             int(np.random.SeedSequence([config.seed, step, block]).generate_state(1)[0])
         )
         first = block * micro
-        w = _windows(train_tokens, starts[first : first + micro], seq, vocab).to(d.device)
+        w = _windows(train_tokens, starts[first : first + micro], seq, tokenizer).to(d.device)
         with distributed.no_sync(model, sync=m == accumulation - 1):
             with autocast:
                 logits = model(w[:, :-1])

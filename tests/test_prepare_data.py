@@ -238,6 +238,8 @@ def test_refusals_exit_2_with_one_line(corpus, tmp_path, capsys):
     a, b, out = str(corpus["a"]), str(corpus["b"]), str(tmp_path / "out")
     base = ["prepare-data", "--out", out, "--quiet"]
     assert "missing.jsonl" in _error(capsys, [*base, a, str(tmp_path / "missing.jsonl")])
+    # A directory was "input file not found", which it plainly is not.
+    assert f"{tmp_path} is a directory; give its files" in _error(capsys, [*base, str(tmp_path)])
     assert "--val-fraction" in _error(capsys, [*base, a, "--val-fraction", "1.5"])
     assert "not allowed with" in _error(
         capsys, [*base, a, "--val-fraction", "0.1", "--val-files", b]

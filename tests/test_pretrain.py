@@ -267,14 +267,16 @@ def test_bad_data_exit_2_and_write_nothing(data_dir, tmp_path, capsys):
     index["tokenizer"]["vocab_size"] = 257
     (bad / "index.json").write_text(json.dumps(index))
     (bad / "val.bin").write_bytes((data_dir / "val.bin").read_bytes())
-    (bad / "train.bin").write_bytes(bytes([0x2C, 0x01]) * 1000)  # id 300, past the vocab (264)
+    # id 260: inside the model's padded vocabulary (264), which passed it, but past the bytes
+    # tokenizer's 257, so corruption.
+    (bad / "train.bin").write_bytes(bytes([0x04, 0x01]) * 1000)
     # A token file that is not the one index.json counted (appended to or cut since).
     assert "train.bin holds 1000 tokens, index.json says" in _error(
         capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
     )
     index["splits"]["train"]["tokens"] = 1000
     (bad / "index.json").write_text(json.dumps(index))
-    assert "exceeds the model's vocab 264" in _error(
+    assert "token id 260 is past the bytes tokenizer's vocabulary of 257" in _error(
         capsys, [*base[:2], f"data.dir={bad}", *base[2:]]
     )
     # A missing split file or a foreign index.json (the vocabulary check above ran in training,

@@ -306,6 +306,8 @@ def _sources(inputs: Sequence[str], val_files: Sequence[str]) -> list[dict]:
         (p, "val") for p in val_files
     ]:
         path = Path(given)
+        if path.is_dir():
+            raise DataError(f"{given} is a directory; give its files (e.g. {given}/*.jsonl.zst)")
         if not path.is_file():
             raise DataError(f"input file not found: {given}")
         try:

@@ -8,7 +8,7 @@ in-context structure to learn (the recall the synthetic tasks measure), not only
 statistics. Regenerate with ``python -m sandbox.data.tiny_corpus`` (writes the file in place).
 
 It is the corpus of the README's quick start and of configs/pretrain/tiny.yaml:
-``sandbox prepare-data --tiny-corpus --out data/tiny``.
+``sandbox prepare-data --tiny-corpus --tokenizer bytes --out data/tiny``.
 """
 
 from __future__ import annotations
