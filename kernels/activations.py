@@ -33,7 +33,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class _GeluTanh(torch.autograd.Function):
-    """y = x s with s = sigmoid(x (_C1 + _C2 x^2)). dy/dx = s + x s (1 - s) (_C1 + 3 _C2 x^2).
+    """y = x s with s = sigmoid(x (_C1 + _C2 x^2)). dy/dx = s + (_C1 + 3 _C2 x^2) s (1 - s) x.
 
     Saves x and s (one more activation than torch's op, which recomputes tanh in backward: a
     sigmoid costs as much as the whole backward here). Few passes, mostly in place: each pass
@@ -52,10 +52,12 @@ class _GeluTanh(torch.autograd.Function):
         x, s = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: s here is a constant to autograd
             return reference_grads(_reference, (x,), ctx.needs_input_grad, g)
-        d = torch.addcmul(x.new_tensor(_C1), x, x, value=3 * _C2)  # dz2/dx
-        d.mul_(x).mul_(s)  # x s dz2/dx
+        d = torch.addcmul(x.new_tensor(_C1), x, x, value=3 * _C2)  # dz2/dx / x
+        d.mul_(s)
         d.addcmul_(d, s, value=-1)  # times (1 - s)
-        return d.add_(s).mul_(g)
+        # x last: s (1 - s) is exactly 0 where |x| is huge, and x dz2/dx first overflowed to
+        # inf in fp32 from |x| ~ 1.5e13 on, so inf * 0 made the gradient NaN (torch's: 0 or 1).
+        return d.mul_(x).add_(s).mul_(g)
 
 
 def _reference(x: torch.Tensor) -> torch.Tensor:

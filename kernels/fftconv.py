@@ -149,7 +149,9 @@ def _check_shapes(u, k, D, pregate, postgate) -> tuple[int, int, int, int]:
     """(B, H, L, G) of valid inputs; a ValueError naming the bad one otherwise."""
     for name, x in (("u", u), ("k", k), ("D", D), ("pregate", pregate), ("postgate", postgate)):
         # An integer u came back rounded and as integers; a complex one lost its imaginary part.
-        if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        # u and k are required: None is an error for them.
+        optional = x is None and name not in ("u", "k")
+        if not optional and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"fftconv: {name} must be a real floating tensor, got {got}")
     for name, g in (("pregate", pregate), ("postgate", postgate)):

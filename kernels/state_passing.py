@@ -103,9 +103,9 @@ def _from_state(
     Q = -(-T // P)
     low_re, low_im = (x[:, 1:].to(dtype) for x in dA_powers(lam, P + 1))  # dA^(a+1): [H, P, N]
     high_re, high_im = (x.to(dtype) for x in dA_powers(lam, Q, step=P))  # dA^(P q): [H, Q, N]
-    b = cx.shape[0]
     x_re, x_im = (rearrange(x.to(dtype), "b h c n -> h (b c) 1 n") for x in (cx.real, cx.imag))
     z_re = (x_re * low_re[:, None] - x_im * low_im[:, None]).flatten(1, 2)  # [H, (b c a), N]
     z_im = (x_re * low_im[:, None] + x_im * low_re[:, None]).flatten(1, 2)
     y = 2 * (z_re @ high_re.mT - z_im @ high_im.mT)  # [H, (b c a), q]: lag t = a + P q
-    return rearrange(y, "h (b c a) q -> b h c (q a)", b=b, a=P)[..., :T]
+    # c given, not b: with an empty batch (b = 0) einops cannot infer c from 0 rows.
+    return rearrange(y, "h (b c a) q -> b h c (q a)", c=cx.shape[2], a=P)[..., :T]

@@ -60,6 +60,16 @@ def test_chunk_longer_than_sequence_and_float32():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_empty_batch_like_the_full_convolution():
+    # fftconv takes an empty batch; the chunked path raised ZeroDivisionError inside einops.
+    leaves = make_ssm()
+    u = torch.randn(0, 3, 20, dtype=torch.float64, requires_grad=True)
+    got = ssm_chunked_conv(u, *ssm_args(leaves), chunk=7)
+    assert got.shape == (0, 3, 20)
+    got.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in leaves)
+
+
 def test_bad_chunk():
     dt, A, B, C, D = ssm_args(make_ssm())
     with pytest.raises(ValueError, match="chunk"):
