@@ -1,21 +1,26 @@
 """Every GPU figure the project reports, in one command.
 
-    python3 -m benchmarks.gpu [--out-dir benchmarks/results] [--only triton fftconv ...]
+    python3 -m benchmarks.gpu [--out-dir benchmarks/results] [--only triton-speed fftconv ...]
 
 Runs, one after another, each in its own process (a step that fails is reported and the
 others still run), writing JSON and a log per step into ``--out-dir``:
-- triton:     benchmarks.triton_gpu - the Triton kernels' accuracy against float64, compiled
-              resources, tuning variants, fused vs blocked past the dispatch threshold, and
-              speed against the torch path and SDPA with the fraction of copy bandwidth;
+- triton-speed, triton-speed-long: benchmarks.triton_gpu --skip-accuracy at L = 256 .. 1024
+              and 2048 .. 8192 - the fused kernel's tuning variants (VARIANTS: plans with
+              several batch rows per program), its one-launch and three-launch backward, the
+              torch path and SDPA, the fraction of copy bandwidth;
 - fftconv:    benchmarks.fftconv --device cuda - ours vs torch path vs naive vs SDPA, K = L;
 - layers:     benchmarks.layer_speed at width 768, batch 8, L up to 16K (H3 vs attention);
 - generation: benchmarks.generation at the paper's 1.3B shapes (GPT-2 vocabulary, batch 64,
-              prompts of 512 / 1024 / 1536), hybrid H3 vs Transformer.
-On an H100 (2026-11-23, runs cut by 10-minute calls): fftconv took 100 s, layers about a
-minute, triton's accuracy part more than 150 s (compiling each size's kernels) and its speed
-part 20-35 s per length, and generation more than 100 s, in which it built its three 1.3B
-models and timed only the first prompt length. ``--only`` runs some steps, e.g. to fit a
-time limit per command. Exit status 1 if any step failed, 2 for bad arguments or no GPU.
+              prompts of 512 / 1024 / 1536), hybrid H3 vs Transformer;
+- triton-accuracy-1 .. 3: benchmarks.triton_gpu's accuracy cases (ACCURACY) in three parts,
+              every Triton path against float64, fp32 / bf16 / fp16.
+Each step is sized to finish within a 10-minute call (a lent GPU's limit). On an H100
+(2026-11-23): fftconv took 100 s, layers about a minute, triton_gpu's accuracy part 14 of its
+27 rows in one 10-minute call (compiling each size's kernels dominates) and its speed part
+20-35 s per length before the rows-per-program variants, and generation more than 100 s
+building its three 1.3B models and timing the first prompt length. ``--only`` runs some
+steps; on a lent machine give each its own call and ``--out-dir "$OUT"`` (only files there
+come back). Exit status 1 if any step failed, 2 for bad arguments or no GPU.
 """
 
 from __future__ import annotations
@@ -29,10 +34,27 @@ from pathlib import Path
 import torch
 
 from benchmarks.fftconv import RESULTS
+from benchmarks.triton_gpu import ACCURACY
 
-# name: (module, arguments, JSON file name)
+
+def _accuracy_step(part: slice) -> list[str]:
+    """triton_gpu's arguments for some of its accuracy cases and no speed part."""
+    return ["--lengths", "--cases", *(f"{m}:{L}:{K}" for m, L, K in ACCURACY[part])]
+
+
+# name: (module, arguments, JSON file name), in the order a plain run takes them: the figures
+# that set the kernels' plans first, the accuracy parts (the longest) last.
 STEPS = {
-    "triton": ("benchmarks.triton_gpu", [], "triton_gpu.json"),
+    "triton-speed": (
+        "benchmarks.triton_gpu",
+        ["--skip-accuracy", "--lengths", "256", "512", "1024"],
+        "triton_gpu_speed.json",
+    ),
+    "triton-speed-long": (
+        "benchmarks.triton_gpu",
+        ["--skip-accuracy", "--lengths", "2048", "4096", "8192"],
+        "triton_gpu_speed_long.json",
+    ),
     "fftconv": ("benchmarks.fftconv", ["--device", "cuda"], "fftconv_cuda.json"),
     "layers": (
         "benchmarks.layer_speed",
@@ -44,6 +66,22 @@ STEPS = {
         ["--device", "cuda", "--size", "1.3b", "--vocab", "50264", "--batch", "64"]
         + ["--prompts", "512", "1024", "1536"],
         "generation-cuda.json",
+    ),
+    # About three cases (nine rows) each: one call did 14 rows of the sizes up to n = 8192.
+    "triton-accuracy-1": (
+        "benchmarks.triton_gpu",
+        _accuracy_step(slice(0, 3)),
+        "triton_gpu_acc1.json",
+    ),
+    "triton-accuracy-2": (
+        "benchmarks.triton_gpu",
+        _accuracy_step(slice(3, 6)),
+        "triton_gpu_acc2.json",
+    ),
+    "triton-accuracy-3": (
+        "benchmarks.triton_gpu",
+        _accuracy_step(slice(6, None)),
+        "triton_gpu_acc3.json",
     ),
 }
 

@@ -17,8 +17,9 @@ the H100's per-block limit); spills go to local memory (slow, not fatal). The co
 installed Triton's (a GPU session may use another version). About 15 minutes on 2 cores. The
 table goes to stdout, everything to JSON (default
 benchmarks/results/triton_resources_sm90.json). ``--plan N:n1,n2,S,C,warps[,rows]`` compiles
-that plan for size N instead of PLANS[N] (for every dtype), e.g. to see what more batch rows
-per program cost before a GPU session times them.
+that plan for size N instead of PLANS[N] (for every dtype; repeat it for more plans, of one
+size or several), e.g. to see what more batch rows per program cost before a GPU session
+times them; its JSON then goes to triton_resources_sm90_plans.json unless --out says.
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ def plan_spec(text: str) -> tuple[int, tuple[int, ...]]:
         n1, n2, S, C, _, *rows = spec = tuple(map(int, parts))
         ok = S > 0 and C > 0 and n1 * n2 == int(n) and n1 % S == n1 % C == 0
         ok = ok and all(r >= 1 and not r & (r - 1) for r in rows)  # powers of two
+    if ok:
+        try:
+            fft_triton.plan(int(n), torch.bfloat16, spec)
+        except ValueError as e:  # a plan the kernels refuse to launch
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     if not ok:
         raise argparse.ArgumentTypeError(
             f"expected N:n1,n2,S,C,warps[,rows] with N in {SIZES}, n1 * n2 = N, S and C "
@@ -154,9 +160,10 @@ def print_table(rows: list[dict], console: Console) -> None:
     for col in cols:
         table.add_column(col, justify="right")
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["kernel"], r["n"], r["dtype"]), []).append(r)
-    for (kernel, n, dtype), group in groups.items():
+    for r in rows:  # one group per plan too: --plan may give several for one size
+        plan = tuple(r[k] for k in ("n1", "n2", "S", "C", "warps", "rows"))
+        groups.setdefault((r["kernel"], r["n"], r["dtype"], plan), []).append(r)
+    for (kernel, n, dtype, _), group in groups.items():
         ok = [r for r in group if "error" not in r]
         if len(ok) < len(group):
             table.add_row(kernel, str(n), dtype, *[""] * 5, "compile error")
@@ -184,18 +191,22 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--plan", type=plan_spec, action="append", default=[], metavar="N:PLAN",
                    help="compile this plan for size N, e.g. 2048:32,64,32,32,4,4")  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS / "triton_resources_sm90.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default results/triton_resources_sm90.json, or "
+                        "..._plans.json with --plan: a few plans must not replace every "
+                        "size's figures)")  # fmt: skip
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")  # exit 2, one line
-    specs = dict(args.plan)
-    if specs:
-        args.sizes = sorted(specs)
+    name = "triton_resources_sm90_plans.json" if args.plan else "triton_resources_sm90.json"
+    out = args.out or RESULTS / name
+    # (N, plan or None for PLANS[N]); several --plan entries for one N are all compiled.
+    plans = args.plan or [(n, None) for n in args.sizes]
     start = time.perf_counter()
     jobs = [
-        (kernel, n, dtype, flags, aligned, specs.get(n))
+        (kernel, n, dtype, flags, aligned, spec)
         for kernel in args.kernels
-        for n in args.sizes
+        for n, spec in plans
         for dtype in args.dtypes
         for flags in FLAGS[kernel]
         for aligned in (True, False)
@@ -207,12 +218,13 @@ def main(argv=None) -> None:
         "triton": triton.__version__,
         "target": "cuda sm_90 (ptxas --gpu-name=sm_90a)",
         "shared_limit": H100_SHARED,
-        "plans": {n: specs.get(n, fft_triton.PLANS[n]) for n in args.sizes},  # n1, n2, S, C, warps
+        # [N, (n1, n2, S, C, warps[, rows])] pairs
+        "plans": [[n, spec or fft_triton.PLANS[n]] for n, spec in plans],
         "num_stages": fft_triton._NUM_STAGES,
         "wall_s": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
-    write_json(payload, args.out)
+    write_json(payload, out)
 
 
 if __name__ == "__main__":

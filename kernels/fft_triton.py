@@ -71,9 +71,10 @@ compiles).
 
 Speed on an H100 (B=16, H=768, K=L, bf16, median of do_bench; forward / forward + backward
 ms, the backward then in three launches, before _fused_backward_kernel;
-benchmarks/results/triton_gpu_h100*.json): L=256 0.16 / 1.65, 1024 0.56 / 2.10, 2048 1.23 /
-4.49, 4096 2.80 / 10.6, 8192 8.24 / 32.7, against torch's cuFFT path 0.17 / 1.76, 0.60 / 1.73,
-1.18 / 3.33, 2.32 / 6.66, 4.66 / 13.3. That is 3-6% of the device's copy bandwidth: the work is
+benchmarks/results/triton_gpu_h100*.json): L=1024 0.56 / 2.10, 2048 1.23 / 4.49, 4096 2.80
+/ 10.6, 8192 8.24 / 32.7, against torch's cuFFT path 0.60 / 1.73, 1.18 / 3.33, 2.32 / 6.66,
+4.66 / 13.3 (that run's L=256 rows timed the Toeplitz-tile kernel, which the triton backend
+picks for K <= 256; n = 512 is untimed). That is 3-6% of the device's copy bandwidth: the work is
 bound by the latency of small dependent tl.dot chains per program (about 57 TFLOP/s of tf32 at
 L=1024, a tenth of the tensor cores' rate), not by memory. fftconv therefore sends CUDA tensors
 here only up to kernels.fftconv.TRITON_FFT_MAX, where it ties or wins, and to torch beyond.
@@ -138,7 +139,9 @@ class Plan(NamedTuple):
 # 8192: 2.76 against 3.41 (32) and 4.04 (16). At 16384 slabs of 64 took 7.74 against 8.14 for
 # 32, within run-to-run spread, so it keeps 32, which spill less. n2 is the M of every product
 # (n2 >= 64: Hopper warpgroup MMAs, M = 64 per 4 warps); 8 warps with n2 = 64 once crashed the
-# process with an illegal memory access (n = 1024, 16 x 64), so 8 warps only go with n2 = 128.
+# process with an illegal memory access (n = 1024, 16 x 64), so 8 warps only go with n2 = 128
+# (plan() refuses the rest). n = 512's plan is untimed: the rows timed for it ran the Toeplitz
+# kernel (K = 256, see kernels.fftconv.TRITON_TOEPLITZ_MAX_TAPS).
 # Register spills remain (figures in benchmarks/results/triton_resources_sm90.json). An optional
 # sixth entry is Plan.rows (default 1: no plan sets it yet, see the module docstring).
 PLANS = {
@@ -179,7 +182,13 @@ def plan(n: int, dtype: torch.dtype, entry: tuple[int, ...] | None = None) -> Pl
     if entry is None:
         entry = _FP32_PLANS[n] if fp32 and n in _FP32_PLANS else PLANS[n]
     n1, n2, S, C, warps, *rows = entry
-    return Plan(n1, n2, S, C, NUM_WARPS or warps, fp32 and n2 >= 128, *rows)
+    warps = NUM_WARPS or warps
+    if warps > 4 and n2 < 128:  # see the comment above PLANS
+        raise ValueError(
+            f"fftconv[triton]: plan {entry} for n = {n}: {warps} warps need n2 >= 128 (8 warps "
+            "with n2 = 64 crashed an H100 with an illegal memory access)"
+        )
+    return Plan(n1, n2, S, C, warps, fp32 and n2 >= 128, *rows)
 
 
 def _tf32_hi_host(x: torch.Tensor) -> torch.Tensor:

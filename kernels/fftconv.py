@@ -83,8 +83,9 @@ CONV1D_MAX_TAPS = 4
 #   runs it at any shape.
 # On CUDA (backend None) the fused Triton FFT is chosen only up to this FFT size, L + K - 1:
 # beyond it the torch path (cuFFT) was faster forward + backward. H100, B=16, H=768, K=L, bf16,
-# median ms fwd / fwd+bwd, triton vs torch (benchmarks/results/triton_gpu_h100.json): L=256
-# 0.16 / 1.65 vs 0.17 / 1.76; 512 0.38 / 1.46 vs 0.32 / 1.08 (an earlier run: 0.34 / 1.19 vs
+# median ms fwd / fwd+bwd, triton vs torch (benchmarks/results/triton_gpu_h100.json; its
+# L=256 rows timed the Toeplitz-tile kernel, the triton backend's pick at K = 256): L=512
+# 0.38 / 1.46 vs 0.32 / 1.08 (an earlier run: 0.34 / 1.19 vs
 # 0.45 / 1.87, so a tie); 1024 0.56 / 2.10 vs 0.60 / 1.73; 2048 1.23 / 4.49 vs 1.18 / 3.33;
 # 4096 2.80 / 10.6 vs 2.32 / 6.66; 8192 8.24 / 32.7 vs 4.66 / 13.3.
 TRITON_FFT_MAX = 1024

@@ -38,6 +38,7 @@ def test_gpu_steps_report_status_and_keep_output(monkeypatch, tmp_path):
         "2048:32,64,24,32,4",  # S does not divide n1
         "3000:32,64,32,32,4",  # not a fused size
         "2048:32,64,x,32,4",
+        "2048:32,64,32,32,8",  # 8 warps with n2 = 64: crashed an H100, refused by fft_triton
     ],
 )
 def test_triton_resources_rejects_a_bad_plan(entry, capsys):
@@ -61,6 +62,43 @@ def test_triton_resources_reads_a_plan():
     assert (n, spec) == (2048, (32, 64, 32, 32, 4, 2))
     p = fft_triton.plan(n, torch.bfloat16, spec)
     assert (p.n1, p.n2, p.S, p.C, p.warps, p.rows, p.stream) == (32, 64, 32, 32, 4, 2, False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the arguments up to the GPU")
+def test_gpu_triton_steps_parse_and_split_the_accuracy_cases(capsys):
+    """benchmarks.gpu's triton steps: their arguments parse (triton_gpu stops at its no-CUDA
+    check, after argparse), and the accuracy parts run every case of ACCURACY once."""
+    triton_gpu = pytest.importorskip("benchmarks.triton_gpu")
+    cases = []
+    for name, (module, argv, _) in gpu.STEPS.items():
+        if module != "benchmarks.triton_gpu":
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            triton_gpu.main([*argv, "--out", "/nonexistent/never-written.json"])
+        assert exit_info.value.code == 2
+        assert "needs a CUDA device" in capsys.readouterr().err, name
+        if "--cases" in argv:
+            cases += [triton_gpu.accuracy_spec(c) for c in argv[argv.index("--cases") + 1 :]]
+    assert sorted(cases) == sorted(triton_gpu.ACCURACY)
+
+
+def test_triton_gpu_variants_are_plans_the_kernels_accept(capsys):
+    """Every tuning variant of benchmarks.triton_gpu is a plan fft_triton.plan takes for its
+    size (n = 2L): one it refuses, or that crashes the device, would end a GPU session's run.
+    An L past the fused kernel's capacity is an argparse error before anything runs (it raised
+    after the torch and SDPA rows)."""
+    triton_gpu = pytest.importorskip("benchmarks.triton_gpu")
+    from kernels import fft_triton
+
+    for L, specs in triton_gpu.VARIANTS.items():
+        for spec in specs:
+            entry = tuple(int(v) for v in spec.removesuffix("+bwd").split(","))
+            p = fft_triton.plan(2 * L, torch.bfloat16, entry)
+            assert p.n1 * p.n2 == 2 * L and p.n1 % p.S == p.n1 % p.C == 0
+    with pytest.raises(SystemExit) as exit_info:
+        triton_gpu.main(["--lengths", "16384", "--out", "/nonexistent/never-written.json"])
+    assert exit_info.value.code == 2
+    assert "expected an L in 1 .. 8192, got '16384'" in capsys.readouterr().err
 
 
 def test_state_passing_benchmark_compares_both_paths(tmp_path, capsys):
