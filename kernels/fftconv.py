@@ -52,8 +52,9 @@ _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 #   (a focused run of benchmarks.fftconv.time_round_robin; the crossover rows of commit
 #   000e742's JSON, min of 9, agreed with the rule below at every B and L of their grid, B=16
 #   and 64 included. On another host (AMD EPYC, AVX2), with the fft method's kept buffers
-#   (kernels.fft_torch), the current JSON's grid disagrees at B=16, L=32 (1.80 fft vs 2.07
-#   toeplitz) and B=32, L=64 (4.85 vs 5.29); paired focused runs there, toeplitz / fft time:
+#   (kernels.fft_torch), the current JSON's grid disagrees at B=16, L=32 (1.17 fft vs 1.36
+#   toeplitz; 1.80 vs 2.07 in its run before) and B=32, L=64 (3.69 vs 3.91; 4.85 vs 5.29);
+#   paired focused runs there, toeplitz / fft time:
 #   B=16 L=16 1.06, L=24 0.90, L=32 1.10; B=24 L=32 1.02, L=48 0.96; B=32 L=48 0.90, L=64
 #   1.03. The FFT wins where its size is a power of two (L = 16, 32, 64), by at most 10%, so
 #   the rule stands):
