@@ -3,7 +3,8 @@
 A preset (configs/compare/NAME.yaml) gives a base run config, the tasks (rows of the paper's
 table), the variants (mixers or layer settings), seeds, an optional learning-rate grid and
 the paper's numbers. The learning rate of each (task, variant, seed) is chosen on the
-validation split; the test split is only read for the chosen run.
+validation split, never the test split (every run reports its test accuracy; the table takes
+the chosen run's).
 Runs are independent processes; finished runs are skipped when the same --out is reused, and
 interrupted runs resume from their last checkpoint.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
 
@@ -43,6 +45,7 @@ from sandbox.config import (
     read_yaml,
 )
 from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights, make_dir
+from sandbox.model import LanguageModel
 from sandbox.train import (
     WEIGHTS,
     RunDirError,
@@ -61,7 +64,9 @@ class ComparePreset(Strict):
     tasks: dict[str, dict[str, Any]]  # row name -> RunConfig fields (the task section)
     variants: dict[str, dict[str, Any]]  # column name -> RunConfig fields (the model section)
     seeds: int = Field(1, ge=1)
-    lr_grid: list[float] = Field(default_factory=list)  # empty: base train.lr only
+    # Learning rates to run, each chosen on validation; they replace base's train.lr (a task row
+    # or variant may not set one then). Empty: each run's train.lr only.
+    lr_grid: list[float] = Field(default_factory=list)
     paper: dict[str, dict[str, float]] = Field(default_factory=dict)  # task -> variant -> %
     paper_note: str = ""
     # Figures written beside table.md, each as out/<kind>.png (sandbox.report.FIGURES).
@@ -152,6 +157,16 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
         for variant, variant_fields in preset.variants.items():
             data = deep_merge(deep_merge(preset.base, task_fields), variant_fields)
             try:
+                # A seed, or with lr_grid a task row's or variant's own lr, would be replaced
+                # below without a word (base's train.lr is the default the grid replaces).
+                if "seed" in data:
+                    raise ConfigError("seed: a preset's runs take seeds 0 .. n-1; use seeds")
+                own_lr = [f for f in (task_fields, variant_fields) if "lr" in f.get("train", {})]
+                if own_lr and preset.lr_grid:
+                    raise ConfigError(
+                        f"train.lr: this preset's runs take the lrs of its lr_grid "
+                        f"{preset.lr_grid}; drop the row's or variant's train.lr"
+                    )
                 for override in overrides:
                     key = override.split("=", 1)[0].strip()
                     if key == "seed":
@@ -163,6 +178,7 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                         )
                     apply_override(data, override)
                 lrs = preset.lr_grid or [build_config(data).train.lr]
+                _check_buildable(build_config(data))
                 for seed in range(seeds or preset.seeds):
                     for lr in lrs:
                         config = build_config(deep_merge(data, {"seed": seed, "train": {"lr": lr}}))
@@ -184,6 +200,18 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
     return runs
 
 
+def _check_buildable(config: RunConfig) -> None:
+    """Build the run's task and, on the meta device (shapes only), its model: the task's and
+    the layers' own checks (a head_dim that does not divide d_model, ...) run in each worker's
+    train(), where they stopped the grid after the runs before had trained."""
+    try:
+        task = build_task(config)
+        with torch.device("meta"):
+            LanguageModel(config.model, vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _check_saved_configs(runs: list[Run], out: Path) -> None:
     """Runs under out/runs (finished or not) must have been made with the configs they would
     get now: a finished one is not run again, and its result must not pass for that of an
@@ -192,10 +220,11 @@ def _check_saved_configs(runs: list[Run], out: Path) -> None:
         try:
             check_run_dir(out / "runs" / r.run_id, r.config, resume=True)
         except RunDirError as e:
-            changed = f": {e.differences}" if e.differences else ""
+            if not e.differences:  # not a config change: a file in its place, no readable config
+                raise RunDirError(f"--out {out}: run {r.run_id}: {e}") from None
             raise RunDirError(
                 f"--out {out}: run {r.run_id} was made with another config (the preset or the "
-                f"overrides changed{changed}); choose another --out"
+                f"overrides changed: {e.differences}); choose another --out"
             ) from None
 
 
@@ -364,7 +393,7 @@ def compare(
     _check_saved_configs(runs, out)
     make_dir(out)
     run_all(runs, out, workers or os.cpu_count() or 1, progress)
-    # Held-out splits are read for the chosen runs only, as the test split is.
+    # Held-out splits are evaluated for the chosen runs only (selection reads validation only).
     chosen = apply_test_params(select_lr(collect(runs, out)), runs, out, preset.test_params)
     report.write_all(chosen, preset, runs, out)
     return chosen

@@ -71,6 +71,15 @@ def build_task(config: RunConfig) -> tasks.Task:
         raise ValueError(f"task: {e}") from None
 
 
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generator states a resume restores: the CPU's, and on a GPU the device's, which
+    draws dropout's masks there."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
 def build_model(config: RunConfig, task: tasks.Task) -> LanguageModel:
     torch.manual_seed(config.seed)  # initialisation is part of what the seed fixes
     return LanguageModel(config.model, vocab_size=task.vocab_size, max_seq_len=task.seq_len)
@@ -307,6 +316,8 @@ def train(
         load_model_weights(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["extra"]["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in ckpt["extra"]:  # dropout's, on a GPU
+            torch.cuda.set_rng_state(ckpt["extra"]["cuda_rng"], device)
         state = _Progress(**ckpt["info"]["progress"])
         truncate_metrics(metrics_path, state.step)
     else:
@@ -359,7 +370,7 @@ def train(
                 ckpt_path,
                 model,
                 optimizer,
-                extra_tensors={"torch_rng": torch.get_rng_state()},
+                extra_tensors=_rng_states(device),
                 info={"progress": vars(state)},
             )
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}")

@@ -269,3 +269,31 @@ def test_cli_compare_bad_counts_exit_2(flag):
     with pytest.raises(SystemExit) as e:
         main(["compare", *flag])
     assert e.value.code == 2
+
+
+def test_expand_refuses_what_training_would_refuse_or_overwrite(tmp_path):
+    """Caught before any run trains, naming the task row and variant: a layer setting the
+    model refuses (it stopped the grid in a worker, after other runs had trained, without
+    saying which variant), and a preset's own seed or, with lr_grid, train.lr (both were
+    replaced silently, where the same override on the command line is refused)."""
+    preset = load_preset("h3-table2")
+    bad_head = {"model": {"mixer": "h3", "mixer_params": {"head_dim": 3}}}
+    broken = preset.model_copy(update={"variants": {**preset.variants, "h3bad": bad_head}})
+    with pytest.raises(ConfigError, match=r"^induction_head/h3bad: .*head_dim=3 must divide"):
+        expand(broken)
+    seeded = preset.model_copy(update={"base": {**preset.base, "seed": 7}})
+    with pytest.raises(ConfigError, match="/.*: seed: a preset's runs take seeds 0 .. n-1"):
+        expand(seeded)
+    # Base's train.lr is the default the grid replaces; a task row's own is refused.
+    rows = {**preset.tasks}
+    rows["induction_head"] = {**rows["induction_head"], "train": {"lr": 0.05}}
+    gridded = preset.model_copy(update={"lr_grid": [1e-4, 1e-3], "tasks": rows})
+    with pytest.raises(ConfigError, match="^induction_head/.*: train.lr: this preset's runs"):
+        expand(gridded)
+    # A run directory that is a file is named as such (it was "made with another config").
+    runs = expand(preset)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / runs[0].run_id).write_text("")
+    with pytest.raises(ValueError, match=f"run {runs[0].run_id}: .*") as refused:
+        compare(preset, tmp_path, workers=1, progress=False)
+    assert "another config" not in str(refused.value)
