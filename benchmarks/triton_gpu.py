@@ -223,6 +223,19 @@ def accuracy_spec(text: str) -> tuple[str, int, int]:
     return method, int(sizes[0]), int(sizes[1])
 
 
+def part_of(cases: list, i: int, n: int) -> list:
+    """Part i (1-based) of n contiguous parts of ``cases``, of sizes differing by at most one."""
+    return cases[(i - 1) * len(cases) // n : i * len(cases) // n]
+
+
+def part_spec(text: str) -> tuple[int, int]:
+    """A --part entry I/N (1 <= I <= N) as (I, N)."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, got {text!r}")
+    return int(i), int(n)
+
+
 def speed_length(text: str) -> int:
     """A --lengths entry: the fused kernel's K = L, so 2L - 1 must fit FUSED_CAPACITY (an
     L of 16384 raised after the torch and SDPA rows, ending the run)."""
@@ -240,6 +253,9 @@ def main(argv=None) -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--cases", nargs="+", type=accuracy_spec, metavar="METHOD:L:K",
                    help="accuracy cases (default: all)")  # fmt: skip
+    p.add_argument("--part", type=part_spec, metavar="I/N",
+                   help="part I of N of the accuracy cases (ACCURACY in N runs of about equal "
+                        "length, e.g. one per 10-minute call)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "triton_gpu.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -260,7 +276,10 @@ def main(argv=None) -> None:
 
     payload["accuracy"] = []
     if not args.skip_accuracy:
-        for method, L, K in args.cases or (ACCURACY[:3] if args.quick else ACCURACY):
+        cases = args.cases or (ACCURACY[:3] if args.quick else ACCURACY)
+        if args.part:
+            cases = part_of(cases, *args.part)
+        for method, L, K in cases:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 try:
                     payload["accuracy"].append(accuracy_case(method, L, K, dtype))
