@@ -83,6 +83,7 @@ Runs under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check it.
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import cache
 from typing import NamedTuple
@@ -429,7 +430,7 @@ def _forward_kernel(
     h = tl.program_id(0) // P
     r, t2 = _stacked(R, N2)
     b = (tl.program_id(0) % P) * R + r
-    row_off = (b * H + h) * L
+    row_off = (b.to(tl.int64) * H + h) * L  # int64: B H L may pass 2^31
     lim = tl.where(b < B, L, 0)
     # The spectrum's columns for the side-by-side layout: s0 + j % S at column j.
     k_cols = tl.arange(0, R * S) % S
@@ -486,7 +487,7 @@ def _backward_kernel(
         acc_i = tl.zeros((N2, S), dtype=tl.float32)
         for i in range(0, RB, R):
             b = p * RB + i + r
-            row_off = (b * H + h) * L
+            row_off = (b.to(tl.int64) * H + h) * L  # int64: B H L may pass 2^31
             lim = tl.where((b < B) & (i + r < RB), L, 0)  # a row not ours: all masked off
             vr, vi = _spectrum_slab(
                 u_ptr, pre_ptr, HAS_PRE, row_off, t2, lim, mats_ptr, s0, twr, twi,
@@ -502,7 +503,7 @@ def _backward_kernel(
             twr, twi = _twiddles(mats_ptr, s0, t2_one, N1, N2, S)
         gk = _inverse_slab(acc_r, acc_i, gk, mats_ptr, s0, twr, twi, N1, N2, S, 1, X3, STREAM)
     t = t2_one[:, None] + tl.arange(0, N1)[None, :] * N2
-    tl.store(gk_ptr + (p * H + h) * K + t, gk / (N1 * N2), mask=t < K)
+    tl.store(gk_ptr + (p.to(tl.int64) * H + h) * K + t, gk / (N1 * N2), mask=t < K)
 
 
 @triton.jit
@@ -537,7 +538,7 @@ def _fused_backward_kernel(
     r, t2 = _stacked(R, N2)
     _, t2_one = _stacked(1, N2)
     b = (tl.program_id(0) % P) * R + r
-    row_off = (b * H + h) * L
+    row_off = (b.to(tl.int64) * H + h) * L  # int64: B H L may pass 2^31
     lim = tl.where(b < B, L, 0)
     k_cols = tl.arange(0, R * S) % S
     NEED_V: tl.constexpr = NEED_U or NEED_PRE
@@ -584,7 +585,7 @@ def _fused_backward_kernel(
                        NEED_U, NEED_PRE)  # fmt: skip
     if NEED_K:
         t = t2_one[:, None] + tl.arange(0, N1)[None, :] * N2
-        gk_off = (tl.program_id(0) % P * H + h) * K
+        gk_off = ((tl.program_id(0) % P).to(tl.int64) * H + h) * K
         tl.store(gk_ptr + gk_off + t, gk / (N1 * N2), mask=t < K)
 
 
@@ -629,10 +630,26 @@ def _launch_conv(x, gin, spectrum, conj, outs, p: Plan, mats: torch.Tensor) -> N
     )  # fmt: skip
 
 
+def on_device_of_input(fn):
+    """A Function's forward / backward (ctx, x, ...) run with x's CUDA device current: Triton
+    launches on the current device, not on the arguments', so tensors on cuda:1 while cuda:0
+    is current would run there on pointers of another GPU."""
+
+    @functools.wraps(fn)
+    def run(ctx, x, *args):
+        if not x.is_cuda:
+            return fn(ctx, x, *args)
+        with torch.cuda.device(x.device):
+            return fn(ctx, x, *args)
+
+    return run
+
+
 class TritonFFTConv(torch.autograd.Function):
     """y = postgate * causal_conv(u * pregate, k); the backward pass recomputes the forward."""
 
     @staticmethod
+    @on_device_of_input
     def forward(ctx, u, k, pregate, postgate):
         n = fft_size(u.shape[-1], k.shape[-1])
         p = plan(n, u.dtype)
@@ -650,6 +667,7 @@ class TritonFFTConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @on_device_of_input
     def backward(ctx, gy):
         if ctx.spectrum is None or torch.is_grad_enabled():  # as kernels.fft_torch.FFTConv
             ctx.spectrum = None

@@ -31,7 +31,14 @@ import triton.language as tl
 
 from kernels.double_backward import reference_grads
 from kernels.fft_torch import backward_inputs
-from kernels.fft_triton import DOT_PRECISION, _contiguous, _or, reference, store_signal_grads
+from kernels.fft_triton import (
+    DOT_PRECISION,
+    _contiguous,
+    _or,
+    on_device_of_input,
+    reference,
+    store_signal_grads,
+)
 
 
 class Tiles(NamedTuple):
@@ -74,7 +81,8 @@ def _columns(h, H, L, nT, ncols, c0, shift, BT: tl.constexpr, BN: tl.constexpr):
     h, the blocks ``shift`` after each column's own (positions outside 0..L-1 masked)."""
     c = c0 + tl.arange(0, BN)[None, :]
     pos = (c % nT + shift) * BT + tl.arange(0, BT)[:, None]
-    return ((c // nT) * H + h) * L + pos, (c < ncols) & (pos >= 0) & (pos < L)
+    # int64: a call's B H L may pass 2^31 (e.g. H = 2048, B = 65, L = 16K), where int32 wrapped.
+    return ((c // nT).to(tl.int64) * H + h) * L + pos, (c < ncols) & (pos >= 0) & (pos < L)
 
 
 @triton.jit
@@ -182,6 +190,7 @@ class TritonToeplitzConv(torch.autograd.Function):
     """y = postgate * causal_conv(u * pregate, k) by Toeplitz tiles; backward recomputes."""
 
     @staticmethod
+    @on_device_of_input
     def forward(ctx, u, k, pregate, postgate):
         B, H, L = u.shape
         contiguous = [_contiguous(x) for x in (u, k, pregate, postgate)]
@@ -197,6 +206,7 @@ class TritonToeplitzConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @on_device_of_input
     def backward(ctx, gy):
         if torch.is_grad_enabled():  # create_graph=True: kernels.double_backward
             return reference_grads(reference, ctx.saved_tensors[:4], ctx.needs_input_grad, gy)
