@@ -158,27 +158,18 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
             data = deep_merge(deep_merge(preset.base, task_fields), variant_fields)
             try:
                 # A seed, or with lr_grid a task row's or variant's own lr, would be replaced
-                # below without a word (base's train.lr is the default the grid replaces).
-                if "seed" in data:
-                    raise ConfigError("seed: a preset's runs take seeds 0 .. n-1; use seeds")
-                own_lr = [f for f in (task_fields, variant_fields) if "lr" in f.get("train", {})]
-                if own_lr and preset.lr_grid:
-                    raise ConfigError(
-                        f"train.lr: this preset's runs take the lrs of its lr_grid "
-                        f"{preset.lr_grid}; drop the row's or variant's train.lr"
-                    )
+                # below without a word (base's train.lr is the default the grid replaces), as
+                # would the same given as an override.
+                own = [f for f in (task_fields, variant_fields) if "lr" in f.get("train", {})]
+                given = ["seed"] * ("seed" in data) + ["train.lr"] * bool(own)
+                given += [override.split("=", 1)[0].strip() for override in overrides]
+                for key in given:
+                    _refuse_what_compare_sets(key, preset)
                 for override in overrides:
-                    key = override.split("=", 1)[0].strip()
-                    if key == "seed":
-                        raise ConfigError("seed: a preset's runs take seeds 0 .. n-1; use --seeds")
-                    if key == "train.lr" and preset.lr_grid:
-                        raise ConfigError(
-                            f"train.lr: this preset's runs take the lrs of its lr_grid "
-                            f"{preset.lr_grid}; edit lr_grid instead"
-                        )
                     apply_override(data, override)
-                lrs = preset.lr_grid or [build_config(data).train.lr]
-                _check_buildable(build_config(data))
+                config = build_config(data)
+                _check_buildable(config)
+                lrs = preset.lr_grid or [config.train.lr]
                 for seed in range(seeds or preset.seeds):
                     for lr in lrs:
                         config = build_config(deep_merge(data, {"seed": seed, "train": {"lr": lr}}))
@@ -198,6 +189,18 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                 "make the lr_grid values distinct"
             )
     return runs
+
+
+def _refuse_what_compare_sets(key: str, preset: ComparePreset) -> None:
+    """A ConfigError for a field compare sets per run, so that a value given for it would be
+    replaced without a word: seed, and with an lr_grid train.lr."""
+    if key == "seed":
+        raise ConfigError("seed: a preset's runs take seeds 0 .. n-1; use --seeds")
+    if key == "train.lr" and preset.lr_grid:
+        raise ConfigError(
+            f"train.lr: this preset's runs take the lrs of its lr_grid {preset.lr_grid}; "
+            "edit lr_grid instead"
+        )
 
 
 def _check_buildable(config: RunConfig) -> None:
