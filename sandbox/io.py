@@ -50,27 +50,24 @@ def atomic_write(path: str | Path, write) -> None:
     tmp = os.path.join(tmp_dir, path.name)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         # A plain open() gives the mode a file would have had; keep that, not a writer's choice.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        # Where the filesystem cannot fsync a directory, the rename stays as durable as it is.
+        with contextlib.suppress(OSError):
+            _fsync(path.parent)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory's entries (a rename) to disk, where the platform allows it."""
-    with contextlib.suppress(OSError):  # e.g. a filesystem that cannot fsync directories
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _fsync(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temps(directory: Path) -> None:
