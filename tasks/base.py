@@ -117,7 +117,8 @@ class Task(ABC):
     @property
     @abstractmethod
     def random_accuracy(self) -> float:
-        """Accuracy of guessing the answer from its marginal distribution."""
+        """Accuracy of the best guess from the answers' marginal distribution alone, blind to
+        the context: the most frequent answer's share (1 / n for answers uniform over n)."""
 
     def generate(self, num_examples: int, seed: int) -> Batch:
         """Sample ``num_examples`` examples; deterministic in (params, seed).

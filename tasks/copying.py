@@ -66,8 +66,10 @@ class Compression(Task):
     Sequence S (length seq_len + 1; N = num_tokens):
         "." * (seq_len - 2N) | d1 ... dN | "=>" | d1 ... dN
     Data tokens are uniform ordinary tokens; leading no-ops pad a seq_len above 2N.
-    The model must hold the whole prefix in its state. Scored positions: the last N
-    inputs, whose targets are the reproduced d1 .. dN.
+    Scored positions: the last N inputs, whose targets are the reproduced d1 .. dN. As the
+    reproduced tokens are fed back, the target of every scored position is the input exactly N
+    positions earlier, so a fixed-lag filter solves it: unlike MAD's version, which
+    compresses the sequence into one token, this does not test compression.
     """
 
     def __init__(self, vocab_size: int = 16, seq_len: int = 64, num_tokens: int = 32):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import NOOP, NUM_SPECIAL, Task, check_float, check_int, register
-from .sampling import distinct, scatter_valid
+from .sampling import distinct, scatter_valid, uniform
 
 
 @register("noisy_recall")
@@ -43,7 +43,8 @@ class NoisyRecall(Task):
         name = self.name
         self.num_kv_pairs = check_int(name, "num_kv_pairs", num_kv_pairs, 1)
         self.noise_vocab_size = check_int(name, "noise_vocab_size", noise_vocab_size, 1)
-        min_vocab = NUM_SPECIAL + self.noise_vocab_size + 2 * max(self.num_kv_pairs, 2)
+        # Keys take half the ordinary tokens (rounded down), values the rest.
+        min_vocab = NUM_SPECIAL + self.noise_vocab_size + max(2 * self.num_kv_pairs, 3)
         why_vocab = (
             f"2 special tokens, {self.noise_vocab_size} noise tokens, "
             f"{self.num_kv_pairs} distinct keys and >= 2 values"
@@ -70,7 +71,7 @@ class NoisyRecall(Task):
 
         # Items of the stream: each takes >= 1 of its t - 1 slots, so t - 1 items always
         # suffice; the rest of the draws is only made for as many as some row reaches.
-        is_noise = torch.rand(n, t - 1, generator=generator) < self.noise_prob
+        is_noise = uniform(n, t - 1, generator=generator) < self.noise_prob
         is_noise[:, 0] = False
         width = 2 - is_noise.long()
         start = width.cumsum(1) - width
@@ -96,7 +97,7 @@ class NoisyRecall(Task):
 
         # The final query: uniform over the keys the stream used (the first item always is one).
         used = first_use < items
-        query = torch.where(used, torch.rand(n, pairs, generator=generator), -1.0).argmax(1)
+        query = torch.where(used, uniform(n, pairs, generator=generator), -1.0).argmax(1)
         sequences[:, t - 1] = keys.gather(1, query[:, None])[:, 0]
         sequences[:, t] = values.gather(1, query[:, None])[:, 0]
 

@@ -16,6 +16,13 @@ import torch
 _DENSE_RATIO = 4
 
 
+def uniform(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """float32 uniforms on [0, 1) of ``shape``. float32 whatever torch's default dtype: a
+    float64 draw takes other bits from the generator, so a notebook that called
+    torch.set_default_dtype(torch.float64) would get other examples for the same seed."""
+    return torch.rand(*shape, generator=generator, dtype=torch.float32)
+
+
 def later_duplicates(x: torch.Tensor) -> torch.Tensor:
     """bool [n, k]: True where x[r, j] equals some x[r, i] with i < j."""
     sorted_x, order = x.sort(dim=1, stable=True)  # equal values keep their column order
@@ -28,7 +35,7 @@ def distinct(n: int, k: int, m: int, generator: torch.Generator) -> torch.Tensor
     """int64 [n, k]: k distinct integers from range(m) per row (k <= m), each row uniform
     over the ordered k-tuples of distinct values (sampling without replacement)."""
     if m <= _DENSE_RATIO * k:
-        return torch.rand(n, m, generator=generator).topk(k, dim=1, sorted=True).indices
+        return uniform(n, m, generator=generator).topk(k, dim=1, sorted=True).indices
     # The first k distinct values of an i.i.d. uniform stream are a draw without
     # replacement. Draw a few more than k (the expected repeats, plus a margin) and take
     # them; a row that still falls short is drawn again from scratch, an independent
@@ -59,8 +66,8 @@ def weighted_order(log_weights: torch.Tensor, n: int, k: int, generator: torch.G
     extreme weights neither overflow nor tie.
     """
     # E = -log(1 - U) ~ Exp(1) (torch's exponential_ sampler is several times slower).
-    uniform = torch.rand(n, log_weights.shape[0], generator=generator)
-    log_times = uniform.neg_().log1p_().neg_().log_() - log_weights
+    u = uniform(n, log_weights.shape[0], generator=generator)
+    log_times = u.neg_().log1p_().neg_().log_() - log_weights
     return log_times.topk(k, dim=1, largest=False, sorted=True).indices
 
 

@@ -291,7 +291,6 @@ def test_random_accuracy_defaults():
         "compression": 1 / 14,
         "noisy_recall": 1 / 11,  # 32 - 2 special - 8 noise = 22 ordinary: 11 keys, 11 values
         "fuzzy_recall": 1 / 15,
-        "memorization": 1 / 127,
     }
     for name, chance in expected.items():
         assert tasks.build(name).random_accuracy == pytest.approx(chance), name
@@ -305,8 +304,6 @@ UNIFORMITY = [
     ("compression", {"vocab_size": 9, "seq_len": 10, "num_tokens": 4}, None),
     ("noisy_recall", {"vocab_size": 16, "seq_len": 20, "num_kv_pairs": 3}, "final"),
     ("fuzzy_recall", {"vocab_size": 14, "seq_len": 40, "num_kv_pairs": 3}, None),
-    ("memorization", {"vocab_size": 16, "seq_len": 6}, None),
-    ("memorization", {"vocab_size": 17, "seq_len": 6}, None),  # 7 keys, 8 values: 1 unused
 ]
 
 
@@ -340,6 +337,32 @@ def test_determinism(name):
         assert torch.equal(a.inputs, x.inputs) and torch.equal(a.targets, x.targets)
         assert torch.equal(a.answer_mask, x.answer_mask)
     assert not torch.equal(a.inputs, task.generate(200, seed=12).inputs)
+
+
+@pytest.mark.parametrize("name", tasks.names())
+def test_same_data_under_a_float64_default_dtype(name):
+    """A float64 default dtype (a notebook's torch.set_default_dtype) changes no example:
+    float64 uniforms would take other bits from the generator."""
+    before = tasks.build(name).generate(64, seed=3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        after = tasks.build(name).generate(64, seed=3)
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(before.inputs, after.inputs) and torch.equal(before.targets, after.targets)
+    assert torch.equal(before.answer_mask, after.answer_mask)
+
+
+def test_fuzzy_key_lengths_alike_in_every_slot():
+    """P(a key is one token long) is the same in each of the 8 slots of the stream (5-sigma
+    band around their mean): redrawing clashing keys must not favour a slot."""
+    task = tasks.build("fuzzy_recall")
+    _, lengths = task._keys(60000, torch.Generator().manual_seed(0))
+    share = (lengths == 1).double().mean(0)
+    mean = share.mean().item()
+    sigma = math.sqrt(mean * (1 - mean) / 60000)
+    assert (share - mean).abs().max().item() < 5 * sigma, share
 
 
 @pytest.mark.parametrize("name", NEW_TASKS)
@@ -478,17 +501,36 @@ def test_memorization_longest_sequence():
     assert torch.equal(keys.sort(dim=1).values, torch.arange(2, 6).expand(50, 4))
 
 
-def test_memorization_map_is_balanced():
-    # Every value is the image of floor or ceil(num_keys / num_values) keys.
-    for vocab in (6, 12, 13, 40, 41):
-        task = tasks.build("memorization", vocab_size=vocab, seq_len=3)
-        num_keys = (vocab - 2) // 2
-        num_values = vocab - 2 - num_keys
-        counts = Counter(task.value_table.tolist())
-        assert all(
-            num_keys // num_values <= c <= -(-num_keys // num_values) for c in counts.values()
-        )
-        assert sum(counts.values()) == num_keys
+def test_memorization_values_are_independent():
+    """Over map seeds, the values of two keys are independent and uniform (4 x 4 cells, 5-sigma
+    band): a one-to-one map would leave the 4 equal cells empty, and a value seen in an
+    example would tell which values a later key cannot have."""
+    draws = [
+        tuple(tasks.build("memorization", vocab_size=10, seq_len=3, map_seed=s).value_table[:2])
+        for s in range(3200)
+    ]
+    counts = Counter((int(a), int(b)) for a, b in draws)
+    assert len(counts) == 16 and all(6 <= v < 10 for cell in counts for v in cell)
+    sigma = math.sqrt(3200 * (1 / 16) * (15 / 16))
+    assert all(abs(c - 200) < 5 * sigma for c in counts.values())
+
+
+@pytest.mark.parametrize("vocab", [16, 17])  # 7 keys and 7 values; 7 keys and 8 values
+def test_memorization_chance_is_the_best_blind_guess(vocab):
+    """Each answer's share is its number of keys over num_keys, and the most frequent one's
+    is random_accuracy (5-sigma bands, counted on generated answers)."""
+    task = tasks.build("memorization", vocab_size=vocab, seq_len=6, map_seed=3)
+    answers = task.generate(4000, seed=5).targets[task.generate(4000, seed=5).answer_mask]
+    counts = Counter(answers.tolist())
+    keys_of = Counter(task.value_table.tolist())
+    assert counts.keys() == keys_of.keys()
+    total = len(answers)
+    for value, count in counts.items():
+        p = keys_of[value] / task.num_keys
+        assert abs(count - total * p) < 5 * math.sqrt(total * p * (1 - p))
+    p = task.random_accuracy
+    assert max(keys_of.values()) > 1  # this map has a mode worth more than 1 / num_keys
+    assert abs(max(counts.values()) - total * p) < 5 * math.sqrt(total * p * (1 - p))
 
 
 @pytest.mark.parametrize("k, m", [(2, 5), (2, 20)])  # the dense and the sparse path
@@ -596,16 +638,17 @@ def memorization_params(draw):
     }
 
 
-def chance(name, p):
-    """random_accuracy from the documented vocabulary split, recomputed here."""
+def chance(name, p, task):
+    """random_accuracy from the documented vocabulary split (memorization: the task's map),
+    recomputed here."""
     if name in ("selective_copying", "compression"):
         return 1 / (p["vocab_size"] - 2)
     if name == "mqar":
         return 1 / (p["vocab_size"] - p["vocab_size"] // 2)
     ordinary = p["vocab_size"] - 2 - p.get("noise_vocab_size", 0)
     num_keys, num_values = ordinary // 2, ordinary - ordinary // 2
-    if name == "memorization":
-        return math.ceil(num_keys / num_values) / num_keys
+    if name == "memorization":  # the value of the most keys
+        return max(Counter(task.value_table.tolist()).values()) / num_keys
     return 1 / num_values
 
 
@@ -626,7 +669,7 @@ def test_property(name):
     def run(params, seed):
         task, _ = generate_and_check(name, params, n=24, seed=seed)
         assert task.params == {**DEFAULTS[name], **params}
-        assert task.random_accuracy == pytest.approx(chance(name, params))
+        assert task.random_accuracy == pytest.approx(chance(name, params, task))
 
     run()
 
@@ -658,12 +701,14 @@ def test_property(name):
         ("noisy_recall", {"noise_vocab_size": 0}, "noise_vocab_size must be >= 1"),
         ("noisy_recall", {"vocab_size": 25}, "vocab_size must be >= 26"),
         ("noisy_recall", {"seq_len": 2}, "seq_len must be >= 3"),
+        ("noisy_recall", {"num_kv_pairs": 1, "vocab_size": 12}, "vocab_size must be >= 13"),
         ("noisy_recall", {"num_kv_pairs": 2.0}, "num_kv_pairs must be an integer"),
         ("fuzzy_recall", {"key_len": 4}, "key_len must be <= 3"),
         ("fuzzy_recall", {"key_len": 0}, "key_len must be >= 1"),
         ("fuzzy_recall", {"max_key_len": 0}, "max_key_len must be >= 1"),
         ("fuzzy_recall", {"seq_len": 94}, "seq_len must be >= 95"),
         ("fuzzy_recall", {"vocab_size": 17}, "vocab_size must be >= 18"),
+        ("fuzzy_recall", {"num_kv_pairs": 1, "vocab_size": 4}, "vocab_size must be >= 5"),
         ("memorization", {"seq_len": 0}, "seq_len must be >= 1"),
         ("memorization", {"seq_len": 255}, "seq_len must be <= 254"),
         ("memorization", {"vocab_size": 5}, "vocab_size must be >= 6"),
@@ -683,6 +728,9 @@ def test_build_errors(name, params, match):
         ("compression", {"num_tokens": 32, "seq_len": 64}),
         ("noisy_recall", {"vocab_size": 26, "seq_len": 3}),
         ("fuzzy_recall", {"seq_len": 95, "vocab_size": 18}),
+        # One pair: one key token, two value tokens (keys take half the ordinary ids).
+        ("noisy_recall", {"num_kv_pairs": 1, "vocab_size": 13, "seq_len": 8}),
+        ("fuzzy_recall", {"num_kv_pairs": 1, "vocab_size": 5, "seq_len": 11}),
         ("memorization", {"seq_len": 254}),
         ("memorization", {"seq_len": 1}),
     ],
