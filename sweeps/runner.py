@@ -18,7 +18,12 @@ Crash safety. Running trials send a heartbeat; a trial whose worker died (SIGKIL
 loss) is failed once the heartbeat is ``GRACE_FACTOR`` intervals old, and the retry callback
 queues a copy with the same parameters (up to ``MAX_RETRY`` times). The copy trains in the
 directory of the trial it repeats, so it resumes from that run's last checkpoint. Ctrl-C
-queues the running trial in the same way; rerunning the command continues the study.
+queues the running trial in the same way, without counting against MAX_RETRY; rerunning the
+command continues the study.
+
+Errors. A trial whose training raises (out of memory, a device the machine lacks) is failed
+with its error kept and gives its place to a new trial; the sweep stops, as a SweepError, once
+MAX_ERRORS trials have raised, rather than training on through a bug.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from sweeps.space import SweepSpace, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRY = 3  # retries of one trial killed again and again (e.g. out of memory), then give up
+MAX_ERRORS = 3  # trials whose training raised, then the sweep stops
 GRACE_FACTOR = 3  # a running trial is stale after this many missed heartbeats
 POLL_S = 1.0  # how often an idle worker looks for queued retries while others finish
 SPACE_ATTR = "sandbox_space"  # study user attribute: the space the study was created with
@@ -60,6 +66,10 @@ class SweepError(RuntimeError):
 
 class SkippedTrial(Exception):
     """A trial failed on purpose without training: surplus, or an invalid combination."""
+
+
+class TrialError(Exception):
+    """A trial whose training raised: failed, its error kept in the "error" attribute."""
 
 
 @dataclass
@@ -219,7 +229,7 @@ class Objective:
             sw = self.sweep
             trial.set_user_attr("error", "interrupted")
             frozen = next(t for t in sw.study.get_trials() if t.number == trial.number)
-            RETRY(sw.study, frozen)
+            _requeue(sw.study, frozen)
             raise
 
     def _run(self, trial: optuna.Trial) -> float:
@@ -262,11 +272,37 @@ class Objective:
             raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-            raise
+            raise TrialError(f"{type(e).__name__}: {e}") from e
         for key in ("val_accuracy", "test_accuracy", "test_exact", "steps", "wall_s", "solved"):
             trial.set_user_attr(key, result[key])
         trial.set_user_attr("num_params", result["params"])
         return result["val_accuracy"]
+
+
+def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
+    """Queue a copy of interrupted trial ``t`` that trains in its directory, as the retry
+    callback does for a dead worker's trial but with no entry in its retry history: Ctrl-C
+    is not a failure, and counted as one, a trial interrupted MAX_RETRY + 1 times was
+    dropped and its run never resumed."""
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=t.params,
+            distributions=t.distributions,
+            user_attrs=t.user_attrs,
+            system_attrs={**t.system_attrs, "failed_trial": origin(t)},
+            intermediate_values=t.intermediate_values,
+        )
+    )
+
+
+def _check_errors(trials: list[FrozenTrial]) -> None:
+    errors = [t for t in trials if t.user_attrs.get("error") not in (None, "interrupted")]
+    if len(errors) >= MAX_ERRORS:
+        raise SweepError(
+            f"{len(errors)} trials raised, e.g. trial {errors[-1].number}: "
+            f"{errors[-1].user_attrs['error']}"
+        )
 
 
 def _check_invalid(trials: list[FrozenTrial], n_trials: int) -> None:
@@ -309,9 +345,11 @@ def work(sweep: Sweep) -> None:
         if sum(t.state in FINISHED for t in trials) >= sweep.n_trials:
             return
         _check_invalid(trials, sweep.n_trials)
+        _check_errors(trials)
         queued = any(t.state == TrialState.WAITING for t in trials)
         if queued or len(place_holders(trials, sweep.grace_s)) < sweep.n_trials:
-            sweep.study.optimize(objective, n_trials=1, catch=(SkippedTrial,), callbacks=[announce])
+            catch = (SkippedTrial, TrialError)
+            sweep.study.optimize(objective, n_trials=1, catch=catch, callbacks=[announce])
         else:
             time.sleep(POLL_S)
 

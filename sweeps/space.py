@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -264,6 +265,8 @@ def parse_space(data: Any, name: str, root: Path | None = None) -> SweepSpace:
             choices = space.params[other]
             if not isinstance(choices, CategoricalParam):
                 raise ConfigError(f"{entry}: condition on {other!r}, which is not categorical")
+            if want == []:
+                raise ConfigError(f"{entry}: condition on {other!r} allows no value (empty list)")
             for value in want if isinstance(want, list) else [want]:
                 if value not in list(choices.choices):  # == rather than hashing
                     raise ConfigError(f"{entry}: condition {other}={value!r} is not a choice")
@@ -274,7 +277,45 @@ def parse_space(data: Any, name: str, root: Path | None = None) -> SweepSpace:
                 space.config_for(values)
             except ValueError as e:  # ConfigError included
                 raise ConfigError(f"{entry} = {value!r}: {e}") from None
+    for field in ("sampler", "pruner"):
+        if not getattr(space, f"{field}_options"):  # the defaults need no trying (0.3 s)
+            continue
+        try:
+            _dry_run(space, field)
+        except Exception as e:  # whatever an option the constructor took fails with later
+            raise ConfigError(f"space {name}: {field}_options: {type(e).__name__}: {e}") from None
     return space
+
+
+def _dry_run(space: SweepSpace, field: str) -> None:
+    """Run the space's sampler (field "sampler") or pruner ("pruner") on fake trials in memory,
+    past their start-up trials. Their constructors keep options they only use later (TPE's
+    gamma once n_startup_trials have finished, Hyperband's reduction_factor at the first
+    report): unchecked, such an option failed a study after its start-up trials had trained,
+    with the bad space already stored in it."""
+    options = space.sampler_options if field == "sampler" else space.pruner_options
+    startup = options.get("n_startup_trials", 10 if field == "sampler" else 5)
+    sampler = space.make_sampler() if field == "sampler" else optuna.samplers.RandomSampler(0)
+    pruner = space.make_pruner() if field == "pruner" else optuna.pruners.NopPruner()
+
+    def objective(trial: optuna.Trial) -> float:
+        space.suggest(trial)
+        fake = (trial.number * 0.618) % 1  # distinct values, so medians and ranks are defined
+        for step in range(1, 4):
+            trial.report(fake * step / 3, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return fake
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # no trial lines, failures raise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. TPE's experimental-option warnings
+            study = optuna.create_study(direction=space.direction, sampler=sampler, pruner=pruner)
+            study.optimize(objective, n_trials=int(startup) + 2)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _condition_values(space: SweepSpace, path: str) -> dict[str, Any]:

@@ -354,6 +354,23 @@ BAD_ENTRIES = [
     ({"seed": -1}, "field 'seed'"),
     ({"pruner": "asha"}, "field 'pruner'"),
     ({"pruner": "none"}, "pruner_options: NopPruner"),
+    # Options the constructors keep and use only later: TPE's after its start-up trials,
+    # Hyperband's at the first report. They failed the study midway, its space stored.
+    ({"sampler_options": {"n_startup_trials": 1, "n_ei_candidates": 0}}, "sampler_options: "),
+    ({"pruner": "hyperband", "pruner_options": {"reduction_factor": 1}}, "pruner_options: "),
+    (
+        {
+            "params": {
+                **SPACE["params"],
+                "train.batch_size": {  # after the condition's parameter in the sorted YAML
+                    "type": "categorical",
+                    "choices": [16, 32],
+                    "condition": {"model.mixer_params.first_ssm": []},
+                },
+            }
+        },
+        "condition on 'model.mixer_params.first_ssm' allows no value",
+    ),
     ({"base": {"model": {"d_modle": 8}}}, "base: config field 'model.d_modle'"),
 ]
 
@@ -605,11 +622,49 @@ def test_an_interrupt_anywhere_in_a_trial_queues_it_again(tmp_path, monkeypatch,
             record(trial, key, value)
 
         monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr)
-    with pytest.raises(KeyboardInterrupt):
-        study.optimize(Objective(sweep), n_trials=1)
-    failed, queued = study.get_trials()
-    assert failed.state == TrialState.FAIL and failed.user_attrs["error"] == "interrupted"
+    # Five times: Ctrl-C is no failure and takes nothing from the MAX_RETRY = 3 budget of
+    # crashed workers' trials (the fourth interrupt dropped the trial and its run).
+    for _ in range(5):
+        with pytest.raises(KeyboardInterrupt):
+            study.optimize(Objective(sweep), n_trials=1)
+    *failed, queued = study.get_trials()
+    assert len(failed) == 5
+    assert {(t.state, t.user_attrs["error"]) for t in failed} == {(TrialState.FAIL, "interrupted")}
     assert queued.state == TrialState.WAITING and origin(queued) == 0
+
+
+def test_a_trial_that_raises_gives_its_place_and_three_stop_the_sweep(tmp_path, monkeypatch):
+    """A training error (out of memory, say) fails that trial only, with its error kept, and
+    the sweep goes on to its count; the third error stops the sweep."""
+    import sandbox.train
+    from sweeps.runner import MAX_ERRORS, Sweep, SweepError, open_study, work
+
+    calls = []
+
+    def train(config, run_dir, **kwargs):
+        calls.append(config.train.lr)
+        if len(calls) == 2 or fail_all:
+            raise RuntimeError("out of memory")
+        keys = ("val_accuracy", "test_accuracy", "test_exact", "wall_s")
+        return {**dict.fromkeys(keys, config.train.lr), "steps": 1, "solved": False, "params": 1}
+
+    monkeypatch.setattr(sandbox.train, "train", train)
+    space = load_space(write_space(tmp_path / "err.yaml", trials=3))
+    fail_all = False
+    study, space = open_study(make_storage(default_storage(tmp_path)), "err", space)
+    work(Sweep(space, study, 3, tmp_path / "out", grace_s=60))
+    trials = study.get_trials()
+    states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.state for t in trials] == states
+    assert trials[1].user_attrs["error"] == "RuntimeError: out of memory"
+    assert [t.value for t in trials if t.value is not None] == [calls[0], calls[2], calls[3]]
+
+    fail_all = True
+    (tmp_path / "b").mkdir()
+    study, space = open_study(make_storage(default_storage(tmp_path / "b")), "err", space)
+    with pytest.raises(SweepError, match=f"{MAX_ERRORS} trials raised, e.g. trial 2: Runtime"):
+        work(Sweep(space, study, 3, tmp_path / "b" / "out", grace_s=60))
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * MAX_ERRORS
 
 
 def test_a_moved_sweep_directory_goes_on(sqlite_sweep, tmp_path, capsys):
