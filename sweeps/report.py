@@ -151,6 +151,16 @@ def variant_points(study: optuna.Study, param: str):
     return pd.DataFrame(rows, columns=["number", "state", "value", param])
 
 
+def tick_order(points, param: str, choices: list | None) -> list[str]:
+    """The x ticks of `param`'s strip plot (``points`` from variant_points): the choices in
+    their listed order for a categorical parameter, else (``choices`` None: an integer one)
+    the values sampled in numeric order; seaborn would order the strings by first
+    appearance ("8", "2", "16")."""
+    if choices is not None:
+        return [str(c) for c in choices]
+    return [str(v) for v in sorted({int(x) for x in points[param]})]
+
+
 def _variants(study: optuna.Study, path: Path) -> bool:
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -171,10 +181,8 @@ def _variants(study: optuna.Study, path: Path) -> bool:
         ax.set_visible(False)
     for i, (ax, param) in enumerate(zip(axes.flat, discrete)):
         spec = space[param]
-        if spec["type"] == "categorical":
-            order = [str(c) for c in spec["choices"]]
-        else:  # int: numeric order (seaborn keeps the strings in order of first appearance)
-            order = [str(v) for v in sorted({int(x) for x in points[param][param]})]
+        choices = spec["choices"] if spec["type"] == "categorical" else None
+        order = tick_order(points[param], param, choices)
         sns.stripplot(
             data=points[param], x=param, y="value", hue="state", order=order, ax=ax, jitter=0.15
         )

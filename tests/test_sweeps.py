@@ -546,6 +546,10 @@ def test_variant_ticks_of_an_integer_parameter_are_in_numeric_order(tmp_path, mo
     )
     assert report._variants(study, tmp_path / "variants.png")
     assert ticks == ["2", "4", "8", "16"]
+    # The helper notebook 04 orders its strip plots with, for any study's distributions.
+    points = report.variant_points(study, "model.n_layers")
+    assert report.tick_order(points, "model.n_layers", None) == ["2", "4", "8", "16"]
+    assert report.tick_order(points, "model.n_layers", [16, 8]) == ["16", "8"]
 
 
 def test_a_dotted_parameter_beats_a_mapping_choice_whatever_the_order(tmp_path):
