@@ -39,7 +39,7 @@ def s4d_discretize(
     dtA = dt[:, None] * A
     if method == "zoh":
         dA = torch.exp(dtA)
-        dB = (dA - 1) / A
+        dB = torch.expm1(dtA) / A  # not dA - 1: it cancels to 0 in fp32 for |dt A| < 6e-8
     elif method == "bilinear":
         denom = 1 - dtA / 2
         dA = (1 + dtA / 2) / denom
@@ -65,6 +65,8 @@ def s4d_kernel(
     """
     if L < 1:
         raise ValueError(f"s4d_kernel: the kernel length L must be >= 1, got {L}")
+    if method not in DISCRETIZATIONS:  # S4DKernel and log_dA read anything but "zoh" as bilinear
+        raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {method!r}")
     return S4DKernel.apply(dt, A, B, C, L, method)
 
 
@@ -106,7 +108,7 @@ class S4DKernel(torch.autograd.Function):
             low, high = E[:, :P], E[:, P:]  # z^a [H, P, N], z^(P b) [H, Q, N]
             if method == "zoh":
                 y = None
-                p = (low[:, 1] - 1) / A  # dB without B: (dA - 1) / A
+                p = torch.expm1(dt[:, None] * A) / A  # dB without B, no cancellation
             else:
                 y = 1 - (dt[:, None] / 2) * A  # 1 - dt A / 2
                 p = dt[:, None] / y
@@ -149,14 +151,14 @@ class S4DKernel(torch.autograd.Function):
         """(d dt, d A, d B, d C, None, None) from the conjugate-form gradients of w = C B p(dt,
         A) and z = dA(dt, A), p being dB without B; dt is real, so its gradient is the real
         part, summed over the modes. With x = dt A, ĝ_x = dz/dx ĝ_z: zoh: dA = e^x, dz/dx = dA,
-        p = (dA - 1) / A, so dp/dA = (dt dA - p) / A, dp/ddt = dA. bilinear: y = 1 - x/2, dA =
-        (1 + x/2) / y, dz/dx = 1 / y^2, p = dt / y, so dp/dA = dt^2 / (2 y^2) = p^2 / 2 and
-        dp/ddt = 1 / y^2."""
+        p = (dA - 1) / A, so dp/dA = (dt dA - p) / A = dt^2 psi(x) (_zoh_psi), dp/ddt = dA.
+        bilinear: y = 1 - x/2, dA = (1 + x/2) / y, dz/dx = 1 / y^2, p = dt / y, so dp/dA = dt^2
+        / (2 y^2) = p^2 / 2 and dp/ddt = 1 / y^2."""
         dt = dt[:, None]
         grad_p = cb * grad_w
         if method == "zoh":
             grad_x = dA * grad_z
-            grad_A = torch.addcmul((dt * dA - p) / A * grad_p, dt, grad_x)
+            grad_A = torch.addcmul(dt * dt * _zoh_psi(dt * A, dt, dA, p) * grad_p, dt, grad_x)
             grad_dt = dA * grad_p + A * grad_x
         else:
             inv_y2 = (1 / y).square_()
@@ -175,12 +177,27 @@ class S4DKernel(torch.autograd.Function):
         )
 
 
+# psi(x) = (x e^x - e^x + 1) / x^2 = sum_{m>=2} (m - 1) / m! x^(m-2): its first 12 terms.
+_PSI_TERMS = [(m - 1) / math.factorial(m) for m in range(2, 14)]
+
+
+def _zoh_psi(x, dt, dA, p):
+    """psi(x) = (x e^x - e^x + 1) / x^2, x = dt A [H, N] complex, so that zoh's dp/dA = dt^2
+    psi(x) (dA = e^x, p = (dA - 1) / A). The closed form (dt dA - p) / (dt x) cancels where
+    |x| is small (relative error ~ eps / |x|^2: grad A was 5% off in fp64 at dt = A = -1e-5's
+    scale, 1e6x off in fp32 at |Re A| = 1e-6); there the series, whose 12 terms are within
+    1e-14 relative for |x| < 0.4, where the closed form's error is ~20 eps."""
+    series = torch.full_like(x, _PSI_TERMS[-1])
+    for c in reversed(_PSI_TERMS[:-1]):
+        series = series * x + c
+    return torch.where(x.abs() < 0.4, series, (dt * dA - p) / (dt * x))
+
+
 def _kernel_reference(dt, A, B, C, L: int, method: str) -> torch.Tensor:
     """s4d_kernel's result [H, L] in plain torch ops (the whole [H, L, N] Vandermonde matrix),
     which a double backward differentiates (kernels.double_backward)."""
-    _, dB = s4d_discretize(dt, A, B, method)
-    lags = torch.arange(L, dtype=dt.dtype, device=dt.device)[:, None]
-    z_re, z_im = _powers_at(log_dA(dt, A, method), lags, L - 1)  # dA^l: [H, L, N]
+    dA, dB = s4d_discretize(dt, A, B, method)
+    z_re, z_im = dA_powers(log_dA(dt, A, method), L, dA=dA)  # dA^l: [H, L, N]
     w = C * dB
     return 2 * (z_re * w.real[:, None] - z_im * w.imag[:, None]).sum(-1)
 
@@ -211,14 +228,14 @@ def s4d_state(
     Args: u [batch, H, L] real, L >= 1; dt [H]; A, B [H, N] complex (B may be None); method.
     Returns: complex [batch, H, N], in the precision of dt.
     """
-    _, dB = s4d_discretize(dt, A, B, method)
+    dA, dB = s4d_discretize(dt, A, B, method)
     L = u.shape[-1]
     # Lag l = L-1-s = a + P b with P ~ sqrt(L): x = dB sum_b (dA^P)^b sum_a dA^a u_{L-1-a-Pb},
     # an [L/P, P] x [P, N] matmul per channel, then a sum over the L/P blocks.
     P = math.isqrt(L - 1) + 1
     Q = -(-L // P)
     logs = log_dA(dt, A, method)
-    low_re, low_im = dA_powers(logs, P)  # dA^a, a < P
+    low_re, low_im = dA_powers(logs, P, dA=dA)  # dA^a, a < P
     high_re, high_im = dA_powers(logs, Q, step=P)  # dA^(P b), b < Q
     newest_first = F.pad(u.flip(-1).to(low_re.dtype), (0, P * Q - L))  # zeros: lags >= L
     # The sum over a as a real batched matmul, [x q, P] @ [P, 2N] per channel with the real
@@ -261,12 +278,22 @@ def log_dA(dt: torch.Tensor, A: torch.Tensor, method: str) -> tuple[torch.Tensor
 
 
 def dA_powers(
-    log_dA: tuple[torch.Tensor, torch.Tensor], n: int, step: int = 1
+    log_dA: tuple[torch.Tensor, torch.Tensor],
+    n: int,
+    step: int = 1,
+    dA: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real and imaginary parts of dA^l for l = 0, step, .. (n-1) step, each [H, n, N] real,
-    from ``log_dA`` (:func:`log_dA`)."""
+    from ``log_dA`` (:func:`log_dA`). Given ``dA`` itself, lag 1 is taken from it: through the
+    log its gradient is lost where dA = 0 (|dA| has a kink there; dA^l, l >= 2, has none)."""
     lags = torch.arange(n, device=log_dA[0].device, dtype=log_dA[0].dtype) * step
-    return _powers_at(log_dA, lags[:, None], (n - 1) * step)
+    re, im = _powers_at(log_dA, lags[:, None], (n - 1) * step)
+    if dA is None or step != 1 or n < 2:
+        return re, im
+    return (
+        torch.cat([re[:, :1], dA.real[:, None], re[:, 2:]], 1),
+        torch.cat([im[:, :1], dA.imag[:, None], im[:, 2:]], 1),
+    )
 
 
 def _powers_at(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from kernels.fftconv import fftconv
-from kernels.ssm import dA_powers, log_dA, s4d_kernel, s4d_state
+from kernels.ssm import dA_powers, log_dA, s4d_discretize, s4d_kernel, s4d_state
 
 
 def ssm_chunked_conv(
@@ -56,6 +56,11 @@ def ssm_chunked_conv(
         raise ValueError(f"ssm_chunked_conv: chunk must be >= 1, got {chunk}")
     if u.dim() != 3 or u.shape[-1] < 1:
         raise ValueError(f"ssm_chunked_conv: u must be [B, H, L>=1], got shape {tuple(u.shape)}")
+    for name, g in (("pregate", pregate), ("postgate", postgate)):
+        if g is not None and g.shape != u.shape:  # as fftconv: no silent broadcasting
+            raise ValueError(
+                f"ssm_chunked_conv: {name} must match u {tuple(u.shape)}, got {tuple(g.shape)}"
+            )
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     L = u.shape[-1]
     T = min(chunk, L)
@@ -65,8 +70,9 @@ def ssm_chunked_conv(
     # long tail of the state's sum (and torch.complex takes no bf16).
     with torch.autocast(u.device.type, enabled=False):
         lam = log_dA(dt, A, method)
+        dA = s4d_discretize(dt, A, None, method)[0]
         k = s4d_kernel(dt, A, B, C, T, method)  # the filter's first T taps
-        decay_re, decay_im = dA_powers(lam, 2, step=T)  # dA^0, dA^T: [H, 2, N]
+        decay_re, decay_im = dA_powers(lam, 2, step=T, dA=dA)  # dA^0, dA^T: [H, 2, N]
         decay = torch.complex(decay_re[:, 1], decay_im[:, 1])
 
         # Zeros appended at the end change no earlier output (causality); cut off at the end.
@@ -82,13 +88,17 @@ def ssm_chunked_conv(
         for c in range(chunks):
             before.append(state)
             state = decay * state + pushed[:, :, c]
-        from_state = _from_state(C[:, None] * torch.stack(before, dim=2), lam, T, dtype)
+        from_state = _from_state(C[:, None] * torch.stack(before, dim=2), lam, dA, T, dtype)
     y = rearrange(local + from_state, "b h c t -> b h (c t)")[..., :L]
     return (y * postgate if postgate is not None else y).to(u.dtype)
 
 
 def _from_state(
-    cx: torch.Tensor, lam: tuple[torch.Tensor, torch.Tensor], T: int, dtype: torch.dtype
+    cx: torch.Tensor,
+    lam: tuple[torch.Tensor, torch.Tensor],
+    dA: torch.Tensor,
+    T: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """2 Re sum_n cx[b, h, c, n] dA_n^(t+1) for t < T (M_xy x: the output a chunk gets from the
     state entering it), [B, H, c, N] complex -> [B, H, c, T] in ``dtype``; lam = log dA.
@@ -101,7 +111,8 @@ def _from_state(
     """
     P = math.isqrt(T - 1) + 1
     Q = -(-T // P)
-    low_re, low_im = (x[:, 1:].to(dtype) for x in dA_powers(lam, P + 1))  # dA^(a+1): [H, P, N]
+    # dA^(a+1): [H, P, N]
+    low_re, low_im = (x[:, 1:].to(dtype) for x in dA_powers(lam, P + 1, dA=dA))
     high_re, high_im = (x.to(dtype) for x in dA_powers(lam, Q, step=P))  # dA^(P q): [H, Q, N]
     x_re, x_im = (rearrange(x.to(dtype), "b h c n -> h (b c) 1 n") for x in (cx.real, cx.imag))
     z_re = (x_re * low_re[:, None] - x_im * low_im[:, None]).flatten(1, 2)  # [H, (b c a), N]

@@ -458,6 +458,75 @@ def test_bilinear_at_zero_dA_float64():
     u = torch.tensor([[[1.0, -2.0, 0.5]]], dtype=torch.float64)
     state = dB * (dA**2 * u[..., 0] + dA * u[..., 1] + u[..., 2])  # x_L from the zero state
     torch.testing.assert_close(s4d_state(u, dt, A, None, "bilinear"), state[None])
+    # The same gradients by the other routes through dA^1: a double backward's (the plain
+    # Vandermonde sum), and chunked state passing's (its decay and the state's output). Both
+    # took lag 1 through log |dA|, which has no derivative at 0, and were finite but wrong.
+    grads = torch.autograd.grad(loss(*params), params, create_graph=True)
+    for got, want in zip(grads, (got_dt, got_A)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    v = torch.tensor([[[1.0, -2.0, 0.5, 0.25, 3.0]]], dtype=torch.float64)
+
+    def chunked(dt, A):
+        return (ssm_chunked_conv(v, dt, A, None, C, None, 2, "bilinear") * gy[None]).sum()
+
+    def whole(dt, A):
+        return (fftconv(v, s4d_kernel(dt, A, None, C, 5, "bilinear")) * gy[None]).sum()
+
+    for chunk in (1, 2):
+        grads = torch.autograd.grad(
+            (ssm_chunked_conv(v, *params, None, C, None, chunk, "bilinear") * gy[None]).sum(),
+            params,
+        )
+        for got, want in zip(grads, torch.autograd.grad(whole(*params), params)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    fd = (chunked(dt + h, A) - chunked(dt - h, A)) / (2 * h)
+    torch.testing.assert_close(grads[0], fd.reshape(1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale", [1e-3, 1e-5, 1e-7])
+def test_zoh_kernel_gradient_at_small_dt_A(dtype, scale):
+    """zoh's dB = (e^(dt A) - 1) / A and its A-derivative cancel where |dt A| is small (dB was
+    0 in fp32 below 6e-8; dK/dA 5% off in fp64 at A ~ -1e-5): the kernel and its gradients
+    against mpmath at 40 digits (the kernel differentiated numerically there, exactly enough)."""
+    import mpmath
+
+    mpmath.mp.dps = 40
+    L = 4
+    dt0, A0, C0 = scale, complex(-scale, 2 * scale), complex(0.7, -0.3)
+    gy = [0.3, -1.2, 0.7, 2.0]
+
+    def loss(dt, a_re, a_im):
+        A = mpmath.mpc(a_re, a_im)
+        dB = mpmath.expm1(dt * A) / A
+        return sum(g * 2 * mpmath.re(C0 * dB * mpmath.exp(l * dt * A)) for l, g in enumerate(gy))
+
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    dt = torch.tensor([dt0], dtype=dtype, requires_grad=True)
+    A = torch.tensor([[A0]], dtype=complex_dtype, requires_grad=True)
+    C = torch.tensor([[C0]], dtype=complex_dtype)
+    K = s4d_kernel(dt, A, None, C, L, "zoh")
+    got = torch.autograd.grad((K * torch.tensor([gy], dtype=dtype)).sum(), (dt, A))
+    exact = [float(x) for x in (
+        loss(dt0, A0.real, A0.imag),
+        mpmath.diff(lambda x: loss(x, A0.real, A0.imag), dt0),
+        mpmath.diff(lambda x: loss(dt0, x, A0.imag), A0.real),
+        mpmath.diff(lambda x: loss(dt0, A0.real, x), A0.imag),
+    )]  # fmt: skip
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close((K * torch.tensor([gy], dtype=dtype)).sum().item(), exact[0],
+                               rtol=rtol, atol=0)  # fmt: skip
+    torch.testing.assert_close(got[0].item(), exact[1], rtol=rtol, atol=0)
+    torch.testing.assert_close(got[1].real.item(), exact[2], rtol=rtol, atol=0)
+    torch.testing.assert_close(got[1].imag.item(), exact[3], rtol=rtol, atol=0)
+
+
+def test_s4d_kernel_names_a_bad_discretization():
+    """S4DKernel read anything but "zoh" as bilinear: s4d_kernel(..., "ZOH") was bilinear."""
+    dt, A = torch.rand(2), torch.complex(-torch.rand(2, 3), torch.randn(2, 3))
+    C = torch.randn(2, 3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="discretization must be one of"):
+        s4d_kernel(dt, A, None, C, 4, "ZOH")
 
 
 @pytest.mark.parametrize("method", ["zoh", "bilinear"])
@@ -583,3 +652,13 @@ def test_gelu_tanh_float32_accuracy_and_large_inputs():
     (slope,) = torch.autograd.grad(y.sum(), far)
     assert torch.equal(y.detach(), torch.tensor([0.0] * 5 + values[5:]))
     assert torch.equal(slope, torch.tensor([0.0] * 5 + [1.0] * 5))
+
+
+def test_chunked_gates_must_match_u():
+    """As fftconv: a gate of another shape was broadcast (a [2, B, H, L] postgate made a 4-D
+    output), so a caller's shape bug surfaced only beyond the state-passing length."""
+    dt, A = torch.rand(2), torch.complex(-torch.rand(2, 3), torch.randn(2, 3))
+    C, u = torch.randn(2, 3, dtype=torch.complex64), torch.randn(1, 2, 8)
+    for name, gate in (("pregate", torch.rand(1, 2, 1)), ("postgate", torch.rand(2, 1, 2, 8))):
+        with pytest.raises(ValueError, match=rf"ssm_chunked_conv: {name} must match u \(1, 2, 8\)"):
+            ssm_chunked_conv(u, dt, A, None, C, None, 4, **{name: gate})
