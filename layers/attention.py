@@ -24,7 +24,8 @@ class Attention(Mixer):
 
     Args:
         d_model: width D.
-        num_heads: heads (must divide D); default max(1, D // 64), i.e. head size 64.
+        num_heads: heads (must divide D); default the most heads of at least 64 channels that
+            divide D (D // 64 where 64 divides D: head size 64).
         dropout: attention-probability dropout, applied in training mode only.
         rotary: rotary position embedding of q and k (head size must be even).
         rotary_base: the RoPE frequency base; pair i of a head turns by pos * base^(-2i / E).
@@ -44,8 +45,10 @@ class Attention(Mixer):
         rotary_base: float = 10000.0,
     ):
         super().__init__(d_model)
-        if num_heads is None:
+        if num_heads is None:  # the most heads of >= 64 channels that divide d_model
             num_heads = max(1, self.d_model // 64)
+            while self.d_model % num_heads:  # d_model = 200: 3 heads would not divide it
+                num_heads -= 1
         self.num_heads = self._int("num_heads", num_heads)
         self._divides("num_heads", self.num_heads, "each head gets d_model / num_heads channels")
         self.dropout = check_float(self.name, "dropout", dropout, 0.0, 1.0)
@@ -122,7 +125,7 @@ def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     that is not ours, a full buffer) the cache moves to a new buffer (_with_room).
     """
     T = cache.shape[2]
-    buffer = cache._base  # the tensor a view was cut from (None for a non-view)
+    buffer = getattr(cache, "_buffer", None)  # set by _prefix on the views it makes
     in_place = (
         buffer is not None
         and getattr(buffer, "_filled", None) == T
@@ -135,10 +138,10 @@ def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         and not (torch.is_grad_enabled() and (cache.requires_grad or new.requires_grad))
     )
     if not in_place:
-        buffer = _with_room(cache, T + 1)._base
+        buffer = _with_room(cache, T + 1)._buffer
     buffer[:, :, T] = new[:, :, 0]
     buffer._filled = T + 1  # positions written so far, shared by every view of the buffer
-    return buffer[:, :, : T + 1]
+    return _prefix(buffer, T + 1)
 
 
 def _with_room(cache: torch.Tensor, need: int | None = None) -> torch.Tensor:
@@ -151,4 +154,13 @@ def _with_room(cache: torch.Tensor, need: int | None = None) -> torch.Tensor:
     buffer = cache.new_empty(B, heads, need + max(16, need // 4), E)
     buffer[:, :, :T] = cache
     buffer._filled = T
-    return buffer[:, :, :T]
+    return _prefix(buffer, T)
+
+
+def _prefix(buffer: torch.Tensor, T: int) -> torch.Tensor:
+    """buffer's first T positions, as a view that names its buffer (``_buffer``). Not the
+    view's ``_base``: inference mode records none, and every step under it crashed. A view
+    cut from this one (a slice of batch rows) has no ``_buffer`` and is copied by _append."""
+    view = buffer[:, :, :T]
+    view._buffer = buffer
+    return view

@@ -115,6 +115,9 @@ def build(name: str, **params) -> Mixer:
     for param in params:
         if param not in expected:
             raise ValueError(f"{name}: unknown parameter {param!r}; expected one of {expected}")
+    for param, spec in inspect.signature(cls).parameters.items():
+        if spec.default is inspect.Parameter.empty and param not in params:  # was a TypeError
+            raise ValueError(f"{name}: missing parameter {param!r}")
     return cls(**params)
 
 

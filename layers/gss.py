@@ -43,7 +43,9 @@ class GSS(Mixer):
         ssm_width = self.d_model // reduction
         self.gate_proj = nn.Linear(self.d_model, width)
         self.ssm_proj = nn.Linear(self.d_model, ssm_width)
-        self.ssm = DiagonalSSM(ssm_width, d_state, init, discretization, dt_min, dt_max)
+        self.ssm = DiagonalSSM(
+            ssm_width, d_state, init, discretization, dt_min, dt_max, owner=self.name
+        )
         self.ssm_out_proj = nn.Linear(ssm_width, width)
         self.output_linear = nn.Linear(width, self.d_model)
 

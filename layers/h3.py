@@ -98,8 +98,8 @@ class H3(Mixer):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         no_ssm = first_ssm == "none"
-        self.k_ssm = None if no_ssm else make_ssm(first_ssm, d, *ssm_args)
-        self.kv_ssm = make_ssm(second_ssm, d // self.head_dim, *ssm_args)
+        self.k_ssm = None if no_ssm else make_ssm(first_ssm, d, *ssm_args, owner=self.name)
+        self.kv_ssm = make_ssm(second_ssm, d // self.head_dim, *ssm_args, owner=self.name)
         self.output_linear = nn.Linear(d, d)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

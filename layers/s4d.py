@@ -35,7 +35,9 @@ class S4D(Mixer):
         dt_max: float = 1e-1,
     ):
         super().__init__(d_model)
-        self.ssm = DiagonalSSM(self.d_model, d_state, init, discretization, dt_min, dt_max)
+        self.ssm = DiagonalSSM(
+            self.d_model, d_state, init, discretization, dt_min, dt_max, owner=self.name
+        )
         self.output_linear = nn.Linear(self.d_model, 2 * self.d_model)
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:

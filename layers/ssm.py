@@ -111,9 +111,10 @@ class DiagonalSSM(nn.Module):
         discretization: str = "zoh",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
+        owner: str | None = None,
     ):
         super().__init__()
-        owner = type(self).__name__
+        owner = owner or type(self).__name__  # the mixer's name in its errors, when it has one
         channels = check_int(owner, "channels", channels)
         d_state = check_int(owner, "d_state", d_state, minimum=2)
         if d_state % 2:
@@ -213,9 +214,11 @@ class ShiftSSM(nn.Module):
     skip D [H] ~ normal.
     """
 
-    def __init__(self, channels: int, d_state: int = 64, learn_b: bool = False):
+    def __init__(
+        self, channels: int, d_state: int = 64, learn_b: bool = False, owner: str | None = None
+    ):
         super().__init__()
-        owner = type(self).__name__
+        owner = owner or type(self).__name__  # the mixer's name in its errors, when it has one
         channels = check_int(owner, "channels", channels)
         d_state = check_int(owner, "d_state", d_state)
         self.C = nn.Parameter(torch.randn(channels, d_state) / math.sqrt(d_state))
@@ -283,9 +286,10 @@ def make_ssm(
     dt_min: float,
     dt_max: float,
     learn_shift_b: bool = False,
+    owner: str | None = None,
 ) -> DiagonalSSM | ShiftSSM:
     """A DiagonalSSM ("diag") or ShiftSSM ("shift"; ignores the diagonal-only arguments,
-    and a diagonal SSM ignores ``learn_shift_b``)."""
-    if check_choice("make_ssm", "kind", kind, SSM_KINDS) == "shift":
-        return ShiftSSM(channels, d_state, learn_shift_b)
-    return DiagonalSSM(channels, d_state, init, discretization, dt_min, dt_max)
+    and a diagonal SSM ignores ``learn_shift_b``); ``owner`` names the mixer in errors."""
+    if check_choice(owner or "make_ssm", "kind", kind, SSM_KINDS) == "shift":
+        return ShiftSSM(channels, d_state, learn_shift_b, owner)
+    return DiagonalSSM(channels, d_state, init, discretization, dt_min, dt_max, owner)

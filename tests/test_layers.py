@@ -165,15 +165,17 @@ def test_attention_steps_from_a_batch_slice_of_the_state():
         torch.testing.assert_close(mixer.step(x[:, 3], state)[0], y[:, 3])
 
 
-def test_attention_cache_holds_k_and_v_only_with_room_to_grow():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_attention_cache_holds_k_and_v_only_with_room_to_grow(mode):
     # The prefill cache was a view of the qkv projection (q kept alive: 3/2 of the cache) and
     # the first step copied it into a buffer of twice its length. Now: one buffer per tensor,
-    # room for a quarter more positions, filled in place until full, then regrown once.
+    # room for a quarter more positions, filled in place until full, then regrown once. Under
+    # inference mode too, where views record no base and every step crashed.
     mixer = make("attention", {"num_heads": 2})
     B, T, E = 3, 64, D_MODEL // 2
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, T + 37, D_MODEL, generator=g, dtype=torch.float64)
-    with torch.no_grad():
+    with mode():
         y = mixer(x)
         y_prefix, state = mixer.prefill(x[:, :T])
         for cache in state.values():
@@ -600,7 +602,11 @@ def test_build_rejects_unknown_mixer():
         ("attention", {"d_state": 8}, "unknown parameter 'd_state'"),
         ("h3", {"d_model": 0}, "d_model"),
         ("s4d", {"d_model": 16.0}, "d_model"),
-        ("h3", {"d_state": 7}, "d_state"),
+        # Errors name the mixer, not its DiagonalSSM submodule.
+        ("h3", {"d_state": 7}, "^h3: d_state must be even"),
+        ("s4d", {"d_state": 7}, "^s4d: d_state must be even"),
+        ("gss", {"d_state": 7}, "^gss: d_state must be even"),
+        ("s4d", {"init": "legs"}, "^s4d: init"),
         ("h3", {"d_state": True}, "d_state"),
         ("h3", {"head_dim": 3}, "head_dim"),
         ("h3", {"first_ssm": "conv"}, "first_ssm"),
@@ -622,3 +628,18 @@ def test_build_rejects_unknown_mixer():
 def test_build_rejects_bad_parameters(name, params, param):
     with pytest.raises(ValueError, match=param):
         layers.build(name, **{"d_model": 16, **params})
+
+
+def test_build_names_a_missing_parameter():
+    """Was a TypeError from the constructor's signature."""
+    with pytest.raises(ValueError, match="^h3: missing parameter 'd_model'$"):
+        layers.build("h3")
+
+
+@pytest.mark.parametrize("d_model, heads", [(64, 1), (128, 2), (200, 2), (224, 2), (480, 6)])
+def test_attention_default_heads_divide_d_model(d_model, heads):
+    """The default was d_model // 64 heads even where that does not divide d_model (200: 3),
+    an error naming num_heads, which was never set."""
+    mixer = layers.build("attention", d_model=d_model)
+    assert mixer.num_heads == heads and d_model // heads >= 64
+    assert mixer(torch.randn(1, 3, d_model)).shape == (1, 3, d_model)
