@@ -20,8 +20,10 @@ the thresholds in kernels/fftconv.py (each torch method forced); on CUDA, short 
 H3's shift SSM, and K = 256, the Toeplitz threshold) by each triton method and by torch.
 
 Peak memory (CPU): the growth of the peak resident set size of a fresh subprocess over one
-forward + backward, after its inputs are allocated (VmHWM - VmRSS from /proc/self/status; the
-allocator returns large blocks to the OS, so this tracks the peak of live tensors).
+forward + backward, after its inputs are allocated (VmHWM - VmRSS from /proc/self/status, the
+high-water mark reset to the current size first; the allocator returns large blocks to the OS,
+so this tracks the peak of live tensors); the median of PEAK_SAMPLES subprocesses, the samples
+kept in the JSON (one sample of naive at L = 256 ranged 3.4-5.3 MB from process to process).
 On CUDA: max_memory_allocated.
 JSON (machine info + all rows) goes to benchmarks/results/fftconv_{cpu,cuda}.json.
 """
@@ -52,6 +54,7 @@ from sandbox.io import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+PEAK_SAMPLES = 3
 
 
 def naive_fftconv(u, k, D, pregate, postgate):
@@ -172,15 +175,18 @@ def time_case(fn, backward: bool, repeats: int, device: str) -> dict:
     return time_round_robin({"case": fn}, backward, repeats, device)["case"]
 
 
-def peak_memory_mb(impl: str, B: int, H: int, L: int, threads: int) -> float:
-    """Peak RSS growth (MB, 10^6 bytes) of a fresh process over one forward + backward, after
-    a warm-up call (see module doc)."""
+def peak_memory_mb(impl: str, B: int, H: int, L: int, threads: int) -> list[float]:
+    """Peak RSS growth (MB, 10^6 bytes) of PEAK_SAMPLES fresh processes, each over one forward
+    + backward after a warm-up call (see module doc), sorted."""
     cmd = [sys.executable, "-m", "benchmarks.fftconv", "--peak-child", impl, str(B), str(H)]
     cmd += [str(L), "--threads", str(threads)]
-    out = subprocess.run(
-        cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1]
-    )
-    return float(out.stdout.strip().splitlines()[-1])
+    samples = []
+    for _ in range(PEAK_SAMPLES):
+        out = subprocess.run(
+            cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1]
+        )
+        samples.append(float(out.stdout.strip().splitlines()[-1]))
+    return sorted(samples)
 
 
 def _peak_child(impl: str, B: int, H: int, L: int) -> None:
@@ -191,6 +197,11 @@ def _peak_child(impl: str, B: int, H: int, L: int) -> None:
     # One channel, or one head of 64 for SDPA (1 // 64 heads would load nothing).
     make_case(impl, 1, 64 if impl == "sdpa" else 1, L, L, torch.float32, "cpu")().sum().backward()
     fn = make_case(impl, B, H, L, L, torch.float32, "cpu")
+    try:  # VmHWM := VmRSS, so that no earlier peak (imports, the warm-up) can count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     before = _proc_status_kb("VmRSS")
     fn().sum().backward()
     print((_proc_status_kb("VmHWM") - before) * 1024 / 1e6)  # /proc's kB are KiB
@@ -249,7 +260,8 @@ def run_side_by_side(args, device: str, dtype) -> list[dict]:
             row = {"case": "K=L", "impl": name, "B": B, "H": H, "L": L, "K": L}
             row["fwd"], row["fwd_bwd"] = times[name]
             if device == "cpu":
-                row["peak_mb"] = peak_memory_mb(name, B, H, L, args.threads)
+                row["peak_mb_samples"] = peak_memory_mb(name, B, H, L, args.threads)
+                row["peak_mb"] = statistics.median(row["peak_mb_samples"])
             else:
                 row["peak_mb"] = cuda_peak_mb(name.split("[")[0], B, H, L, dtype, **options)
                 row["bandwidth_frac"] = bandwidth_fraction(B, H, L, dtype, row["fwd"]["median_ms"])
@@ -267,7 +279,9 @@ def run_training_shapes(args, device: str, dtype) -> list[dict]:
                 name: make_case(name.split("[")[0], 32, H, L, L, dtype, device, **options)
                 for name, options in cases.items()
             }
-            times = time_round_robin(fns, True, 4 * args.repeats, device, baseline="naive")
+            times = time_round_robin(
+                fns, True, 4 * args.repeats, device, args.min_seconds, baseline="naive"
+            )
             for name in fns:
                 row = {"case": "training", "impl": name, "B": 32, "H": H, "L": L, "K": L}
                 row["fwd_bwd"] = times[name]
@@ -297,7 +311,8 @@ def run_short_filters(args, dtype) -> list[dict]:
 
 
 def run_crossovers(args) -> list[dict]:
-    """Each torch method forced, fwd + bwd: the data behind kernels/fftconv.py's thresholds."""
+    """Each torch method forced, fwd + bwd: the data behind kernels/fftconv.py's thresholds
+    (medians, the minima kept as "<method> min")."""
     grid = [(B, 64, L, L) for B in (4, 32) for L in (16, 24, 32, 48, 64, 96)]
     grid += [(B, 64, L, L) for B in (16, 64) for L in (32, 48, 64, 96, 128)]
     grid += [(B, 256, 32, 32) for B in (1, 4, 8, 32)]
@@ -307,31 +322,34 @@ def run_crossovers(args) -> list[dict]:
     for B, H, L, K in grid:
         row = {"case": "crossover", "B": B, "H": H, "L": L, "K": K}
         fns = {m: make_case("ours", B, H, L, K, torch.float32, "cpu", method=m) for m in METHODS}
-        times = time_round_robin(fns, True, args.repeats, "cpu")
-        row.update({m: times[m]["min_ms"] for m in METHODS})
+        times = time_round_robin(fns, True, args.repeats, "cpu", args.min_seconds)
+        row.update({m: times[m]["median_ms"] for m in METHODS})
+        row.update({f"{m} min": times[m]["min_ms"] for m in METHODS})
         row["fastest"] = min(METHODS, key=lambda m: row[m])
         rows.append(row)
     return rows
 
 
 def run_block_sweep(args) -> list[dict]:
-    """The fft method's row-block size (kernels.fft_torch.BLOCK_ELEMS), fwd + bwd, K = L."""
-    default, rows = fft_torch.BLOCK_ELEMS, []
+    """The fft method's row-block size (kernels.fft_torch.BLOCK_ELEMS), fwd + bwd, K = L,
+    median ms. WORKSPACE_ELEMS follows it, as in the module (twice the block): else a large
+    block would make a fresh workspace on every call that the shipped code would keep."""
+    default, rows = (fft_torch.BLOCK_ELEMS, fft_torch.WORKSPACE_ELEMS), []
     for L in (1024, 4096) if args.quick else (1024, 4096, 16384):
         row = {"case": "block", "B": 4, "H": 64, "L": L, "K": L}
         fn = make_case("ours", 4, 64, L, L, torch.float32, "cpu", method="fft")
 
         def with_block(log2, fn=fn):
             def run():
-                fft_torch.BLOCK_ELEMS = 2**log2
+                fft_torch.BLOCK_ELEMS, fft_torch.WORKSPACE_ELEMS = 2**log2, 2 ** (log2 + 1)
                 return fn()
 
             return run
 
         fns = {f"2^{log2}": with_block(log2) for log2 in (15, 17, 19, 21, 40)}
-        times = time_round_robin(fns, True, args.repeats, "cpu")
-        fft_torch.BLOCK_ELEMS = default
-        row.update({name: t["min_ms"] for name, t in times.items()})
+        times = time_round_robin(fns, True, args.repeats, "cpu", args.min_seconds)
+        fft_torch.BLOCK_ELEMS, fft_torch.WORKSPACE_ELEMS = default
+        row.update({name: t["median_ms"] for name, t in times.items()})
         rows.append(row)
     return rows
 
@@ -440,6 +458,22 @@ def _cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def _commit() -> str | None:
+    """The checkout's commit (git describe --always --dirty), so that a JSON says which code
+    it measured; None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[1],
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def machine_info(device: str, threads: int) -> dict:
     info = {
         "platform": platform.platform(),
@@ -449,6 +483,8 @@ def machine_info(device: str, threads: int) -> dict:
         "threads": threads,
         "torch": torch.__version__,
         "load_average_at_start": os.getloadavg(),
+        "commit": _commit(),
+        "argv": sys.argv[1:],
     }
     if device == "cuda":
         info["device"] = torch.cuda.get_device_name()
