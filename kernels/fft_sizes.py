@@ -15,11 +15,12 @@ MAX_FUSED_FFT = 16384
 # on CPU (H3 width 256, B=1, L=4096, fwd+bwd: 1640 ms chunked vs 258 ms, 1 thread), and the
 # chunked H3 layer took 32 ms at L=4096 on an H100 against 7.0 ms unchunked at L=2048
 # (benchmarks/results/layer_speed_cuda.json, run with chunks of 2048). Chunking is still
-# slower on CPU after its Vandermonde products were split like S4DKernel's, by 1.5-2.4x:
-# `python3 -m benchmarks.state_passing --repeats 15` (H=128, 32 modes, B=1, fwd+bwd, 1 thread,
-# AMD EPYC; benchmarks/results/state_passing_cpu.json), one convolution vs chunks of 8192 /
-# 4096 / 2048: L=16K 178 vs 315 / 263 / 274 ms; L=4K 44 vs 108 ms (2048). So the threshold
-# buys bounded memory (no length-L filter or spectrum), not speed.
+# slower on CPU after its Vandermonde products were split like S4DKernel's, by 1.6-2.5x
+# (paired): `python3 -m benchmarks.state_passing --repeats 15` (H=128, 32 modes, B=1, fwd+bwd,
+# 1 thread, AMD EPYC; benchmarks/results/state_passing_cpu.json), one convolution vs chunks of
+# 8192 / 4096 / 2048: L=16K 171 vs 323 / 281 / 289 ms; L=4K 43 vs 108 ms (2048). What the
+# threshold buys is no length-L filter or spectrum in memory (the benchmark does not measure
+# memory), not speed.
 STATE_PASSING_LEN = 8192
 
 
