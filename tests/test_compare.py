@@ -145,8 +145,20 @@ def test_lr_grid_expands_and_selection_ignores_test():
             "test_accuracy": 0.6,
         },
     ]
+
+    def row(seed, lr, val, steps, test):
+        keys = ("task", "mixer", "seed", "lr", "val_accuracy", "steps", "test_accuracy")
+        return dict(zip(keys, ("t", "m", seed, lr, val, steps, test)))
+
+    rows += [
+        row(2, 1e-4, 0.8, 50, 0.9),  # best validation listed first, at the smaller lr, with
+        row(2, 1e-3, 0.7, 10, 0.1),  # the higher test accuracy (seed 0: the lower one)
+        row(3, 1e-3, 1.0, 40, 0.2),  # validation and steps tied: the smaller lr
+        row(3, 1e-4, 1.0, 40, 0.1),
+    ]
     chosen = {r["seed"]: r["lr"] for r in select_lr(rows)}
-    assert chosen == {0: 1e-3, 1: 1e-3}  # best validation; tie broken by fewer steps
+    # best validation; tie broken by fewer steps, then the smaller lr
+    assert chosen == {0: 1e-3, 1: 1e-3, 2: 1e-4, 3: 1e-4}
 
 
 def _row(task, mixer, seed, acc, steps=10, solved=True):
@@ -155,8 +167,8 @@ def _row(task, mixer, seed, acc, steps=10, solved=True):
         "mixer": mixer,
         "seed": seed,
         "test_accuracy": acc,
-        "test_exact": acc,
-        "val_accuracy": acc,
+        "test_exact": acc / 2,  # three different figures, so that no column can stand in
+        "val_accuracy": acc - 0.05,  # for another unnoticed
         "lr": 1e-3,
         "steps": steps,
         "steps_to_solve": steps,
@@ -172,11 +184,14 @@ def test_csv_and_markdown_writers():
     assert [r["mixer"] for r in parsed] == ["h3", "h3", "s4d"]
     assert list(parsed[0]) == report.CSV_COLUMNS
     assert float(parsed[1]["test_accuracy"]) == 1.0
+    assert (float(parsed[1]["test_exact"]), float(parsed[1]["val_accuracy"])) == (0.5, 0.95)
 
     summary = report.summarize(rows)
     assert summary[("ar", "h3")]["mean"] == pytest.approx(95.0)
     assert summary[("ar", "h3")]["sd"] == pytest.approx(7.0710678)  # sample sd of 90 and 100
     assert summary[("ar", "h3")]["steps"] == 20
+    skewed = [_row("ar", "h3", seed, 0.5, steps) for seed, steps in enumerate((10, 20, 90))]
+    assert report.summarize(skewed)[("ar", "h3")]["steps"] == 20  # the median, not the mean 40
 
     preset = load_preset("h3-table2").model_copy(
         update={

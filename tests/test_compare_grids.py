@@ -5,12 +5,15 @@ import csv
 import json
 
 import pytest
+import torch
 import yaml
 
+import tasks
 from sandbox import report
 from sandbox.compare import compare, expand, heldout_test, load_preset
 from sandbox.config import ConfigError
-from sandbox.train import RunDirError
+from sandbox.io import load_checkpoint, load_model_weights
+from sandbox.train import RunDirError, build_model
 
 PNG = b"\x89PNG"
 
@@ -157,6 +160,31 @@ def _tiny_grid(tmp_path):
     return load_preset(str(path))
 
 
+def _heldout_oracle(preset, out, variant, params):
+    run = next(r for r in expand(preset) if r.task == "fuzzy" and r.variant == variant)
+    c = run.config
+    task = tasks.build(c.task.name, **c.task.params)
+    test = tasks.make_splits(
+        tasks.build(c.task.name, **{**c.task.params, **params}), 0, 0, c.task.num_test, c.seed
+    ).test
+    seen = tasks.make_splits(task, c.task.num_train, c.task.num_valid, 0, c.seed)
+    rows = {tuple(x) for s in (seen.train, seen.valid) for x in s.inputs.tolist()}
+    keep = [i for i, x in enumerate(test.inputs.tolist()) if tuple(x) not in rows]
+    model = build_model(c, task).eval()
+    load_model_weights(
+        model, load_checkpoint(out / "runs" / run.run_id / "model.safetensors")["model"]
+    )
+    with torch.no_grad():
+        pred = model(test.inputs[keep]).argmax(-1)
+    mask, targets = test.answer_mask[keep], test.targets[keep]
+    hit = (pred == targets) & mask
+    return {
+        "test_accuracy": float(hit.sum() / mask.sum()),
+        "test_exact": float((hit.sum(1) == mask.sum(1)).double().mean()),
+        "num_test": len(keep),
+    }
+
+
 def test_tiny_grid_end_to_end(tmp_path):
     preset = _tiny_grid(tmp_path)
     out = tmp_path / "out"
@@ -185,6 +213,11 @@ def test_tiny_grid_end_to_end(tmp_path):
         assert row["test_accuracy"] == held["test_accuracy"]
         own = json.loads(next(out.glob(f"runs/fuzzy__{variant}__*/result.json")).read_text())
         assert row["run_test_accuracy"] == own["test_accuracy"]
+        # Oracle: key_len=2 examples of the test stream not seen in training, by brute force.
+        oracle = _heldout_oracle(preset, out, variant, {"key_len": 2})
+        assert held["num_test"] == oracle["num_test"]
+        for key in ("test_accuracy", "test_exact"):
+            assert held[key] == pytest.approx(oracle[key], abs=1e-6), (variant, key)
     assert "run_test_accuracy" not in rows[("ar", "s4d-16")]
     table = (out / "table.md").read_text()
     assert table.splitlines()[0] == "| mixer | ar | ar steps | fuzzy | fuzzy steps |"  # no paper

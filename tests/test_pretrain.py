@@ -98,7 +98,7 @@ def reference(data_dir, tmp_path_factory):
     return out, result
 
 
-def test_loss_decreases_and_run_dir(reference):
+def test_loss_decreases_and_run_dir(reference, data_dir):
     out, result = reference
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -108,6 +108,12 @@ def test_loss_decreases_and_run_dir(reference):
     assert records[-1]["val_ppl"] == pytest.approx(math.exp(records[-1]["val_loss"]))
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
     assert result["steps"] == 8 and result["tokens"] == 8 * 128
+    from sandbox.train import lr_factor  # checked against hand values in test_train
+
+    cfg = small(data_dir).train
+    assert [r["lr"] for r in records] == pytest.approx(
+        [cfg.lr * lr_factor(r["step"] - 1, 8, cfg) for r in records]
+    )
     assert result["val_loss"] == records[-1]["val_loss"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 8 and "base" not in saved

@@ -15,10 +15,20 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+import tasks
 from sandbox.cli import main
 from sandbox.config import build_config
 from sandbox.io import atomic_write_text, remove_stale_temps
-from sandbox.train import evaluate, lr_factor, make_optimizer, train
+from sandbox.model import LanguageModel
+from sandbox.train import (
+    build_task,
+    evaluate,
+    lm_loss,
+    lr_factor,
+    make_optimizer,
+    train,
+    training_step,
+)
 
 TINY = {
     "seed": 3,
@@ -49,28 +59,39 @@ def test_lr_schedule_hand_values():
 
 
 def test_evaluate_hand_checked():
-    import tasks
-
     class Fixed(torch.nn.Module):
         def __init__(self, logits):
             super().__init__()
             self.logits = logits
 
         def forward(self, ids):
-            return self.logits
+            return self.logits[ids[:, 0]]  # each example's row, so chunks see their own
 
-    inputs = torch.zeros(2, 3, dtype=torch.long)
+    inputs = torch.tensor([[0, 0, 0], [1, 1, 1]])  # row index of each example
     targets = torch.tensor([[1, 2, 3], [3, 2, 1]])
     mask = torch.tensor([[False, True, True], [False, True, True]])
     logits = torch.zeros(2, 3, 4)
     logits[0, 1, 2] = logits[0, 2, 3] = 1  # example 0: both answers right
     logits[1, 1, 2] = logits[1, 2, 0] = 1  # example 1: one right, one wrong
     batch = tasks.Batch(inputs, targets, mask)
-    m = evaluate(Fixed(logits), batch)
-    assert m["accuracy"] == pytest.approx(3 / 4)
-    assert m["exact"] == pytest.approx(1 / 2)
     expected_loss = -torch.log_softmax(logits, -1)[mask].gather(1, targets[mask][:, None]).mean()
-    assert m["loss"] == pytest.approx(float(expected_loss))
+    for batch_size in (500, 1):  # one chunk, and one chunk per example
+        m = evaluate(Fixed(logits), batch, batch_size)
+        assert m["accuracy"] == pytest.approx(3 / 4)
+        assert m["exact"] == pytest.approx(1 / 2)
+        assert m["loss"] == pytest.approx(float(expected_loss))
+
+
+def test_lm_loss_all_tokens_or_answers_only():
+    targets = torch.tensor([[1, 2, -100], [0, 3, 1]])
+    mask = torch.tensor([[False, True, False], [False, False, True]])
+    logits = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    batch = tasks.Batch(torch.zeros(2, 3, dtype=torch.long), targets, mask)
+    nll = -torch.log_softmax(logits, -1)
+    every = (nll[0, 0, 1] + nll[0, 1, 2] + nll[1, 0, 0] + nll[1, 1, 3] + nll[1, 2, 1]) / 5
+    assert float(lm_loss(logits, batch, "all")) == pytest.approx(float(every))
+    answers = (nll[0, 1, 2] + nll[1, 2, 1]) / 2
+    assert float(lm_loss(logits, batch, "answers")) == pytest.approx(float(answers))
 
 
 @pytest.mark.parametrize("copied", [False, True])
@@ -127,6 +148,19 @@ def test_loss_decreases(tmp_path):
     best = max(records, key=lambda r: (r["val_accuracy"], -r["step"]))
     assert result["best_step"] == best["step"]
     assert result["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    # The schedule reaches the optimizer: each record's lr is that of its last step (lr_factor
+    # itself is checked against hand values above).
+    cfg = tiny(epochs=6).train
+    for r in records:
+        assert r["lr"] == pytest.approx(cfg.lr * lr_factor(r["step"] - 1, result["steps"], cfg))
+    # Early stop: the same run with target_accuracy at its best validation accuracy stops at
+    # the first evaluation reaching it, having logged exactly the records up to there.
+    stopped = train(
+        tiny(epochs=6, target_accuracy=best["val_accuracy"]), tmp_path / "s", progress=False
+    )
+    assert stopped["solved"] and stopped["steps_to_solve"] == stopped["steps"] == best["step"]
+    early = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert _strip_wall(early) == _strip_wall([r for r in records if r["step"] <= best["step"]])
 
 
 def _strip_wall(records):
@@ -343,3 +377,22 @@ def test_resume_accepts_an_older_saved_config_and_refuses_a_different_one(tmp_pa
         check_run_dir(tmp_path, tiny(lr=1e-2), resume=True)
     with pytest.raises(RunDirError, match="already holds a run"):
         check_run_dir(tmp_path, config, resume=False)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_training_step_clips_the_gradient_norm(clip):
+    # With plain SGD at lr 1 a step moves the weights by exactly the (clipped) gradient.
+    config = tiny(grad_clip=clip)
+    task = build_task(config)
+    batch = task.generate(num_examples=8, seed=0)
+    torch.manual_seed(0)
+    model = LanguageModel(config.model, task.vocab_size, task.seq_len).double()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    model.zero_grad()
+    lm_loss(model(batch.inputs), batch, "all").backward()
+    raw = torch.cat([p.grad.flatten() for p in params]).norm()
+    assert raw > 0.1  # the clip below bites
+    training_step(model, torch.optim.SGD(params, lr=1.0), batch, config.train)
+    moved = torch.cat([(b - p.detach()).flatten() for p, b in zip(params, before)]).norm()
+    assert float(moved) == pytest.approx(float(raw) if clip is None else clip, rel=1e-5)
