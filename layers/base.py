@@ -156,7 +156,7 @@ def factory_kwargs(module: nn.Module) -> dict:
 # Argument checks (also used by the SSM submodules, which are not mixers).
 
 
-def check_int(owner: str, param: str, value, minimum: int = 1) -> int:
+def check_int(owner: str, param: str, value, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
     # bool is an int subclass, but True is never a meant size.
     if isinstance(value, bool):
         raise ValueError(f"{owner}: {param} must be an integer, got {value!r}")
@@ -166,6 +166,8 @@ def check_int(owner: str, param: str, value, minimum: int = 1) -> int:
         raise ValueError(f"{owner}: {param} must be an integer, got {value!r}") from None
     if value < minimum:
         raise ValueError(f"{owner}: {param} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{owner}: {param} must be <= {maximum}, got {value}")
     return value
 
 

@@ -106,6 +106,8 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, s
     if parent_name:
         if not isinstance(parent_name, str):
             raise ConfigError(f"preset {path.name}: 'extends' must be a preset name or path")
+        if Path(parent_name).suffix:  # a path: relative to this preset's file, not the cwd
+            parent_name = str(path.parent / parent_name)
         if parent_name in seen:
             raise ConfigError(f"preset {path.name}: 'extends' cycle through {parent_name!r}")
         parent, _ = _read_preset(parent_name, (*seen, parent_name))
@@ -160,7 +162,11 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                 # A seed, or with lr_grid a task row's or variant's own lr, would be replaced
                 # below without a word (base's train.lr is the default the grid replaces), as
                 # would the same given as an override.
-                own = [f for f in (task_fields, variant_fields) if "lr" in f.get("train", {})]
+                own = [
+                    f
+                    for f in (task_fields, variant_fields)
+                    if isinstance(f.get("train"), dict) and "lr" in f["train"]
+                ]
                 given = ["seed"] * ("seed" in data) + ["train.lr"] * bool(own)
                 given += [override.split("=", 1)[0].strip() for override in overrides]
                 for key in given:

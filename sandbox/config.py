@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.base import MAX_SIZE
+
 
 class ConfigError(ValueError):
     """A bad config: the message is one line naming the field."""
@@ -26,6 +28,8 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0, strict=True)]
 Betas = Annotated[tuple[Beta, Beta], Field(strict=False)]
 # A seed torch.manual_seed (and numpy's SeedSequence) takes.
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+# Sizes and counts stop at MAX_SIZE (2^31 - 1): torch takes no larger one (a TypeError naming
+# nothing, from deep inside).
 
 
 class Strict(BaseModel):
@@ -43,16 +47,16 @@ S = TypeVar("S", bound=BaseModel)
 class TaskConfig(Strict):
     name: str = "associative_recall"
     params: dict[str, Any] = Field(default_factory=dict)  # checked by tasks.build
-    num_train: int = Field(5000, ge=1)
-    num_valid: int = Field(500, ge=1)
-    num_test: int = Field(500, ge=1)
+    num_train: int = Field(5000, ge=1, le=MAX_SIZE)
+    num_valid: int = Field(500, ge=1, le=MAX_SIZE)
+    num_test: int = Field(500, ge=1, le=MAX_SIZE)
 
 
 class ModelConfig(Strict):
     mixer: str = "h3"
     mixer_params: dict[str, Any] = Field(default_factory=dict)  # checked by layers.build
-    d_model: int = Field(64, ge=1)
-    n_layers: int = Field(2, ge=1)
+    d_model: int = Field(64, ge=1, le=MAX_SIZE)
+    n_layers: int = Field(2, ge=1, le=MAX_SIZE)
     mlp_ratio: int = Field(4, ge=0)  # 0 drops the MLP
     # Learned absolute positions; None = only when some layer is attention (the paper's setup).
     pos_emb: bool | None = None
@@ -107,7 +111,8 @@ class TrainConfig(Strict):
 class RunConfig(Strict):
     seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int | None = Field(None, ge=1)  # torch CPU threads; None leaves torch's default
+    # torch CPU threads; None leaves torch's default
+    threads: int | None = Field(None, ge=1, le=MAX_SIZE)
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -176,7 +181,21 @@ def build_config(data: dict | None = None, overrides: list[str] = ()) -> RunConf
 class _Loader(yaml.SafeLoader):
     """safe_load with YAML 1.2's floats: PyYAML follows YAML 1.1, where 1e-4 (no dot) is a
     string. Typed fields would convert it, but the free-form sections (model.mixer_params,
-    task.params) would hand the layer or task the text."""
+    task.params) would hand the layer or task the text. A key given twice in one mapping is an
+    error: PyYAML keeps the last one without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may repeat
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.append(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(

@@ -9,6 +9,7 @@ temp + rename is atomic, so a kill at any moment leaves either the old or the ne
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -33,6 +34,33 @@ def make_dir(path: str | Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {str(path)!r}: cannot make the directory ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def lock_dir(path: str | Path, refusal: Exception | None = None):
+    """Hold an exclusive flock on the directory ``path`` (made if missing) while the block runs:
+    one writer per directory (two runs resumed into one --out, a job submitted twice, wrote
+    each step twice into metrics.jsonl). Another holder gets ``refusal`` at once, by default a
+    one-line ValueError naming the directory. The lock goes with the process. A directory
+    this made is removed again if the block fails before writing into it (a bad config
+    found when the model is built leaves nothing behind)."""
+    made = not os.path.isdir(path)
+    make_dir(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            default = ValueError(f"--out {str(path)!r}: another process is writing there")
+            raise (refusal or default) from None
+        yield
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty: what was written stays
+                os.rmdir(path)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_write(path: str | Path, write) -> None:

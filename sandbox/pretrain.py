@@ -42,6 +42,7 @@ from sandbox.io import (
     load_checkpoint,
     load_model_weights,
     load_resume_checkpoint,
+    lock_dir,
     make_dir,
     remove_stale_temps,
     save_state,
@@ -292,8 +293,13 @@ def pretrain(
     tests: called after each optimizer step once its log, evaluation and checkpoint are written.
     """
     d = distributed.setup(config.device)
+    out = Path(out)
     try:
-        return _pretrain(config, Path(out), resume, progress, on_step, d)
+        if not d.main:  # rank 0 alone writes, and holds the directory's lock for its job
+            return _pretrain(config, out, resume, progress, on_step, d)
+        check_run_dir(out, config, resume)  # a file or another run: refused before making it
+        with lock_dir(out):
+            return _pretrain(config, out, resume, progress, on_step, d)
     finally:
         distributed.teardown(d)
 

@@ -30,6 +30,7 @@ from sandbox.io import (
     load_checkpoint,
     load_model_weights,
     load_resume_checkpoint,
+    lock_dir,
     make_dir,
     remove_stale_temps,
     save_checkpoint,
@@ -285,7 +286,13 @@ def train(
     that step again rather than never); an exception it raises (optuna.TrialPruned) ends the
     run there and propagates."""
     out = Path(out)
-    check_run_dir(out, config, resume)
+    check_run_dir(out, config, resume)  # a file or another run: refused before making anything
+    with lock_dir(out):
+        return _train(config, out, resume, progress, on_eval)
+
+
+def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
+    check_run_dir(out, config, resume)  # again, now that no other process writes there
     if resume and (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())  # finished already
     if resume:

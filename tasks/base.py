@@ -23,6 +23,7 @@ import torch
 NOOP = 0  # "." filler token
 COPY = 1  # "=>" copy / query prefix
 NUM_SPECIAL = 2  # ordinary tokens are ids NUM_SPECIAL .. vocab_size - 1
+MAX_SIZE = 2**31 - 1  # the largest integer parameter (sizes, counts) check_int takes
 IGNORE_INDEX = -100  # target value for positions without a label (torch cross_entropy default)
 
 
@@ -147,7 +148,8 @@ def check_int(
     why: str = "",
     maximum: int | None = None,
 ) -> int:
-    """Validate an integer parameter; ValueError names the parameter and the limit."""
+    """Validate an integer parameter; ValueError names the parameter and the limit. Without a
+    ``maximum``, 2^31 - 1: torch takes no larger size (a TypeError naming none)."""
     if isinstance(value, bool):  # bool is an int subclass, but True is never a meant size
         raise ValueError(f"{owner}: {param} must be an integer, got {value!r}")
     try:
@@ -159,6 +161,8 @@ def check_int(
         raise ValueError(f"{owner}: {param} must be >= {minimum}{reason}, got {value}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{owner}: {param} must be <= {maximum}{reason}, got {value}")
+    if maximum is None and value > MAX_SIZE:
+        raise ValueError(f"{owner}: {param} must be <= {MAX_SIZE}, got {value}")
     return value
 
 
@@ -325,7 +329,7 @@ def make_splits(task: Task, num_train: int, num_valid: int, num_test: int, seed:
     """
     counts = {"train": num_train, "valid": num_valid, "test": num_test}
     counts = {s: check_int("make_splits", f"num_{s}", n, minimum=0) for s, n in counts.items()}
-    seed = check_int("make_splits", "seed", seed)
+    seed = check_seed("make_splits", "seed", seed)
     train = task.generate(counts["train"], split_seed(seed, "train"))
     valid = _held_out(task, counts["valid"], "valid", seed, excluded=train)
     test = _held_out(task, counts["test"], "test", seed, excluded=Batch.cat([train, valid]))

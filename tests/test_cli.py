@@ -268,3 +268,18 @@ def test_overrides_after_the_flags(tmp_path, tiny, capsys):
         assert e.value.code == 2
         assert _one_line(capsys).startswith("sandbox: error: unrecognized arguments: ")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_run_directory_has_one_writer(tmp_path, tiny, capsys):
+    """Two processes resuming into one --out (a job submitted twice) both trained and wrote
+    every step twice into metrics.jsonl. A held directory is refused at once, nothing written;
+    the prepare-data lock is the same one (sandbox.io.lock_dir)."""
+    from sandbox.io import lock_dir
+
+    out = tmp_path / "run"
+    with lock_dir(out):  # another holder: flock locks conflict between open files too
+        assert main(["train", str(tiny), "--out", str(out), "--quiet"]) == 2
+        assert "another process is writing there" in _one_line(capsys)
+        assert list(out.iterdir()) == []
+    assert main(["train", str(tiny), "--out", str(out), "--quiet"]) == 0
+    assert (out / "result.json").exists()

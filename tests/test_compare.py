@@ -9,7 +9,7 @@ import yaml
 
 from sandbox import report
 from sandbox.cli import main
-from sandbox.compare import compare, expand, load_preset, preset_names, select_lr
+from sandbox.compare import PRESET_DIR, compare, expand, load_preset, preset_names, select_lr
 from sandbox.config import ConfigError
 
 
@@ -277,6 +277,21 @@ def test_extends_replaces_fields_and_merges_base(tmp_path):
     loop.write_text(yaml.safe_dump({"extends": str(loop), "tasks": {}, "variants": {}}))
     with pytest.raises(ConfigError, match="cycle"):
         load_preset(str(loop))
+    # A relative path is the preset file's neighbour, whatever the working directory.
+    (tmp_path / "sub").mkdir()
+    grandchild = tmp_path / "sub" / "grandchild.yaml"
+    grandchild.write_text(yaml.safe_dump({"extends": "../child.yaml"}))
+    assert load_preset(str(grandchild)).variants == preset.variants
+
+
+def test_a_task_row_whose_train_is_not_a_mapping_is_named(tmp_path):
+    """Was a TypeError traceback (train: 5), or for a string read as setting lr."""
+    path = tmp_path / "p.yaml"
+    data = yaml.safe_load((PRESET_DIR / "h3-table2.yaml").read_text())
+    data["tasks"]["associative_recall"]["train"] = 5
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="config field 'train'"):
+        expand(load_preset(str(path)))
 
 
 @pytest.mark.parametrize("flag", [["--seeds", "0"], ["--workers", "-1"], ["--seeds", "two"]])

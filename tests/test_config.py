@@ -53,6 +53,11 @@ def test_overrides_leave_the_callers_dicts_alone():
         ({"train": {"betas": [0.9, True]}}, "'train.betas.1'"),
         ({"train": {"lr": float("inf")}}, "'train.lr'"),
         ({"train": {"grad_clip": float("inf")}}, "'train.grad_clip'"),
+        # Past 2^31 - 1 torch raised a TypeError deep inside, naming nothing.
+        ({"model": {"d_model": 10**20}}, "'model.d_model'"),
+        ({"task": {"num_train": 2**31}}, "'task.num_train'"),
+        ({"threads": 10**11}, "'threads'"),
+        ({"task": {"num_train": 2**31 - 1}}, None),
         ({"train": {"lr": 1, "betas": [0, 0.5]}}, None),
         # Sections no layer reads would never be checked by layers.build.
         ({"model": {"attn_params": {"num_heads": 2}}}, "model.attn_params"),
@@ -111,6 +116,19 @@ def test_an_empty_file_is_an_error_naming_it(tmp_path, text):
         load_config(path)
     with pytest.raises(ConfigError, match=f"space file '{path}' is empty"):
         read_yaml(path, "space file")
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML kept the last of two keys without a word: a second lr lower in a section silently
+    replaced the first. Merge keys (<<) may still repeat what they merge."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n  batch_size: 16\n  lr: 5.0e-2\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: duplicate key 'lr'.*line 4"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="duplicate key 'head_dim'"):
+        build_config({}, ["model.mixer_params={head_dim: 8, head_dim: 4}"])
+    path.write_text("x: &t {lr: 0.1, epochs: 2}\ntrain: {<<: *t, lr: 0.2}\n")
+    assert read_yaml(path, "file")["train"] == {"lr": 0.2, "epochs": 2}
 
 
 def test_a_config_setting_some_sections_or_none_explicitly_is_valid(tmp_path):

@@ -608,6 +608,7 @@ def test_build_rejects_unknown_mixer():
         ("gss", {"d_state": 7}, "^gss: d_state must be even"),
         ("s4d", {"init": "legs"}, "^s4d: init"),
         ("h3", {"d_state": True}, "d_state"),
+        ("h3", {"d_state": 2**31}, "d_state must be <= 2147483647"),
         ("h3", {"head_dim": 3}, "head_dim"),
         ("h3", {"first_ssm": "conv"}, "first_ssm"),
         ("h3", {"second_ssm": "none"}, "second_ssm"),

@@ -693,6 +693,8 @@ def test_property(name):
         ("selective_copying", {"num_tokens_to_copy": 0}, "num_tokens_to_copy must be >= 1"),
         ("selective_copying", {"seq_len": 31}, "seq_len must be >= 32"),
         ("selective_copying", {"vocab_size": 3}, "vocab_size must be >= 4"),
+        # Past 2^31 - 1 torch raised a TypeError or OverflowError naming nothing.
+        ("selective_copying", {"seq_len": 2**31}, r"seq_len must be <= 2147483647, got"),
         ("compression", {"num_tokens": 33}, "seq_len must be >= 66"),
         ("compression", {"num_tokens": 0}, "num_tokens must be >= 1"),
         ("compression", {"vocab_size": 3}, "vocab_size must be >= 4"),

@@ -36,7 +36,6 @@ to.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -390,17 +389,12 @@ def _load_state(path: Path, what: str) -> dict:
 
 @contextlib.contextmanager
 def _locked(out: Path):
-    """Hold an exclusive flock on the directory ``out``: two jobs appending to one directory's
-    .bin files would interleave their documents."""
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{out}: another prepare-data job is writing there") from None
+    """Hold the directory ``out``'s lock: two jobs appending to one directory's .bin files
+    would interleave their documents."""
+    from sandbox.io import lock_dir  # here, as make_dir below: workers need not import torch
+
+    with lock_dir(out, DataError(f"{out}: another prepare-data job is writing there")):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _open_bin(path: Path, tokens: int, fresh: bool):
