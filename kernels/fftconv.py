@@ -52,8 +52,10 @@ _DIRECT = {"toeplitz": toeplitz_conv, "conv1d": conv1d_conv}
 #   (a focused run of benchmarks.fftconv.time_round_robin; the crossover rows of commit
 #   000e742's JSON, min of 9, agreed with the rule below at every B and L of their grid, B=16
 #   and 64 included. On another host (AMD EPYC, AVX2), with the fft method's kept buffers
-#   (kernels.fft_torch), the current JSON's grid disagrees at B=16, L=32 (1.17 fft vs 1.36
-#   toeplitz; 1.80 vs 2.07 in its run before) and B=32, L=64 (3.69 vs 3.91; 4.85 vs 5.29);
+#   (kernels.fft_torch), the current JSON's grid (medians since commit 02857ce, minima before)
+#   disagrees at B=16, L=32 (1.37 fft vs 1.53 toeplitz; min 1.17 vs 1.36 and 1.80 vs 2.07 in
+#   the runs before), B=32, L=64 (3.99 vs 4.34; 3.69 vs 3.91; 4.85 vs 5.29) and B=64, L=96
+#   (12.3 vs 12.6);
 #   paired focused runs there, toeplitz / fft time:
 #   B=16 L=16 1.06, L=24 0.90, L=32 1.10; B=24 L=32 1.02, L=48 0.96; B=32 L=48 0.90, L=64
 #   1.03. The FFT wins where its size is a power of two (L = 16, 32, 64), by at most 10%, so
@@ -74,9 +76,10 @@ TOEPLITZ_MIN_BATCH = 16
 #   4.81, L=4096 15.1 vs 27.8, L=16384 66 vs 120. K=8 won here too but lost in an earlier run
 #   (L=4096: 32 vs 19), so the threshold stays at 4. Commit 000e742's JSON (min ms): K=4 lost
 #   at L=1024 (4.36 vs 4.13) and won at 4096 and 16384; K=8 lost at 4096 and tied at 16384
-#   (75.8 vs 77.0). The current JSON's host won with conv1d at both K = 4 and 8 at each L
-#   (K=8: 5.87 vs 6.02 at 1024, 23.0 vs 25.4 at 4096, 83.3 vs 108 at 16384): 8 would suit that
-#   host, 4 suits both.
+#   (75.8 vs 77.0). The current JSON's host won with conv1d at K = 4 at each L, and at K = 8
+#   from 4096 on (medians, K=8: 6.14 vs 6.05 at 1024, 22.4 vs 24.5 at 4096, 78.6 vs 99.9 at
+#   16384; its run before, minima: 5.87 vs 6.02, 23.0 vs 25.4, 83.3 vs 108): 8 would suit that
+#   host at long L, 4 suits both.
 CONV1D_MAX_TAPS = 4
 # - Block Toeplitz at long L (kernels.direct) lost to the FFT for K >= 64 (L=4096, K=128: 40 vs
 #   27) and won only at K=16, L >= 4096 (L=16384: 98 vs 112), where conv1d is as good and the
