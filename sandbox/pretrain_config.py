@@ -23,6 +23,7 @@ from sandbox.config import (
     RunConfig,
     Seed,
     Strict,
+    TrainConfig,
     deep_merge,
     read_yaml,
     validate,
@@ -129,7 +130,14 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
 
 
 def load_any_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig | RunConfig:
-    """A pretraining config (it has a ``data`` section) or a synthetic run config."""
-    data = read_with_base(path)
-    schema = PretrainConfig if "data" in data else RunConfig
-    return validate(schema, data, overrides)
+    """A pretraining config or a synthetic run config, read as `sandbox pretrain` or `sandbox
+    train` would read it: a pretraining config is one with a ``data`` section, a ``base`` file
+    (run configs have none) or a train key only pretraining has (``max_tokens``, ...). By the
+    ``data`` key alone, such a config without one was refused, and a run config naming a base
+    file passed where `sandbox train` refuses it."""
+    raw = read_yaml(path)
+    train = raw.get("train")
+    only_pretrain = set(PretrainTrainConfig.model_fields) - set(TrainConfig.model_fields)
+    if "data" in raw or "base" in raw or (isinstance(train, dict) and only_pretrain & set(train)):
+        return validate(PretrainConfig, read_with_base(path), overrides)
+    return validate(RunConfig, raw, overrides)

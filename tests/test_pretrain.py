@@ -318,6 +318,23 @@ def test_params_cli(capsys):
     assert "mixer h3" in capsys.readouterr().out
 
 
+def test_params_reads_a_config_as_its_command_would(tmp_path, capsys):
+    """`params` told the two kinds apart by a `data` section alone: a pretraining config
+    without one was refused (train.max_tokens "unknown"), and a run config naming a base file
+    passed, where `sandbox train` refuses it."""
+    model = {"mixer": "h3", "d_model": 16, "n_layers": 1, "mixer_params": {"d_state": 8}}
+    no_data = tmp_path / "p.yaml"
+    no_data.write_text(yaml.safe_dump({"model": model, "train": {"max_tokens": 4096}}))
+    assert main(["params", str(no_data)]) == 0
+    assert load_pretrain_config(no_data).train.max_tokens == 4096  # what pretrain reads
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": model}))
+    child = tmp_path / "child.yaml"
+    child.write_text("base: run.yaml\ntask: {num_train: 64}\n")
+    assert main(["params", str(child)]) == 2
+    assert main(["train", str(child), "--out", str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_presets_load_and_build_on_meta(path):
     config = load_pretrain_config(path)
