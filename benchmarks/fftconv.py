@@ -332,23 +332,22 @@ def run_crossovers(args) -> list[dict]:
 
 def run_block_sweep(args) -> list[dict]:
     """The fft method's row-block size (kernels.fft_torch.BLOCK_ELEMS), fwd + bwd, K = L,
-    median ms. WORKSPACE_ELEMS follows it, as in the module (twice the block): else a large
-    block would make a fresh workspace on every call that the shipped code would keep."""
-    default, rows = (fft_torch.BLOCK_ELEMS, fft_torch.WORKSPACE_ELEMS), []
+    median ms (the kept FFT buffer follows it: one block, one kept buffer)."""
+    default, rows = fft_torch.BLOCK_ELEMS, []
     for L in (1024, 4096) if args.quick else (1024, 4096, 16384):
         row = {"case": "block", "B": 4, "H": 64, "L": L, "K": L}
         fn = make_case("ours", 4, 64, L, L, torch.float32, "cpu", method="fft")
 
         def with_block(log2, fn=fn):
             def run():
-                fft_torch.BLOCK_ELEMS, fft_torch.WORKSPACE_ELEMS = 2**log2, 2 ** (log2 + 1)
+                fft_torch.BLOCK_ELEMS = 2**log2
                 return fn()
 
             return run
 
         fns = {f"2^{log2}": with_block(log2) for log2 in (15, 17, 19, 21, 40)}
         times = time_round_robin(fns, True, args.repeats, "cpu", args.min_seconds)
-        fft_torch.BLOCK_ELEMS, fft_torch.WORKSPACE_ELEMS = default
+        fft_torch.BLOCK_ELEMS = default
         row.update({name: t["median_ms"] for name, t in times.items()})
         rows.append(row)
     return rows

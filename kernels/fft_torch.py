@@ -117,25 +117,24 @@ class _Workspace:
 
 # Workspaces are kept per thread (threads would otherwise write one buffer at once) for the
 # last few call shapes: a model's layers share one shape, and evaluation or generation may
-# add another: at most _KEPT_WORKSPACES x 2 x WORKSPACE_ELEMS samples (the buffer and the
-# product buffer), 128 MB per thread in fp32. Only on a CPU and within one row block, where
+# add another. Only on a CPU and for a call whose batch one row block holds (_blocks), where
 # making the buffer, zeroing its tail and making its views on every call is a fixed cost that
 # shows. B=1, H=128, K=L, 1 thread, old per-call buffer / kept one, forward (A/B in one
 # process, the graph freed outside the clock): 1.125 at L=256, 1.02 at 512, 1.06 at 1K, 2K and
 # 4K; fwd+bwd 1.08 at 256, 1.05 at 512. Outputs and gradients are bit-identical.
-# WORKSPACE_ELEMS is twice BLOCK_ELEMS, so that every joint workspace is kept: the [B+1, H, n]
-# buffer of a block of B*H*n <= BLOCK_ELEMS samples. At half that, L=8K (B=1, H=128: 2^22
-# samples) made a fresh 16 MB buffer per call; keeping it: 1.07x forward, 1.04x fwd+bwd
-# (median of 30 paired rounds, order shuffled, one process; AMD EPYC, 1 thread).
-WORKSPACE_ELEMS = 2 * BLOCK_ELEMS
+# Such a block has B*H*n <= BLOCK_ELEMS samples, so its [B+1, H, n] buffer and the product
+# buffer hold at most 2 x 2 x BLOCK_ELEMS: 32 MB, 128 MB per thread for four shapes in fp32.
+# A separate limit of 2^21 buffer samples once left L=8K (B=1, H=128: 2^22) making a fresh
+# 16 MB buffer per call; keeping it: 1.07x forward, 1.04x fwd+bwd (median of 30 paired rounds,
+# order shuffled, one process; AMD EPYC, 1 thread).
 _KEPT_WORKSPACES = 4
 _kept = threading.local()
 
 
 def _kept_workspace(B, H, L, K, n, dtype, device) -> _Workspace | None:
     """This thread's kept joint workspace for one row block holding the batch (see above), or
-    None where none is kept (not a CPU, or too big)."""
-    if device.type != "cpu" or (B + 1) * H * n > WORKSPACE_ELEMS:
+    None off a CPU."""
+    if device.type != "cpu":
         return None
     kept = _kept.__dict__.setdefault("by_shape", {})
     key = (B, H, L, K, dtype)
