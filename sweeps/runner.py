@@ -17,7 +17,10 @@ place's trial at the same moment never both run it.
 Crash safety. Running trials send a heartbeat; a trial whose worker died (SIGKILL, power
 loss) is failed once the heartbeat is ``GRACE_FACTOR`` intervals old, and the retry callback
 queues a copy with the same parameters (up to ``MAX_RETRY`` times). The copy trains in the
-directory of the trial it repeats, so it resumes from that run's last checkpoint. Ctrl-C
+directory of the trial it repeats, so it resumes from that run's last checkpoint. A worker
+killed before its trial's first heartbeat (while Optuna creates the trial and samples its
+relative parameters) leaves a trial the heartbeat check never sees; it is failed and queued
+the same way once it has been running ``ORPHAN_S`` without one. Ctrl-C
 queues the running trial in the same way, without counting against MAX_RETRY; rerunning the
 command continues the study.
 
@@ -51,8 +54,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRY = 3  # retries of one trial killed again and again (e.g. out of memory), then give up
 MAX_ERRORS = 3  # trials whose training raised, then the sweep stops
 GRACE_FACTOR = 3  # a running trial is stale after this many missed heartbeats
+ORPHAN_S = 600.0  # a trial running this long that never sent a heartbeat was orphaned
 POLL_S = 1.0  # how often an idle worker looks for queued retries while others finish
 SPACE_ATTR = "sandbox_space"  # study user attribute: the space the study was created with
+BEAT_ATTR = "sandbox_heartbeat"  # trial system attribute: its own number once it has a heartbeat
 
 # One instance serves the storage (stale trials) and the objective (interrupted trials).
 with warnings.catch_warnings():
@@ -118,7 +123,31 @@ def _safe_url(url: str) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def make_storage(url: str, heartbeat_s: int | None = None, create: bool = True) -> RDBStorage:
+class SweepStorage(RDBStorage):
+    """An RDBStorage that marks each trial's first heartbeat in the trial (BEAT_ATTR, its
+    number: a retry inherits the system attributes of the trial it repeats). Written after
+    the heartbeat, the mark means the heartbeat check covers the trial; fail_orphans takes
+    care of the running trials without it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._beating: set[int] = set()  # trials of this process marked already
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        super().record_heartbeat(trial_id)
+        if trial_id in self._beating:
+            return
+        try:
+            number = self.get_trial_number_from_id(trial_id)
+            self.set_trial_system_attr(trial_id, BEAT_ATTR, number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # finished meanwhile: nothing to cover
+        # Another error stops Optuna's heartbeat thread (this runs in it), as an error of the
+        # heartbeat itself would: the heartbeat check then fails the trial.
+        self._beating.add(trial_id)
+
+
+def make_storage(url: str, heartbeat_s: int | None = None, create: bool = True) -> SweepStorage:
     """An RDB storage (any SQLAlchemy URL); with heartbeats when heartbeat_s is given. Without
     ``create``, an SQLite URL must name an existing file (opening one creates it: a mistyped
     path would leave an empty database behind that later commands take for a sweep's)."""
@@ -139,7 +168,7 @@ def make_storage(url: str, heartbeat_s: int | None = None, create: bool = True) 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            return SweepStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--storage {_safe_url(url)}: {first}") from None
@@ -203,6 +232,30 @@ def place_holders(
         )
 
     return [t for t in trials if holds(t)]
+
+
+def fail_orphans(study: optuna.Study, now: datetime | None = None) -> None:
+    """Fail the trials that have been running for ORPHAN_S or more without a heartbeat
+    (SweepStorage marks the first), and queue them again through the retry callback, as the
+    heartbeat check does for stale ones. Such a trial's worker died inside ``study.ask()``,
+    before Optuna started its heartbeat: the heartbeat check skips a trial with none, and it
+    would hold a place for ever."""
+    storage = study._storage  # no public accessor; Optuna's fail_stale_trials reads it so
+    if storage.get_heartbeat_interval() is None:
+        return  # no heartbeats, no marks
+    now = now or datetime.now()
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.system_attrs.get(BEAT_ATTR) == t.number or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start).total_seconds() < ORPHAN_S:
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        try:
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first, and queued its retry
+        RETRY(study, storage.get_trial(trial_id))
 
 
 def is_surplus(trials: list[FrozenTrial], number: int, n_trials: int, grace_s: float) -> bool:
@@ -341,6 +394,7 @@ def work(sweep: Sweep) -> None:
     objective, announce = Objective(sweep), _announcer(sweep)
     while True:
         optuna.storages.fail_stale_trials(sweep.study)
+        fail_orphans(sweep.study)
         trials = sweep.study.get_trials(deepcopy=False)
         if sum(t.state in FINISHED for t in trials) >= sweep.n_trials:
             return

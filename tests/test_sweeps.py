@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from sandbox.cli import main
 from sandbox.config import load_config
 from sweeps.runner import (
+    BEAT_ATTR,
     FINISHED,
     SPACE_ATTR,
     default_storage,
@@ -691,3 +692,56 @@ def test_a_moved_sweep_directory_goes_on(sqlite_sweep, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", str(sqlite_sweep["space"]), "--out", str(moved), "--no-report"]) == 2
     assert "holds the trials of another study" in capsys.readouterr().err
+
+
+def test_a_trial_orphaned_before_its_first_heartbeat_is_queued_again(tmp_path, monkeypatch):
+    """A worker killed inside study.ask() (the trial made, its heartbeat not yet begun) left a
+    running trial that the heartbeat check never fails: with every place taken, the other
+    workers waited for it for ever."""
+    import sandbox.train
+    import sweeps.runner as runner
+    from sweeps.runner import Sweep, fail_orphans, open_study, work
+
+    space = load_space(write_space(tmp_path / "orphan.yaml", trials=1))
+    storage = make_storage(default_storage(tmp_path), heartbeat_s=1)
+    study, space = open_study(storage, "orphan", space)
+    orphan = study.ask()  # and the worker dies here
+    beating = study.ask()
+    storage.record_heartbeat(beating._trial_id)  # what Optuna's heartbeat thread does first
+    later = datetime.datetime.now() + datetime.timedelta(seconds=runner.ORPHAN_S + 1)
+    fail_orphans(study)  # too young yet
+    assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
+    fail_orphans(study, now=later)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert origin(trials[2]) == orphan.number
+    # The one with a heartbeat is left to the heartbeat check (test_killed_worker_trial_...).
+    assert trials[1].system_attrs[BEAT_ATTR] == beating.number
+
+    # End to end: one place, taken by an orphan; the worker retries it rather than waiting.
+    def train(config, run_dir, **kwargs):
+        keys = ("val_accuracy", "test_accuracy", "test_exact", "wall_s")
+        return {**dict.fromkeys(keys, 0.5), "steps": 1, "solved": False, "params": 1}
+
+    class Clock:  # time.sleep for work(): no waiting for ever
+        calls = 0
+
+        @classmethod
+        def sleep(cls, s):
+            cls.calls += 1
+            assert cls.calls < 50, "the worker waited for the orphan"
+            time.sleep(s)
+
+    monkeypatch.setattr(sandbox.train, "train", train)
+    monkeypatch.setattr(runner, "time", Clock)
+    monkeypatch.setattr(runner, "ORPHAN_S", 2.0)
+    monkeypatch.setattr(runner, "POLL_S", 0.1)
+    (tmp_path / "b").mkdir()
+    rdb = make_storage(default_storage(tmp_path / "b"), heartbeat_s=30)
+    study, space = open_study(rdb, "orphan", space)
+    study.ask()
+    work(Sweep(space, study, 1, tmp_path / "b" / "out", grace_s=90))
+    orphaned, retry = study.get_trials()
+    assert (orphaned.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert origin(retry) == 0  # (the orphan died before sampling: no params to repeat)
+    assert retry.user_attrs["run_dir"] == str((tmp_path / "b" / "out" / "trials" / "0").resolve())
