@@ -94,6 +94,11 @@ def time_generation(models: dict, args, rows: list, save) -> None:
             for field in ("prefill_s", "decode_s", "decode_ms_per_token", "tokens_per_s"):
                 row[field] = statistics.median(getattr(r, field) for r in results)
             row["decode_tokens_per_s"] = args.batch * args.new_tokens / row["decode_s"]
+            # Each repeat's figures, in repeat order, for the ratios paired by repeat.
+            row["runs_decode_tokens_per_s"] = [
+                args.batch * args.new_tokens / r.decode_s for r in results
+            ]
+            row["runs_tokens_per_s"] = [r.tokens_per_s for r in results]
             rows.append(row)
             print(f"  T={T} {name}: {row['decode_ms_per_token']:.2f} ms/token", flush=True)
         del runs  # each run's tokens; the next length's caches need the memory
@@ -101,7 +106,8 @@ def time_generation(models: dict, args, rows: list, save) -> None:
 
 
 def time_training(models: dict, args) -> dict[str, dict]:
-    """Median ms of forward + backward + AdamW step on random tokens, and tokens/s."""
+    """Median ms of forward + backward + AdamW step on random tokens, tokens/s, and the
+    speedup over the transformer (paired by round)."""
     g = torch.Generator().manual_seed(1)
     shape = (args.train_batch, args.train_seq_len + 1)
     tokens = torch.randint(0, args.vocab, shape, generator=g).to(args.device)
@@ -118,25 +124,36 @@ def time_training(models: dict, args) -> dict[str, dict]:
         model = models[name].train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         fns[name] = lambda m=model, o=optimizer: train_step(m, o)
-    timings = time_round_robin(fns, False, args.repeats, args.device)
+    # "speedup": transformer time / this model's, paired by round.
+    timings = time_round_robin(fns, False, args.repeats, args.device, baseline="transformer")
     for t in timings.values():
         t["tokens_per_s"] = args.train_batch * args.train_seq_len / (t["median_ms"] / 1e3)
     return timings
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median over repeats of a[i] / b[i]: the two models of one repeat ran back to back,
+    so a slow spell of a shared machine that hits both cancels (a ratio of the two medians
+    can pair one model's fast repeat with the other's slow one)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per prompt length: hybrid / transformer tokens/s (decode and end to end), and each
-    model's decode ms per token over its own at the shortest prompt (1.0 = flat)."""
+    """Per prompt length: hybrid / transformer tokens/s (decode and end to end, paired by
+    repeat), and each model's decode ms per token over its own at the shortest prompt (1.0 =
+    flat)."""
     by = {(r["prompt_len"], r["model"]): r for r in rows}
     lengths = sorted({r["prompt_len"] for r in rows})
     summary = []
     for T in lengths:
         hybrid, transformer = by[T, "hybrid"], by[T, "transformer"]
-        entry = {
-            "prompt_len": T,
-            "decode_ratio": hybrid["decode_tokens_per_s"] / transformer["decode_tokens_per_s"],
-            "e2e_ratio": hybrid["tokens_per_s"] / transformer["tokens_per_s"],
-        }
+        entry = {"prompt_len": T}
+        for ratio, field in (
+            ("decode_ratio", "decode_tokens_per_s"),
+            ("e2e_ratio", "tokens_per_s"),
+        ):
+            runs = f"runs_{field}"
+            entry[ratio] = paired_ratio(hybrid[runs], transformer[runs])
         for m in MODELS:
             ms = by[T, m]["decode_ms_per_token"]
             entry[f"{m}_step_growth"] = ms / by[lengths[0], m]["decode_ms_per_token"]
@@ -168,8 +185,7 @@ def print_tables(rows, summary, training, args, console: Console) -> None:
         table.add_column(col, justify="right")
     for name, t in training.items():
         table.add_row(name, f"{t['median_ms']:.0f}", f"{t['tokens_per_s']:.0f}")
-    ratio = training["hybrid"]["tokens_per_s"] / training["transformer"]["tokens_per_s"]
-    table.add_row("hybrid / transformer", "", f"{ratio:.2f}")
+    table.add_row("hybrid / transformer (paired)", "", f"{training['hybrid']['speedup']:.2f}")
     console.print(table)
 
 

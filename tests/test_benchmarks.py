@@ -383,6 +383,22 @@ def test_benchmark_json_is_readable_by_others(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "r.json"]  # no temp left
 
 
+def test_generation_ratios_are_paired_by_repeat():
+    """A slow spell in repeat 1 hits both models: the paired ratio is 0.5 in two repeats of
+    three, while the ratio of the medians (3 / 2) would call the hybrid faster."""
+    from benchmarks.generation import MODELS, summarise
+
+    rows = []
+    for T in (8, 16):
+        for m in MODELS:
+            runs = {"hybrid": [1.0, 10.0, 3.0], "transformer": [2.0, 20.0, 1.0]}.get(m, [1.0] * 3)
+            fields = ("decode_tokens_per_s", "tokens_per_s", "decode_ms_per_token")
+            row = {"prompt_len": T, "model": m, **dict.fromkeys(fields, 1.0)}
+            rows.append(row | {f"runs_{f}": runs for f in fields[:2]})
+    for entry in summarise(rows):
+        assert entry["decode_ratio"] == entry["e2e_ratio"] == 0.5
+
+
 def test_generation_benchmark_runs_short_prompts_and_keeps_what_it_timed(tmp_path, monkeypatch):
     """Prompts shorter than the warm-up's 16 tokens with learned positions (max_len 12 here)
     raised before anything was timed; and the JSON is written after each prompt length, so a
