@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,13 @@ from sandbox.config import (
     preset_names,
     read_yaml,
 )
-from sandbox.io import atomic_write_text, load_checkpoint, load_model_weights, make_dir
+from sandbox.io import (
+    atomic_write_text,
+    load_checkpoint,
+    load_model_weights,
+    make_dir,
+    terms_as_interrupts,
+)
 from sandbox.model import LanguageModel
 from sandbox.train import (
     WEIGHTS,
@@ -240,6 +247,10 @@ def _check_saved_configs(runs: list[Run], out: Path) -> None:
 def _worker_init() -> None:
     # Ctrl-C goes to the whole process group; only the parent handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing RLock, registered with the resource tracker the
+    # pool shares; a worker killed by pool.terminate() never unregisters it, and the tracker
+    # warned of a leaked semaphore per worker after every Ctrl-C. Workers draw no bars.
+    tqdm.set_lock(threading.RLock())
 
 
 def _execute(job: tuple[dict, str]) -> dict:
@@ -270,16 +281,18 @@ def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> 
             _execute(job)
             bar.update(1)
     else:
-        pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
-        try:
-            for _ in pool.imap_unordered(_execute, jobs):
-                bar.update(1)
-            pool.close()
-        except BaseException:
-            pool.terminate()  # checkpoints are written atomically: a killed run resumes later
-            raise
-        finally:
-            pool.join()
+        # A parent killed outright would leave its workers training on, beside a rerun.
+        with terms_as_interrupts():
+            pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
+            try:
+                for _ in pool.imap_unordered(_execute, jobs):
+                    bar.update(1)
+                pool.close()
+            except BaseException:
+                pool.terminate()  # checkpoints are written atomically: a killed run resumes later
+                raise
+            finally:
+                pool.join()
     bar.close()
     return len(todo)
 

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,26 @@ def make_dir(path: str | Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {str(path)!r}: cannot make the directory ({e.strerror})") from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def terms_as_interrupts():
+    """While the block runs, SIGTERM and SIGHUP (a timeout, kill, a closed terminal, a job
+    scheduler) raise KeyboardInterrupt as Ctrl-C does. A parent process of workers needs that:
+    ended outright, it would leave its workers running on as orphans beside the next run of
+    the command. The previous handlers come back afterwards."""
+    previous = {}
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, _interrupt)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from sandbox.config import ConfigError
-from sandbox.io import atomic_write_text, make_dir
+from sandbox.io import atomic_write_text, make_dir, terms_as_interrupts
 from sweeps.space import SweepSpace, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -408,10 +408,6 @@ def work(sweep: Sweep) -> None:
             time.sleep(POLL_S)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def _launch(argv: list[str], jobs: int, first_worker: int) -> None:
     """Start `jobs` worker processes running `sandbox sweep ARGV --jobs 1 --worker-index i`."""
     cmd = [sys.executable, "-m", "sandbox.cli", "sweep", *argv, "--jobs", "1", "--no-report"]
@@ -421,14 +417,11 @@ def _launch(argv: list[str], jobs: int, first_worker: int) -> None:
         subprocess.Popen([*cmd, "--worker-index", str(first_worker + i)], start_new_session=True)
         for i in range(jobs)
     ]
-    # SIGTERM or SIGHUP (timeout, kill, a closed terminal, a job scheduler) would end this
-    # process outright and leave the workers, in their own sessions, running as orphans
-    # beside the next run of the command: taken as Ctrl-C, they are passed on below.
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        previous[signum] = signal.signal(signum, _interrupt)
+    # SIGTERM and SIGHUP, taken as Ctrl-C, are passed on to the workers (in their own
+    # sessions) as one SIGINT each.
     try:
-        codes = [p.wait() for p in procs]
+        with terms_as_interrupts():
+            codes = [p.wait() for p in procs]
     except BaseException:
         for p in procs:
             if p.poll() is None:
@@ -439,9 +432,6 @@ def _launch(argv: list[str], jobs: int, first_worker: int) -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
         i, code = failed[0]

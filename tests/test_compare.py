@@ -1,8 +1,15 @@
 """sandbox compare: preset resolution, lr selection, writers, skipping finished runs, end to end."""
 
+import contextlib
 import csv
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -250,6 +257,39 @@ def test_tiny_compare_end_to_end_and_rerun_skips(tmp_path):
     again = compare(preset, out, workers=2, progress=False)
     assert {p: p.stat().st_mtime_ns for p in results} == stamps  # nothing re-trained
     assert json.dumps(again, sort_keys=True) == json.dumps(chosen, sort_keys=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigterm_to_compare_with_workers_stops_them_quietly(tmp_path):
+    """SIGTERM (a timeout, a job scheduler) ended the parent alone and its pool's workers
+    trained on, beside a rerun; and every interrupt left the resource tracker warning of a
+    leaked semaphore per worker (tqdm's lock, made in each worker)."""
+    preset = yaml.safe_load(_tiny_preset(tmp_path).read_text())
+    preset["base"]["train"]["max_steps"] = 100_000  # runs long enough to be cut
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(preset, sort_keys=False))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sandbox.cli", "compare", "--preset", str(path)]
+    proc = subprocess.Popen([*cmd, "--out", str(out), "--workers", "2"], stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list(out.glob("runs/*/metrics.jsonl"))) < 2 and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) >= 2  # the two workers (and the resource tracker)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=120) == 130
+        err = proc.stderr.read().decode()
+        assert "interrupted; rerun the same command" in err and "leaked" not in err, err[-3000:]
+        for pid in children:  # gone, or a zombie about to be reaped by init
+            stat = Path(f"/proc/{pid}/stat")
+            assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", pid
+    except BaseException:
+        for pid in children:  # no orphan left training for 100k steps
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), signal.SIGKILL)
+        raise
 
 
 def test_cli_compare_bad_preset_exits_2(capsys):
