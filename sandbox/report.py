@@ -279,6 +279,7 @@ def length_figure(rows: list[dict], preset, chance: dict[str, float], path: Path
     dashed, and the run's training wall time (to the early stop or the step cap)."""
     plt = _pyplot()
     import seaborn as sns
+    from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
 
     frame = _accuracy_frame(rows)
     order = [m for m in preset.variants if m in set(frame["mixer"])]
@@ -303,10 +304,18 @@ def length_figure(rows: list[dict], preset, chance: dict[str, float], path: Path
         ax.minorticks_off()
         ax.set_xlabel("sequence length")
     by_length = {r["seq_len"]: chance[r["task"]] for r in rows}
-    acc_ax.plot(lengths, [by_length[n] for n in lengths], ls="--", color="gray", lw=1)
+    if len(set(by_length.values())) == 1:  # one chance level: a named line, as elsewhere
+        _chance_line(acc_ax, by_length[lengths[0]])
+    else:
+        acc_ax.plot(lengths, [by_length[n] for n in lengths], ls="--", color="gray", lw=1)
     acc_ax.set_ylim(-2, 105)
     acc_ax.set_ylabel("test accuracy (%)")
     time_ax.set_yscale("log")
+    # Plain numbers at 1, 2, 5 x 10^k and no minor labels: matplotlib's default labels every
+    # minor tick as "4 x 10^1" and so on, which ran into the axis label.
+    time_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    time_ax.yaxis.set_major_formatter(ScalarFormatter())
+    time_ax.yaxis.set_minor_locator(NullLocator())
     time_ax.set_ylabel("training wall time (s)")
     acc_ax.get_legend().remove()  # one legend, where the time curves leave room
     sns.move_legend(time_ax, "upper left", title="mixer")
