@@ -14,8 +14,10 @@ Generation (sandbox.generate, greedy): ``--batch`` random prompts of each ``--pr
 length, ``--new-tokens`` new tokens; prefill s (reading the prompt in one parallel pass),
 decode ms per new token, decode tokens/s (new tokens of all sequences per decode second) and
 end-to-end tokens/s (prefill included), medians of ``--repeats``, the models timed in turn
-within each repeat so a shared machine's slow spells hit them alike (one warm-up first).
-Training: tokens/s of one forward + backward + AdamW step at ``--train-seq-len``.
+within each repeat so a shared machine's slow spells hit them alike (one warm-up first);
+the hybrid / Transformer ratios are the medians of each repeat's ratio.
+Training: tokens/s of one forward + backward + AdamW step at ``--train-seq-len``, and the
+same ratio paired by round.
 
 The CPU default is small (d_model 256, 12 layers with attention at 6, vocab 4096) so a run
 takes minutes: the vocabulary projection is then about a tenth of a decode step's
