@@ -28,8 +28,9 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0, strict=True)]
 Betas = Annotated[tuple[Beta, Beta], Field(strict=False)]
 # A seed torch.manual_seed (and numpy's SeedSequence) takes.
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
-# Sizes and counts stop at MAX_SIZE (2^31 - 1): torch takes no larger one (a TypeError naming
-# nothing, from deep inside).
+# A size or count: >= 1, and at most MAX_SIZE (2^31 - 1): torch takes no larger one (a
+# TypeError naming nothing, from deep inside).
+Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 
 
 class Strict(BaseModel):
@@ -47,16 +48,16 @@ S = TypeVar("S", bound=BaseModel)
 class TaskConfig(Strict):
     name: str = "associative_recall"
     params: dict[str, Any] = Field(default_factory=dict)  # checked by tasks.build
-    num_train: int = Field(5000, ge=1, le=MAX_SIZE)
-    num_valid: int = Field(500, ge=1, le=MAX_SIZE)
-    num_test: int = Field(500, ge=1, le=MAX_SIZE)
+    num_train: Size = 5000
+    num_valid: Size = 500
+    num_test: Size = 500
 
 
 class ModelConfig(Strict):
     mixer: str = "h3"
     mixer_params: dict[str, Any] = Field(default_factory=dict)  # checked by layers.build
-    d_model: int = Field(64, ge=1, le=MAX_SIZE)
-    n_layers: int = Field(2, ge=1, le=MAX_SIZE)
+    d_model: Size = 64
+    n_layers: Size = 2
     mlp_ratio: int = Field(4, ge=0)  # 0 drops the MLP
     # Learned absolute positions; None = only when some layer is attention (the paper's setup).
     pos_emb: bool | None = None
@@ -112,7 +113,7 @@ class RunConfig(Strict):
     seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # torch CPU threads; None leaves torch's default
-    threads: int | None = Field(None, ge=1, le=MAX_SIZE)
+    threads: Size | None = None
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

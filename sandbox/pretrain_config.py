@@ -16,12 +16,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sandbox.config import (
-    MAX_SIZE,
     Betas,
     ConfigError,
     ModelConfig,
     RunConfig,
     Seed,
+    Size,
     Strict,
     TrainConfig,
     deep_merge,
@@ -37,9 +37,9 @@ TOKENIZER_VOCAB = {"gpt2": GPT2_EOT + 1, "bytes": ByteTokenizer.vocab_size}
 class DataConfig(Strict):
     dir: str = "data/pile"  # a `sandbox prepare-data` output directory (relative to the cwd)
     tokenizer: Literal["gpt2", "bytes"] = "gpt2"  # must be the one the directory was made with
-    seq_len: int = Field(2048, ge=1, le=MAX_SIZE)
+    seq_len: Size = 2048
     # The embedding gets a multiple of this many rows (GPT-2's 50257 -> 50264) for fast matmuls.
-    pad_vocab_multiple: int = Field(8, ge=1, le=MAX_SIZE)
+    pad_vocab_multiple: Size = 8
 
 
 class PretrainTrainConfig(Strict):
@@ -81,7 +81,7 @@ class PretrainConfig(Strict):
     seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
     # torch CPU threads; None leaves torch's default
-    threads: int | None = Field(None, ge=1, le=MAX_SIZE)
+    threads: Size | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
