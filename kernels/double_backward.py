@@ -9,8 +9,9 @@ after its backward (kernels.fft_torch) could not run a second backward through a
 graph (``retain_graph=True``: ``torch.autograd.functional.jacobian``, ``gradcheck``).
 
 In both cases the Functions call :func:`reference_grads` instead: autograd differentiates a
-plain torch version of their forward pass (same math, unfused), built on the saved inputs and
-so still part of the outer graph. It is slower, and only runs in those cases.
+plain torch version of their forward pass (same math, unfused), built on aliases of the saved
+inputs (views of them, so still part of the outer graph, under create_graph). It is slower,
+and only runs in those cases.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def reference_grads(
     create_graph=True (torch then enables grad mode inside backward), plain otherwise.
     """
     create_graph = torch.is_grad_enabled()
+    # Differentiate with respect to a fresh alias of each wanted input, not the input itself:
+    # autograd.grad with respect to x would give x's total derivative, counting the paths
+    # through every other slot that x also fills or feeds (fftconv(x, k, postgate=x), or
+    # u = f(k)), which the outer backward then adds again. A view keeps the gradient
+    # differentiable in x for create_graph; otherwise a detached leaf keeps the nested
+    # backward out of (and from freeing) the outer graph.
+    inputs = [
+        (x.view_as(x) if create_graph else x.detach().requires_grad_()) if need else x
+        for x, need in zip(inputs, needs)
+    ]
     with torch.enable_grad():
         out = reference(*inputs)
     wanted = [x for x, need in zip(inputs, needs) if need]

@@ -159,6 +159,10 @@ def _check_shapes(u, k, D, pregate, postgate) -> tuple[int, int, int, int]:
         if not optional and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"fftconv: {name} must be a real floating tensor, got {got}")
+    for name, x in (("k", k), ("D", D), ("pregate", pregate), ("postgate", postgate)):
+        # Some methods would read another device's memory or skip the tensor silently.
+        if x is not None and x.device != u.device:
+            raise ValueError(f"fftconv: {name} must be on u's device {u.device}, got {x.device}")
     for name, g in (("pregate", pregate), ("postgate", postgate)):
         # A wider gate would widen the output (or fail in the direct methods).
         if g is not None and g.dtype != u.dtype:

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 pytest.importorskip("triton")
 
-from test_kernels import direct_conv, make_inputs, second_order_grads  # noqa: E402
+from test_kernels import direct_conv, make_inputs, second_order_grads, tied_conv  # noqa: E402
 
 import kernels.blocked  # noqa: E402
 from kernels import fft_triton, fftconv  # noqa: E402
@@ -292,6 +292,17 @@ def test_triton_double_backward(method):
     y = fftconv(*args, backend="triton", method=method).sum()
     first = torch.autograd.grad(y, args, retain_graph=True)
     for a, b in zip(torch.autograd.grad(y, args), first):
+        assert_close_scaled(a, b, 1e-6)
+    # Tied arguments (u computed from k, one tensor as both gates): each slot's own partial.
+    x, k = args[0], args[1]
+    got = second_order_grads(
+        tied_conv(lambda *a: fftconv(*a, backend="triton", method=method)), (x, k)
+    )
+    for a, b in zip(got, second_order_grads(tied_conv(direct_conv), (x, k))):
+        assert_close_scaled(a, b, 1e-4)
+    y = tied_conv(lambda *a: fftconv(*a, backend="triton", method=method))(x, k).sum()
+    first = torch.autograd.grad(y, (x, k), retain_graph=True)
+    for a, b in zip(torch.autograd.grad(y, (x, k)), first):
         assert_close_scaled(a, b, 1e-6)
 
 

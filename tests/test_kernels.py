@@ -223,6 +223,29 @@ def test_double_backward_float64(method):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+def tied_conv(conv):
+    """A convolution whose arguments share tensors, as models make them: u depends on k, and
+    one tensor is both gates. (x [B, H, L], k [H, K]) -> y [B, H, L]."""
+    return lambda x, k: conv(x * k.sum(), k, None, x, x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_repeated_and_double_backward_with_tied_inputs_float64(method):
+    """A second backward (a Jacobian) and create_graph=True take each argument's own partial
+    derivative: the fallback of the hand-written backward passes once differentiated with
+    respect to the inputs themselves, so a tensor in two slots, or one input computed from
+    another, had its paths counted twice (the fft method's Jacobian was off by 100%)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    got_conv, want_conv = tied_conv(lambda *a: fftconv(*a, method=method)), tied_conv(direct_conv)
+    jacobian = torch.autograd.functional.jacobian
+    for a, b in zip(jacobian(got_conv, (x, k)), jacobian(want_conv, (x, k))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(second_order_grads(got_conv, (x, k)), second_order_grads(want_conv, (x, k))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_fft_second_backward_through_retained_graph():
     """The first backward frees the fft method's kept spectra; a second one (retain_graph, as
     torch.autograd.functional.jacobian does) recomputes by the reference and agrees."""
@@ -300,6 +323,10 @@ def test_filter_longer_than_sequence_is_truncated():
         (lambda u, k: (u, k, torch.ones(3, dtype=torch.int32)), "D must be a real floating"),
         # A wider gate widened the output (fft) or failed inside (the direct methods).
         (lambda u, k: (u, k, None, None, u.double()), "postgate must have u's dtype"),
+        # Another device's D was skipped by the fft method, its k read as garbage by conv1d
+        # (shown with meta tensors, which need no GPU).
+        (lambda u, k: (u, k, torch.ones(3, device="meta")), "D must be on u's device cpu"),
+        (lambda u, k: (u, k.to("meta")), "k must be on u's device cpu, got meta"),
     ],
 )
 def test_shape_errors(bad, match):
@@ -583,6 +610,15 @@ def test_s4d_kernel_second_derivatives_float64(method):
     assert torch.autograd.gradgradcheck(
         lambda dt, A, B, C: s4d_kernel(dt, A, B, C, L, method), (dt, A, B, C)
     )
+    # One tensor as both B and C: create_graph's first derivatives equal the plain ones (each
+    # slot's own partial; they once came out twice as large).
+    gy = torch.randn(H, L, generator=g, dtype=torch.float64)
+    plain, graph = (
+        torch.autograd.grad(s4d_kernel(dt, A, C, C, L, method), (dt, A, C), gy, create_graph=c)
+        for c in (False, True)
+    )
+    for a, b in zip(graph, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_s4d_bad_method():

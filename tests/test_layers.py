@@ -339,6 +339,17 @@ def test_every_parameter_gets_a_gradient(config):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("name", layers.names())
+def test_input_jacobian_matches_finite_differences(name):
+    """gradcheck in float64 (B = 2: the fft method) through the whole mixer. Its Jacobian takes
+    one backward pass per output through one graph, the second and later ones by the kernels'
+    reference fallback (Hyena's, whose gates come from one projection, crashed there). The
+    fallback rounds differently from the first pass, by ~1e-16, hence nondet_tol."""
+    mixer = make(name, {})
+    x = inputs()[:, :5].requires_grad_()
+    assert torch.autograd.gradcheck(mixer, (x,), nondet_tol=1e-10)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loop oracles
 
