@@ -291,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heartbeat",
         type=int,
-        default=30,
-        help="seconds between heartbeats; a trial is stale after 3",
+        default=None,
+        help="seconds between heartbeats, for a new study (default 30); a trial is stale "
+        "after 3; joining workers use the study's",
     )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=_cmd_sweep)

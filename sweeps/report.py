@@ -4,7 +4,8 @@ trials.csv       one row per trial: number, state, value (the objective, the run
                  accuracy; for a pruned trial its last reported one), the retried trial,
                  one column per parameter path, test accuracy, steps, wall_s, run_dir, ...;
                  an empty parameter cell: the trial never sampled it, None: the choice None
-best_config.yaml the best complete trial's full run config (`sandbox train` takes it as is)
+best_config.yaml the best complete trial's full run config (`sandbox train` takes it as is;
+                 none for a study that `sandbox sweep` did not make)
 history.png      objective by trial number, and the best so far
 importances.png  parameter importances (Optuna's default evaluator, PED-ANOVA), with >= 2
                  parameters shared by >= 4 complete trials
@@ -21,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sandbox.config import ConfigError, build_config, dump_config
-from sandbox.io import atomic_write, atomic_write_text
+from sandbox.io import atomic_write, atomic_write_text, make_dir
 from sweeps.runner import FINISHED, SPACE_ATTR, default_storage, make_storage, origin
 
 ATTR_COLUMNS = [
@@ -37,6 +38,7 @@ ATTR_COLUMNS = [
     "skipped",
     "error",
 ]
+INT_COLUMNS = ["retry_of", "steps", "num_params"]
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
@@ -203,15 +205,20 @@ def write_report(study: optuna.Study, out: str | Path) -> list[Path]:
     import pandas as pd
 
     out = Path(out)
+    make_dir(out)
     rows = trial_rows(study)
+    # Trial numbers and counts stay integers in a column that has gaps (pandas would make
+    # them floats: a retry_of of "2.0" matches no trial number read as text).
     df = pd.DataFrame(rows)
+    df = df.astype({c: "Int64" for c in INT_COLUMNS if c in df})
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     written = [out / "trials.csv"]
     atomic_write_text(written[0], buf.getvalue())
     if not any(r["state"] in {s.name for s in FINISHED} for r in rows):
         return written
-    if any(r["state"] == "COMPLETE" for r in rows):
+    # A study that `sandbox sweep` did not make keeps no run configs: no best_config.yaml.
+    if any(r["state"] == "COMPLETE" for r in rows) and "config" in study.best_trial.user_attrs:
         atomic_write_text(out / "best_config.yaml", best_config_yaml(study))
         written.append(out / "best_config.yaml")
     _history(df, out / "history.png")

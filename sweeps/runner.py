@@ -14,19 +14,22 @@ that finds all places taken by trials ordered before it (ordered by the trial it
 then by number) is failed at once, unrun, as "surplus": two workers that start the last
 place's trial at the same moment never both run it.
 
-Crash safety. Running trials send a heartbeat; a trial whose worker died (SIGKILL, power
-loss) is failed once the heartbeat is ``GRACE_FACTOR`` intervals old, and the retry callback
+Crash safety. Running trials send a heartbeat, at the interval stored with the study (one
+for all its workers); a trial whose worker died (SIGKILL, power loss) is failed once the
+heartbeat is ``GRACE_FACTOR`` intervals old, and the retry callback
 queues a copy with the same parameters (up to ``MAX_RETRY`` times). The copy trains in the
 directory of the trial it repeats, so it resumes from that run's last checkpoint. A worker
 killed before its trial's first heartbeat (while Optuna creates the trial and samples its
 relative parameters) leaves a trial the heartbeat check never sees; it is failed and queued
-the same way once it has been running ``ORPHAN_S`` without one. Ctrl-C
-queues the running trial in the same way, without counting against MAX_RETRY; rerunning the
-command continues the study.
+the same way once it has been running ``ORPHAN_S`` without one. A worker that stalled that
+long and finds its trial failed so leaves it to the retry and goes on. Ctrl-C (or SIGTERM,
+SIGHUP) queues the running trial in the same way, without counting against MAX_RETRY;
+rerunning the command continues the study.
 
 Errors. A trial whose training raises (out of memory, a device the machine lacks) is failed
 with its error kept and gives its place to a new trial; the sweep stops, as a SweepError, once
-MAX_ERRORS trials have raised, rather than training on through a bug.
+MAX_ERRORS trials made since the command started have raised, rather than training on
+through a bug.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ GRACE_FACTOR = 3  # a running trial is stale after this many missed heartbeats
 ORPHAN_S = 600.0  # a trial running this long that never sent a heartbeat was orphaned
 POLL_S = 1.0  # how often an idle worker looks for queued retries while others finish
 SPACE_ATTR = "sandbox_space"  # study user attribute: the space the study was created with
+HEARTBEAT_ATTR = "sandbox_heartbeat_s"  # study user attribute: every worker's heartbeat (s)
+DEFAULT_HEARTBEAT_S = 30
 BEAT_ATTR = "sandbox_heartbeat"  # trial system attribute: its own number once it has a heartbeat
 
 # One instance serves the storage (stale trials) and the objective (interrupted trials).
@@ -85,6 +90,7 @@ class Sweep:
     out: Path
     grace_s: float
     worker: int = 0
+    first_trial: int = 0  # the study's trial count when this worker started (_check_errors)
 
 
 DEFAULT_STORAGE = "study.db in --out"  # sweep.json's name for default_storage(out)
@@ -109,6 +115,18 @@ def _sqlite_file(url: str) -> str | None:
     return None if parsed.database in (None, "", ":memory:") else parsed.database
 
 
+def _in_memory(url: str) -> bool:
+    """Whether ``url`` is an in-memory SQLite database (one per process)."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return False
+    uri = parsed.query.get("uri") in ("true", "1")
+    return parsed.get_backend_name() == "sqlite" and not uri and not _sqlite_file(url)
+
+
 def _safe_url(url: str) -> str:
     """The URL without its password, an SQLite file's path made absolute (the directory's
     owner record then names one database however the URL was written)."""
@@ -120,6 +138,8 @@ def _safe_url(url: str) -> str:
         return url
     if _sqlite_file(url):
         parsed = parsed.set(database=str(Path(parsed.database).resolve()))
+    elif parsed.password is None:
+        return url  # as given (rendering would quote "sqlite:///:memory:")
     return parsed.render_as_string(hide_password=True)
 
 
@@ -185,6 +205,12 @@ def open_study(
         if stored is None:
             raise ConfigError(f"study {name!r} was not created by `sandbox sweep`")
         if space is not None and space.canonical() != stored:
+            if {**space.canonical(), "trials": stored.get("trials")} == stored:
+                raise ConfigError(
+                    f"study {name!r} was created with trials: {stored.get('trials')}; give "
+                    f"--trials {space.trials} to take it to {space.trials} (a study's space "
+                    "does not change)"
+                )
             raise ConfigError(
                 f"study {name!r} was created with another space; "
                 "use another --study, or leave SPACE out to join it"
@@ -203,6 +229,22 @@ def open_study(
     if stored is None:
         study.set_user_attr(SPACE_ATTR, space.canonical())
     return study, space
+
+
+def study_heartbeat(storage: RDBStorage, name: str, asked: int | None) -> int:
+    """The heartbeat interval (s) of study ``name``: the one stored with it, or for a new study
+    (or one made before it was stored) ``asked`` or DEFAULT_HEARTBEAT_S. Every worker must
+    beat at one interval: a worker with a shorter one took the others' live trials for dead
+    ones (stale after GRACE_FACTOR of its own intervals) and trained them again."""
+    stored = None
+    if name in optuna.get_all_study_names(storage):
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(HEARTBEAT_ATTR)
+    if stored is not None and asked is not None and asked != stored:
+        raise ConfigError(
+            f"--heartbeat {asked}: study {name!r} beats every {stored} s, and its workers must "
+            "share one interval; leave --heartbeat out"
+        )
+    return stored or asked or DEFAULT_HEARTBEAT_S
 
 
 def origin(t: FrozenTrial) -> int:
@@ -271,8 +313,10 @@ class Objective:
 
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
+        self.number: int | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.number = trial.number  # for work(), should another worker fail the trial
         try:
             return self._run(trial)
         except KeyboardInterrupt:
@@ -321,8 +365,8 @@ class Objective:
 
         try:
             result = train(config, run_dir, resume=True, progress=False, on_eval=on_eval)
-        except optuna.TrialPruned:
-            raise
+        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+            raise  # pruned; or failed meanwhile by another worker (see work)
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             raise TrialError(f"{type(e).__name__}: {e}") from e
@@ -350,6 +394,8 @@ def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
 
 
 def _check_errors(trials: list[FrozenTrial]) -> None:
+    """Stop once MAX_ERRORS of ``trials`` (those made since this worker started: a rerun
+    after a fix must not stop on the old errors) have raised."""
     errors = [t for t in trials if t.user_attrs.get("error") not in (None, "interrupted")]
     if len(errors) >= MAX_ERRORS:
         raise SweepError(
@@ -399,33 +445,55 @@ def work(sweep: Sweep) -> None:
         if sum(t.state in FINISHED for t in trials) >= sweep.n_trials:
             return
         _check_invalid(trials, sweep.n_trials)
-        _check_errors(trials)
+        _check_errors([t for t in trials if t.number >= sweep.first_trial])
         queued = any(t.state == TrialState.WAITING for t in trials)
         if queued or len(place_holders(trials, sweep.grace_s)) < sweep.n_trials:
             catch = (SkippedTrial, TrialError)
-            sweep.study.optimize(objective, n_trials=1, catch=catch, callbacks=[announce])
+            objective.number = None
+            try:
+                sweep.study.optimize(objective, n_trials=1, catch=catch, callbacks=[announce])
+            except ValueError:
+                # Optuna's "Cannot tell a FAIL trial": ours was failed as stale by another
+                # worker (this one stalled for GRACE_FACTOR heartbeats) and queued again.
+                # That worker's retry holds the place: go on with another trial.
+                if not _taken_over(sweep.study, objective.number):
+                    raise
+                print(
+                    f"worker {sweep.worker}: trial {objective.number} was failed as stale by "
+                    "another worker (its heartbeat was late) and queued again; going on",
+                    flush=True,
+                )
         else:
             time.sleep(POLL_S)
+
+
+def _taken_over(study: optuna.Study, number: int | None) -> bool:
+    """Whether trial ``number``, which this worker ran, is failed: not by this worker, which
+    leaves that to Optuna's tell after the objective returns, so by another one."""
+    return number is not None and any(
+        t.number == number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    )
 
 
 def _launch(argv: list[str], jobs: int, first_worker: int) -> None:
     """Start `jobs` worker processes running `sandbox sweep ARGV --jobs 1 --worker-index i`."""
     cmd = [sys.executable, "-m", "sandbox.cli", "sweep", *argv, "--jobs", "1", "--no-report"]
     # Own sessions: a terminal's Ctrl-C reaches this process only, which passes exactly one
-    # SIGINT on to each worker (a second one could cut short the queueing of its trial).
+    # SIGTERM on to each worker (a second one could cut short the queueing of its trial).
+    # SIGTERM, not SIGINT: a command started with SIGINT ignored (`cmd &` in a script) hands
+    # that on to its workers, which then trained on.
     procs = [
         subprocess.Popen([*cmd, "--worker-index", str(first_worker + i)], start_new_session=True)
         for i in range(jobs)
     ]
-    # SIGTERM and SIGHUP, taken as Ctrl-C, are passed on to the workers (in their own
-    # sessions) as one SIGINT each.
+    # SIGTERM and SIGHUP, taken as Ctrl-C, are passed on to the workers too.
     try:
         with terms_as_interrupts():
             codes = [p.wait() for p in procs]
     except BaseException:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=60)
@@ -469,11 +537,13 @@ def run_sweep(
     jobs: int = 1,
     out: str | Path | None = None,
     worker: int = 0,
-    heartbeat_s: int = 30,
+    heartbeat_s: int | None = None,
     report: bool = True,
 ) -> tuple[optuna.Study, Path]:
     """Create or join the study and work on it (in `jobs` processes) until it holds its
-    trials; then write the report into `out`. Returns the study and `out`."""
+    trials; then write the report into `out`. Returns the study and `out`. ``heartbeat_s``
+    None: the study's (study_heartbeat). SIGTERM and SIGHUP stop it as Ctrl-C does (the
+    running trial queued again at once, KeyboardInterrupt raised)."""
     if space_path is None and study_name is None:
         raise ConfigError("give a SPACE file, or --study (and --storage) to join a study")
     for flag, value in (("--trials", n_trials), ("--jobs", jobs), ("--heartbeat", heartbeat_s)):
@@ -484,22 +554,30 @@ def run_sweep(
     space = load_space(space_path) if space_path else None
     study_name = study_name or Path(space_path).stem
     out = Path(out) if out else Path("runs") / "sweeps" / study_name
-    make_dir(out)
     url = storage or default_storage(out)
+    if jobs > 1 and _in_memory(url):
+        raise ConfigError(f"--storage {url}: --jobs {jobs} needs a database its processes share")
+    make_dir(out)
     _claim_out_dir(out, url, study_name, claim=False)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # workers print their own lines
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), terms_as_interrupts():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = make_storage(url, heartbeat_s, create=space is not None)
+        heartbeat_s = study_heartbeat(
+            make_storage(url, create=space is not None), study_name, heartbeat_s
+        )
+        rdb = make_storage(url, heartbeat_s)
         study, space = open_study(rdb, study_name, space, worker)
-        _claim_out_dir(out, url, study_name, claim=True)
+        if study.user_attrs.get(HEARTBEAT_ATTR) is None:
+            study.set_user_attr(HEARTBEAT_ATTR, heartbeat_s)
+        _claim_out_dir(out, url, study_name, claim=not _in_memory(url))
         n = n_trials or space.trials
         if jobs > 1:
             argv = ["--storage", url, "--study", study_name, "--out", str(out)]
             argv += ["--trials", str(n), "--heartbeat", str(heartbeat_s)]
             _launch(argv, jobs, worker)
         else:
-            work(Sweep(space, study, n, out, GRACE_FACTOR * heartbeat_s, worker))
+            first = len(study.get_trials(deepcopy=False))
+            work(Sweep(space, study, n, out, GRACE_FACTOR * heartbeat_s, worker, first))
     if report:
         from sweeps.report import write_report
 

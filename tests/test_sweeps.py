@@ -150,10 +150,17 @@ def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys,
     assert main(["sweep", *relative]) == 0, capsys.readouterr().err
     monkeypatch.undo()
     # A worker with a different space may not join the study.
-    other = write_space(tmp_path / "other.yaml", trials=9)
+    other = write_space(tmp_path / "other.yaml", seed=1)
     capsys.readouterr()
     assert main(["sweep", str(other), *args]) == 2
     assert "another space" in capsys.readouterr().err
+    # One with more trials is told how to extend the study (was "another space" too).
+    more = write_space(tmp_path / "more.yaml", trials=9)
+    assert main(["sweep", str(more), *args]) == 2
+    assert "created with trials: 6; give --trials 9" in capsys.readouterr().err
+    # Its heartbeat is the study's: another one would fail live trials as stale ones.
+    assert main(["sweep", *args, "--heartbeat", "5"]) == 2
+    assert "beats every 30 s" in capsys.readouterr().err
     assert main(["sweep-report", "--out", str(tmp_path / "nothing")]) == 2
     assert "no study database" in capsys.readouterr().err
     # OUT/trials/<n> belongs to one study.
@@ -579,28 +586,44 @@ def _processes_with(text: str) -> list[int]:
     return pids
 
 
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `cmd &` in a script starts cmd
+
+
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
-def test_sigterm_to_a_multi_worker_sweep_stops_its_workers(tmp_path):
-    """SIGTERM (timeout, kill, a scheduler) ended the parent alone: its workers, in their own
-    sessions, ran on as orphans beside the next run of the command."""
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_a_sweep_and_queues_its_trials(tmp_path, jobs):
+    """SIGTERM (timeout, kill, a scheduler) ended a one-worker sweep outright, its trial left
+    running until three heartbeats had passed; with --jobs it ended the parent alone (its
+    workers ran on as orphans beside the next run of the command), and the parent's SIGINT to
+    its workers did nothing when the command had been started with SIGINT ignored: they
+    trained the whole study while the parent said "interrupted"."""
     base = json.loads(json.dumps(SPACE["base"]))
     base["train"]["epochs"] = 20  # trials long enough to be cut
     space = write_space(tmp_path / "term.yaml", base=base, trials=4)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        sweep_cmd(space, "--jobs", 2, "--out", out, "--no-report"),
+        sweep_cmd(space, "--jobs", jobs, "--out", out, "--no-report"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        preexec_fn=_ignore_sigint,
     )
     deadline = time.time() + 120
-    while not list(out.glob("trials/*/metrics.jsonl")) and time.time() < deadline:
+    while len(list(out.glob("trials/*/metrics.jsonl"))) < jobs and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         time.sleep(0.05)
     workers = [pid for pid in _processes_with(str(out)) if pid != proc.pid]
-    assert len(workers) == 2
+    assert len(workers) == (jobs if jobs > 1 else 0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-3000:]
+    assert "interrupted" in proc.stderr.read().decode()
     assert _processes_with(str(out)) == []
+    trials = load(default_storage(out), "term").get_trials()
+    assert sum(t.state in FINISHED for t in trials) < 4
+    # Every trial that was running is queued again at once, for the rerun to resume (a worker
+    # between two trials at the signal has none).
+    assert 1 <= sum(t.state == TrialState.WAITING for t in trials) <= jobs
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 @pytest.mark.parametrize("where", ["sampling", "recording"])
@@ -670,6 +693,76 @@ def test_a_trial_that_raises_gives_its_place_and_three_stop_the_sweep(tmp_path, 
     with pytest.raises(SweepError, match=f"{MAX_ERRORS} trials raised, e.g. trial 2: Runtime"):
         work(Sweep(space, study, 3, tmp_path / "b" / "out", grace_s=60))
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * MAX_ERRORS
+    # A rerun (the cause fixed) counts only its own errors: the old ones stopped the study
+    # for good, whatever --trials said.
+    fail_all = False
+    args = ["sweep", "--storage", default_storage(tmp_path / "b"), "--study", "err"]
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-report"]) == 0
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 3
+
+
+def test_a_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path, monkeypatch, capsys):
+    """A worker that stalled past the grace period finds its trial failed by another worker
+    (which queued a retry): it died with Optuna's "Cannot tell a FAIL trial." (exit 2)."""
+    import sandbox.train
+    from sweeps.runner import RETRY, Sweep, open_study, work
+
+    storage = make_storage(default_storage(tmp_path), heartbeat_s=30)
+    study, space = open_study(storage, "stale", load_space(write_space(tmp_path / "s.yaml")))
+    taken = []
+
+    def train(config, run_dir, on_eval, **kwargs):
+        if not taken:  # what another worker's heartbeat check does to a stalled trial
+            (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            taken.append(running.number)
+            storage.set_trial_state_values(running._trial_id, state=TrialState.FAIL)
+            RETRY(study, storage.get_trial(running._trial_id))
+            on_eval({"val_accuracy": 0.5, "step": 4, "wall_s": 1.0})  # reports: refused
+        keys = ("val_accuracy", "test_accuracy", "test_exact", "wall_s")
+        return {**dict.fromkeys(keys, config.train.lr), "steps": 1, "solved": False, "params": 1}
+
+    monkeypatch.setattr(sandbox.train, "train", train)
+    work(Sweep(space, study, 2, tmp_path / "out", grace_s=90))
+    assert f"trial {taken[0]} was failed as stale by another worker" in capsys.readouterr().out
+    trials = study.get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert any(origin(t) == taken[0] and t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_sweep_report_of_a_plain_optuna_study_and_bad_outputs(tmp_path, capsys):
+    """sweep-report on a study that `sandbox sweep` did not make raised KeyError: 'config'; an
+    --out that is a file gave a traceback; trials.csv wrote trial numbers as 2.0; and an
+    in-memory storage with --jobs 2 failed in its workers and claimed --out for nothing."""
+    storage = f"sqlite:///{tmp_path / 'plain.db'}"
+    study = optuna.create_study(storage=storage, study_name="plain", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("n", 1, 3), n_trials=4)
+    study.add_trial(  # a retry of trial 0 with sandbox's attributes (counts, run numbers)
+        create_trial(
+            state=TrialState.PRUNED,
+            value=0.1,
+            params=study.trials[0].params,
+            distributions=study.trials[0].distributions,
+            user_attrs={"num_params": 8416, "steps": 40},
+            system_attrs={"failed_trial": 0},
+        )
+    )
+    out = tmp_path / "report"
+    assert main(["sweep-report", "--storage", storage, "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"trials.csv", "history.png"}
+    assert not (out / "best_config.yaml").exists()  # no run config to export
+    with open(out / "trials.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert (last["retry_of"], last["num_params"], last["steps"]) == ("0", "8416", "40")
+    (tmp_path / "afile").write_text("")
+    capsys.readouterr()
+    assert main(["sweep-report", "--storage", storage, "--out", str(tmp_path / "afile")]) == 2
+    assert "cannot make the directory" in capsys.readouterr().err
+    space = write_space(tmp_path / "mem.yaml")
+    args = [str(space), "--storage", "sqlite:///:memory:", "--jobs", "2", "--out", str(out)]
+    assert main(["sweep", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--storage sqlite:///:memory:: --jobs 2 needs a database its processes share" in err
+    assert not (out / "sweep.json").exists()
 
 
 def test_a_moved_sweep_directory_goes_on(sqlite_sweep, tmp_path, capsys):
