@@ -79,7 +79,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from sandbox.compare import compare, load_preset
+    from sandbox.compare import WorkerDied, compare, load_preset
 
     preset = load_preset(args.preset)
     out = Path(args.out) if args.out else Path("runs") / "compare" / Path(args.preset).stem
@@ -88,6 +88,9 @@ def _cmd_compare(args) -> int:
     except KeyboardInterrupt:
         print(f"sandbox: interrupted; rerun the same command to continue in {out}", file=sys.stderr)
         return 130
+    except WorkerDied as e:
+        print(f"sandbox: error: {e}", file=sys.stderr)
+        return 1
     written = ", ".join(["results.csv", "table.md", *(f"{f}.png" for f in preset.figures)])
     print(f"results written to {out} ({written})")
     return 0

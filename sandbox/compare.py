@@ -25,6 +25,8 @@ import os
 import re
 import signal
 import threading
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -161,7 +163,7 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
     unknown = set(preset.test_params) - set(preset.tasks)
     if unknown:
         raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
-    runs = []
+    runs, split_checked = [], set()
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
             data = deep_merge(deep_merge(preset.base, task_fields), variant_fields)
@@ -175,7 +177,10 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                     if isinstance(f.get("train"), dict) and "lr" in f["train"]
                 ]
                 given = ["seed"] * ("seed" in data) + ["train.lr"] * bool(own)
-                given += [override.split("=", 1)[0].strip() for override in overrides]
+                overridden: dict = {}  # the overrides' fields, however written
+                for override in overrides:
+                    apply_override(overridden, override)
+                given += _leaf_keys(overridden)
                 for key in given:
                     _refuse_what_compare_sets(key, preset)
                 for override in overrides:
@@ -186,6 +191,7 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                 for seed in range(seeds or preset.seeds):
                     for lr in lrs:
                         config = build_config(deep_merge(data, {"seed": seed, "train": {"lr": lr}}))
+                        _check_splits(config, split_checked)
                         runs.append(Run(task, variant, seed, lr, config))
             except ConfigError as e:
                 raise ConfigError(f"{task}/{variant}: {e}") from None
@@ -202,6 +208,17 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                 "make the lr_grid values distinct"
             )
     return runs
+
+
+def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of a nested dict's leaves (``train.lr`` of {"train": {"lr": 1}})."""
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _refuse_what_compare_sets(key: str, preset: ComparePreset) -> None:
@@ -224,6 +241,21 @@ def _check_buildable(config: RunConfig) -> None:
         task = build_task(config)
         with torch.device("meta"):
             LanguageModel(config.model, vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_splits(config: RunConfig, checked: set[str]) -> None:
+    """Draw the run's data splits once per task setting and seed (``checked`` holds those
+    done): counts the task's example space cannot fill raised in train(), after the runs
+    before had trained, and named no task row."""
+    key = json.dumps([config.task.model_dump(mode="json"), config.seed], sort_keys=True)
+    if key in checked:
+        return
+    checked.add(key)
+    counts = (config.task.num_train, config.task.num_valid, config.task.num_test)
+    try:
+        tasks.make_splits(build_task(config), *counts, seed=config.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -283,18 +315,43 @@ def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> 
     else:
         # A parent killed outright would leave its workers training on, beside a rerun.
         with terms_as_interrupts():
-            pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
-            try:
-                for _ in pool.imap_unordered(_execute, jobs):
-                    bar.update(1)
-                pool.close()
-            except BaseException:
-                pool.terminate()  # checkpoints are written atomically: a killed run resumes later
-                raise
-            finally:
-                pool.join()
+            _run_in_pool(jobs, min(workers, len(jobs)), bar)
     bar.close()
     return len(todo)
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of ``compare --workers`` ended without its run's result."""
+
+
+def _run_in_pool(jobs: list[tuple[dict, str]], workers: int, bar) -> None:
+    """Run the jobs in ``workers`` spawned processes, in order, ticking ``bar`` per finished
+    one. A process pool executor rather than a multiprocessing Pool: a Pool replaces a worker
+    that died (the OOM killer, a kill) and loses its job, so the grid waited for ever; here the
+    pool breaks and the remaining jobs fail with it."""
+    pool = ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
+    )
+    try:
+        for done in as_completed([pool.submit(_execute, job) for job in jobs]):
+            done.result()  # a run's own error, raised here as it was in the worker
+            bar.update(1)
+    except BaseException as e:
+        # An error or interrupt: stop the runs in flight rather than wait for them (their
+        # checkpoints are written atomically, and a rerun resumes them).
+        children = mp.active_children()
+        for child in children:
+            child.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in children:
+            child.join()
+        if isinstance(e, BrokenProcessPool):
+            raise WorkerDied(
+                "a worker process died (killed, or out of memory) while training; finished "
+                "runs are kept: rerun the same command to train the others"
+            ) from None
+        raise
+    pool.shutdown(wait=True)
 
 
 def heldout_tasks(run: Run, params: dict[str, Any]) -> tuple[tasks.Task, tasks.Task]:

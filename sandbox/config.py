@@ -143,7 +143,9 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def apply_override(data: dict, override: str) -> None:
-    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML."""
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML. A mapping value is
+    merged into a section already there (``train={lr: 0.1}`` sets train.lr, as a preset's
+    variant merges into its base): put in its place, it dropped the section's other fields."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected key=value")
     key, raw = override.split("=", 1)
@@ -160,7 +162,10 @@ def apply_override(data: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        value = deep_merge(node[last], value)
+    node[last] = value
 
 
 def validate(schema: type[S], data: dict | None = None, overrides: list[str] = ()) -> S:

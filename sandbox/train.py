@@ -261,7 +261,12 @@ def truncate_metrics(path: Path, last_step: int) -> list[dict]:
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    records = [json.loads(ln) for ln in lines[:-1]]
+    records = []
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:  # not a torn write: the file was changed
+            raise ValueError(f"{path}: line {number} is not a JSON record ({e})") from None
     try:
         records += [json.loads(lines[-1])] if lines else []
     except json.JSONDecodeError:

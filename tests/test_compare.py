@@ -81,6 +81,7 @@ def test_preset_errors(tmp_path):
         ({"lr_grid": [1e-3, 1e-3]}, [], "make the lr_grid values distinct"),
         # The grid would replace the override's lr in every run.
         ({"lr_grid": [1e-3, 3e-3]}, ["train.lr=0.05"], "train.lr: this preset's runs take"),
+        ({"lr_grid": [1e-3, 3e-3]}, ["train={lr: 0.05}"], "train.lr: this preset's runs take"),
     ],
 )
 def test_preset_grid_errors(update, overrides, match):
@@ -260,10 +261,12 @@ def test_tiny_compare_end_to_end_and_rerun_skips(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_sigterm_to_compare_with_workers_stops_them_quietly(tmp_path):
+@pytest.mark.parametrize("kill", ["parent", "worker"])
+def test_sigterm_to_compare_with_workers_stops_them_quietly(tmp_path, kill):
     """SIGTERM (a timeout, a job scheduler) ended the parent alone and its pool's workers
     trained on, beside a rerun; and every interrupt left the resource tracker warning of a
-    leaked semaphore per worker (tqdm's lock, made in each worker)."""
+    leaked semaphore per worker (tqdm's lock, made in each worker). A worker killed on its own
+    (the OOM killer) was replaced by the pool and its run lost: the command waited for ever."""
     preset = yaml.safe_load(_tiny_preset(tmp_path).read_text())
     preset["base"]["train"]["max_steps"] = 100_000  # runs long enough to be cut
     path = tmp_path / "long.yaml"
@@ -277,15 +280,27 @@ def test_sigterm_to_compare_with_workers_stops_them_quietly(tmp_path):
         time.sleep(0.05)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(children) >= 2  # the two workers (and the resource tracker)
-    proc.send_signal(signal.SIGTERM)
+    workers = [
+        pid
+        for pid in children
+        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(workers) == 2
+    if kill == "parent":
+        proc.send_signal(signal.SIGTERM)
+        code, message = 130, "interrupted; rerun the same command"
+    else:
+        os.kill(int(workers[0]), signal.SIGKILL)
+        code, message = 1, "a worker process died (killed, or out of memory) while training"
     try:
-        assert proc.wait(timeout=120) == 130
+        assert proc.wait(timeout=120) == code
         err = proc.stderr.read().decode()
-        assert "interrupted; rerun the same command" in err and "leaked" not in err, err[-3000:]
+        assert message in err and "leaked" not in err and "Traceback" not in err, err[-3000:]
         for pid in children:  # gone, or a zombie about to be reaped by init
             stat = Path(f"/proc/{pid}/stat")
             assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", pid
     except BaseException:
+        proc.kill()
         for pid in children:  # no orphan left training for 100k steps
             with contextlib.suppress(OSError):
                 os.kill(int(pid), signal.SIGKILL)
@@ -360,6 +375,11 @@ def test_expand_refuses_what_training_would_refuse_or_overwrite(tmp_path):
     gridded = preset.model_copy(update={"lr_grid": [1e-4, 1e-3], "tasks": rows})
     with pytest.raises(ConfigError, match="^induction_head/.*: train.lr: this preset's runs"):
         expand(gridded)
+    # Counts a task row's example space cannot fill (AR of length 4: one pair and a query).
+    tiny = {"task": {"name": "associative_recall", "params": {"vocab_size": 6, "seq_len": 4}}}
+    small = preset.model_copy(update={"tasks": {**preset.tasks, "tiny": tiny}})
+    with pytest.raises(ConfigError, match="^tiny/.*: make_splits: found only .* too small"):
+        expand(small)
     # A run directory that is a file is named as such (it was "made with another config").
     runs = expand(preset)
     (tmp_path / "runs").mkdir()

@@ -23,6 +23,18 @@ def test_defaults_and_overrides():
     assert c.task.name == "x"
 
 
+def test_a_mapping_override_merges_into_its_section():
+    """train={lr: 0.1} replaced the whole train section: the preset's steps cap, early stop
+    and loss_on went back to their defaults without a word."""
+    base = {"train": {"max_steps": 50, "loss_on": "answers", "target_accuracy": 0.9}}
+    c = build_config(base, ["train={lr: 0.1, batch_size: 8}"])
+    assert (c.train.lr, c.train.batch_size) == (0.1, 8)
+    assert (c.train.max_steps, c.train.loss_on, c.train.target_accuracy) == (50, "answers", 0.9)
+    assert build_config({}, ["model.mixer_params={d_state: 8}"]).model.mixer_params == {
+        "d_state": 8
+    }
+
+
 def test_overrides_leave_the_callers_dicts_alone():
     base = {"model": {"mixer": "h3", "mixer_params": {"d_state": 8}}, "train": {"lr": 1e-3}}
     before = copy.deepcopy(base)

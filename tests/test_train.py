@@ -305,6 +305,12 @@ def test_truncate_metrics_drops_later_records_and_a_torn_line(tmp_path):
     assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
     assert truncate_metrics(path, 9) == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}]
     assert truncate_metrics(tmp_path / "none.jsonl", 3) == []
+    # A damaged line before the last is no torn write: named, and the file left as it is.
+    path.write_text(lines[0] + '\n{"step": 4 "loss"}\n' + lines[2] + "\n")
+    before = path.read_text()
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        truncate_metrics(path, 9)
+    assert path.read_text() == before
 
 
 def test_console_script_exit_code(tmp_path):
