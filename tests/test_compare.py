@@ -260,6 +260,14 @@ def test_tiny_compare_end_to_end_and_rerun_skips(tmp_path):
     assert json.dumps(again, sort_keys=True) == json.dumps(chosen, sort_keys=True)
 
 
+def _state(pid: str) -> str | None:
+    """A process's state letter (R, S, Z, ...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return None
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("kill", ["parent", "worker"])
 def test_sigterm_to_compare_with_workers_stops_them_quietly(tmp_path, kill):
@@ -296,9 +304,13 @@ def test_sigterm_to_compare_with_workers_stops_them_quietly(tmp_path, kill):
         assert proc.wait(timeout=120) == code
         err = proc.stderr.read().decode()
         assert message in err and "leaked" not in err and "Traceback" not in err, err[-3000:]
-        for pid in children:  # gone, or a zombie about to be reaped by init
-            stat = Path(f"/proc/{pid}/stat")
-            assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", pid
+        for pid in workers:  # gone, or a zombie about to be reaped by init
+            assert _state(pid) in (None, "Z"), pid
+        # The resource tracker ends once it reads its pipe's end: give it a moment.
+        deadline = time.time() + 30
+        while any(_state(pid) not in (None, "Z") for pid in children) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(_state(pid) in (None, "Z") for pid in children)
     except BaseException:
         proc.kill()
         for pid in children:  # no orphan left training for 100k steps
