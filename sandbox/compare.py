@@ -20,12 +20,10 @@ caches the figures in the run directory as heldout.json.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import re
-import signal
 import threading
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from sandbox.io import (
     terms_as_interrupts,
 )
 from sandbox.model import LanguageModel
+from sandbox.pools import stop_pool, worker_pool
 from sandbox.train import (
     WEIGHTS,
     RunDirError,
@@ -277,10 +276,8 @@ def _check_saved_configs(runs: list[Run], out: Path) -> None:
 
 
 def _worker_init() -> None:
-    # Ctrl-C goes to the whole process group; only the parent handles it and stops the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # tqdm's default lock is a multiprocessing RLock, registered with the resource tracker the
-    # pool shares; a worker killed by pool.terminate() never unregisters it, and the tracker
+    # pool shares; a worker killed by stop_pool() never unregisters it, and the tracker
     # warned of a leaked semaphore per worker after every Ctrl-C. Workers draw no bars.
     tqdm.set_lock(threading.RLock())
 
@@ -329,22 +326,13 @@ def _run_in_pool(jobs: list[tuple[dict, str]], workers: int, bar) -> None:
     one. A process pool executor rather than a multiprocessing Pool: a Pool replaces a worker
     that died (the OOM killer, a kill) and loses its job, so the grid waited for ever; here the
     pool breaks and the remaining jobs fail with it."""
-    pool = ProcessPoolExecutor(
-        workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
-    )
+    pool = worker_pool(workers, initializer=_worker_init)
     try:
         for done in as_completed([pool.submit(_execute, job) for job in jobs]):
             done.result()  # a run's own error, raised here as it was in the worker
             bar.update(1)
     except BaseException as e:
-        # An error or interrupt: stop the runs in flight rather than wait for them (their
-        # checkpoints are written atomically, and a rerun resumes them).
-        children = mp.active_children()
-        for child in children:
-            child.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for child in children:
-            child.join()
+        stop_pool(pool)  # runs in flight resume from their checkpoints (written atomically)
         if isinstance(e, BrokenProcessPool):
             raise WorkerDied(
                 "a worker process died (killed, or out of memory) while training; finished "

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,6 +225,42 @@ def test_resume_after_sigkill_with_workers(corpus, tmp_path):
     assert _files(out) == _files(tmp_path / "ref")
 
 
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
+def test_ctrl_c_with_workers_exits_130_quietly_and_resumes(corpus, tmp_path):
+    """The terminal's Ctrl-C reaches the whole process group: the workers printed tracebacks
+    from inside the pool's queues, and once left the parent waiting for ever."""
+    _run(corpus, tmp_path / "ref", workers=1)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "sandbox.cli", "prepare-data", str(corpus["a"]), str(corpus["b"])]
+    argv += ["--out", str(out), "--tokenizer", "bytes", "--val-fraction", "0.2", "--quiet"]
+    argv += ["--workers", "2", "--chunk-docs", "4"]
+    launch = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    launch += "os.execvp(sys.argv[1], sys.argv[1:])"  # a background start ignores SIGINT
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launch, *argv], stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not _committed(out):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and "interrupted" in err, err[-3000:]
+    assert not (out / "index.json").exists()
+    _run(corpus, out, workers=2)
+    assert _files(out) == _files(tmp_path / "ref")
+
+
+def _committed(out: Path) -> bool:
+    """Whether out/progress.json has committed tokens (read as the job replaces it)."""
+    try:
+        state = json.loads((out / "progress.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return state["splits"]["train"]["tokens"] > 0
+
+
 def _error(capsys, argv) -> str:
     try:
         code = main(argv)
@@ -305,7 +343,9 @@ def test_inputs_with_no_document_are_refused(corpus, tmp_path, capsys):
         # The junk file's malformed lines are warned about first, as in any job.
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("sandbox: error:") and message in last
-        assert not (out / "index.json").exists()
+        # No job state is left (it refused the corrected command as "another job").
+        assert not out.exists() or os.listdir(out) == []
+        assert main(["prepare-data", str(corpus["b"]), "--out", str(out), *base]) == 0
 
 
 def test_foreign_or_busy_directories_are_refused(corpus, tmp_path, capsys):

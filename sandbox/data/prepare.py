@@ -39,14 +39,13 @@ import contextlib
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +53,7 @@ import numpy as np
 
 from sandbox.data.dataset import DTYPE
 from sandbox.data.tokenizer import get_tokenizer
+from sandbox.pools import stop_pool, worker_pool
 
 SPLITS = ("train", "val")
 FORMAT = 1
@@ -599,41 +599,48 @@ def _run_job(job, out: Path, workers, chunk_docs, progress, log, hook) -> dict:
         if hook and isinstance(item, _Chunk):
             hook("committed", commits)
 
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(os.getpid(),),
-        )
     try:
-        pending: deque = deque()
-        for item in _read(sources, files, chunk_docs):
-            future = None
-            if isinstance(item, _Chunk):
-                args = (tokenizer, item.lines, item.first_line, sources[item.file]["split"])
-                args += (val_fraction, seed)
-                if pool is not None:
-                    future = pool.submit(_tokenize_chunk, *args)
-                else:
-                    future = Future()
-                    future.set_result(_tokenize_chunk(*args))
-            pending.append((item, future))
-            while len(pending) > 2 * workers:  # keep the pool fed, memory bounded
+        pool = None
+        if workers > 1:
+            pool = worker_pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
+        completed = False
+        try:
+            pending: deque = deque()
+            for item in _read(sources, files, chunk_docs):
+                future = None
+                if isinstance(item, _Chunk):
+                    args = (tokenizer, item.lines, item.first_line, sources[item.file]["split"])
+                    args += (val_fraction, seed)
+                    if pool is not None:
+                        future = pool.submit(_tokenize_chunk, *args)
+                    else:
+                        future = Future()
+                        future.set_result(_tokenize_chunk(*args))
+                pending.append((item, future))
+                while len(pending) > 2 * workers:  # keep the pool fed, memory bounded
+                    commit(*pending.popleft())
+            while pending:
                 commit(*pending.popleft())
-        while pending:
-            commit(*pending.popleft())
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for b in bins.values():
-            b.close()
-        if bar is not None:
-            bar.close()
+            completed = True
+        finally:
+            if pool is not None and completed:
+                pool.shutdown(wait=True)
+            elif pool is not None:  # an error or Ctrl-C: the chunks in flight are not wanted
+                stop_pool(pool)
+            for b in bins.values():
+                b.close()
+            if bar is not None:
+                bar.close()
 
-    if not any(state["splits"][s]["documents"] for s in SPLITS):
-        raise DataError(f"no document in the inputs: {[src['path'] for src in sources]}")
+        if not any(state["splits"][s]["documents"] for s in SPLITS):
+            raise DataError(f"no document in the inputs: {[src['path'] for src in sources]}")
+    except DataError:
+        # Nothing committed: no job to resume, only files that would refuse the corrected
+        # command as "another job" (an empty or all-malformed input, a truncated download).
+        if not any(state["splits"][s]["documents"] for s in SPLITS):
+            for path in (progress_path, *(out / f"{s}.bin" for s in SPLITS)):
+                path.unlink(missing_ok=True)
+        raise
     index = _index(state)
     _write_json(index_path, index)
     progress_path.unlink()

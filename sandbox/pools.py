@@ -1,0 +1,54 @@
+"""Process pools of the commands that train or tokenize in worker processes (`compare
+--workers`, `prepare-data --workers`). Imports no torch: prepare-data's workers unpickle
+their Process objects from here and should not pay for it.
+
+The parent handles Ctrl-C and stops the pool; its workers ignore Ctrl-C from their first
+instruction (the terminal sends it to the whole process group, and a worker interrupted
+inside the pool's queues printed tracebacks, or left the parent's shutdown waiting for ever).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import signal
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+
+class _SpawnProcess(multiprocessing.context.SpawnProcess):
+    """A spawned process that starts with SIGINT ignored: set in the parent around the start,
+    the disposition is inherited, and Python keeps an inherited SIG_IGN (no KeyboardInterrupt
+    ever). An initializer would come too late: the child imports the parent's main module
+    first, and a Ctrl-C then printed a traceback from the import."""
+
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return super().start()  # signal.signal works in the main thread only
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            super().start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    Process = _SpawnProcess
+
+
+def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes that ignore Ctrl-C."""
+    return ProcessPoolExecutor(
+        workers, mp_context=_SpawnContext(), initializer=initializer, initargs=initargs
+    )
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool after an error or an interrupt: its workers are terminated rather than
+    waited for (a run or chunk in flight is not wanted)."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for child in children:
+        child.join()
