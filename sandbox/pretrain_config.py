@@ -134,10 +134,18 @@ def load_any_config(path: str | Path, overrides: list[str] = ()) -> PretrainConf
     train` would read it: a pretraining config is one with a ``data`` section, a ``base`` file
     (run configs have none) or a train key only pretraining has (``max_tokens``, ...). By the
     ``data`` key alone, such a config without one was refused, and a run config naming a base
-    file passed where `sandbox train` refuses it."""
+    file passed where `sandbox train` refuses it. A run config has a ``task`` section or a
+    train key only run configs have (``epochs``, ...); a file with neither kind of key is
+    refused as ambiguous (it was counted as a run config, 25x off for a pretraining one)."""
     raw = read_yaml(path)
-    train = raw.get("train")
-    only_pretrain = set(PretrainTrainConfig.model_fields) - set(TrainConfig.model_fields)
-    if "data" in raw or "base" in raw or (isinstance(train, dict) and only_pretrain & set(train)):
+    train = set(raw["train"]) if isinstance(raw.get("train"), dict) else set()
+    pretrain_keys, run_keys = set(PretrainTrainConfig.model_fields), set(TrainConfig.model_fields)
+    if "data" in raw or "base" in raw or train & (pretrain_keys - run_keys):
         return validate(PretrainConfig, read_with_base(path), overrides)
+    if "task" not in raw and not train & (run_keys - pretrain_keys):
+        # Valid as either, with vocabularies 5000x apart (a task's against GPT-2's).
+        raise ConfigError(
+            f"config file {str(path)!r} reads as a run config and as a pretraining config: "
+            "give it a task section (sandbox train) or a data section (sandbox pretrain)"
+        )
     return validate(RunConfig, raw, overrides)

@@ -333,6 +333,16 @@ def test_params_reads_a_config_as_its_command_would(tmp_path, capsys):
     assert main(["params", str(child)]) == 2
     assert main(["train", str(child), "--out", str(tmp_path / "out")]) == 2
     capsys.readouterr()
+    # Keys both kinds have, only: it was counted as a run config (vocab 10, where pretraining
+    # would build GPT-2's 50264); a task section or a run-only train key decides.
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"model": model, "train": {"max_steps": 10}}))
+    assert main(["params", str(both)]) == 2
+    assert "reads as a run config and as a pretraining config" in capsys.readouterr().err
+    for extra in ({"task": {"name": "associative_recall"}}, {"train": {"epochs": 2}}):
+        both.write_text(yaml.safe_dump({"model": model, **extra}))
+        assert main(["params", str(both)]) == 0
+        assert "vocab 10)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
