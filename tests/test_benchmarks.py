@@ -312,7 +312,8 @@ def test_train_step_versions_train_alike(tmp_path):
 
     preset = tmp_path / "tiny.yaml"
     preset.write_text(
-        "base: {model: {d_model: 16, n_layers: 1}, train: {batch_size: 4}}\n"
+        "base: {model: {d_model: 16, n_layers: 1}, train: {batch_size: 4},\n"
+        "       task: {num_train: 64, num_valid: 16, num_test: 16}}\n"
         "tasks: {ar: {task: {name: associative_recall, params: {vocab_size: 6, seq_len: 8}}}}\n"
         "variants: {s4d: {model: {mixer: s4d}}, attention: {model: {mixer: attention}}}\n"
     )
