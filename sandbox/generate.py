@@ -73,6 +73,20 @@ def filter_logits(
     return logits
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> float:
+    """The temperature as a float, once it and top_k, top_p are valid (ValueError otherwise:
+    a negative temperature would reverse the distribution)."""
+    temperature = check_float(OWNER, "temperature", temperature, 0.0, math.inf)
+    if top_k is not None:
+        check_int(OWNER, "top_k", top_k)
+    if top_p is not None:
+        # NaN fails the comparison too (a range check of any number came first: it called
+        # NaN and inf out of "[-inf, inf)")
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+            raise ValueError(f"{OWNER}: top_p must be a number in (0, 1], got {top_p!r}")
+    return temperature
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -81,6 +95,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next-token logits [B, V] -> token ids [B] (argmax when temperature is 0)."""
+    temperature = _check_sampling(temperature, top_k, top_p)  # a public helper too
     if temperature == 0:
         return logits.argmax(-1)
     # Shifted by the row maximum and in float64: divided by a tiny temperature (1e-40), float32
@@ -121,15 +136,12 @@ def generate(
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"{OWNER}: prompt_ids must be [B, T] with T >= 1, got {prompt_ids.shape}")
     max_new_tokens = check_int(OWNER, "max_new_tokens", max_new_tokens)
-    temperature = check_float(OWNER, "temperature", temperature, 0.0, math.inf)
-    if top_k is not None:
-        check_int(OWNER, "top_k", top_k)
-    if top_p is not None:
-        # NaN fails the comparison too (a range check of any number came first: it called
-        # NaN and inf out of "[-inf, inf)")
-        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-            raise ValueError(f"{OWNER}: top_p must be a number in (0, 1], got {top_p!r}")
+    temperature = _check_sampling(temperature, top_k, top_p)
     vocab = model.embedding.num_embeddings
+    if eos_id is not None and check_int(OWNER, "eos_id", eos_id, minimum=0) >= vocab:
+        raise ValueError(
+            f"{OWNER}: eos_id must be < {vocab} (the model's vocabulary), got {eos_id}"
+        )
     if vocab_size is not None and check_int(OWNER, "vocab_size", vocab_size) > vocab:
         raise ValueError(f"{OWNER}: vocab_size must be <= {vocab} (the model's), got {vocab_size}")
     if prompt_ids.numel():

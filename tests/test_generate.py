@@ -13,7 +13,7 @@ from einops import rearrange
 
 from sandbox.cli import main
 from sandbox.config import ModelConfig
-from sandbox.generate import filter_logits, generate
+from sandbox.generate import filter_logits, generate, sample
 from sandbox.model import LanguageModel
 from sandbox.released import ReleasedCheckpointError, load_released, to_released
 
@@ -182,6 +182,9 @@ def test_eos_and_vocab_limit():
         # Ids outside the embedding were an IndexError from inside the model.
         ({"prompt_ids": torch.tensor([[1, VOCAB]])}, f"prompt token id {VOCAB} is outside"),
         ({"prompt_ids": torch.tensor([[-1, 2]])}, "prompt token id -1 is outside"),
+        # An end-of-sequence id no token can be: accepted, and it never fired.
+        ({"eos_id": VOCAB}, f"eos_id must be < {VOCAB}"),
+        ({"eos_id": -1}, "eos_id must be >= 0"),
     ],
 )
 def test_generate_rejects_bad_arguments(kwargs, message):
@@ -190,6 +193,16 @@ def test_generate_rejects_bad_arguments(kwargs, message):
         generate(model, **{"prompt_ids": prompts(), "max_new_tokens": 3, **kwargs})
     with pytest.raises(ValueError, match="prompt_ids"):
         generate(model, prompts()[:, :0], 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"), ({"top_p": 2.0}, "top_p")],
+)
+def test_sample_checks_its_arguments(kwargs, message):
+    """sample() is public: a negative temperature reversed the distribution there."""
+    with pytest.raises(ValueError, match=message):
+        sample(torch.zeros(2, 5), **kwargs)
 
 
 def test_generate_checks_a_mixer_length_limit_first_and_tiny_temperatures():
