@@ -8,6 +8,8 @@ Usage::
 
 Registered: the H3 paper's associative_recall and induction_head; mqar (zoology);
 selective_copying (Mamba); noisy_recall, fuzzy_recall, memorization, compression (MAD).
+``tasks.baselines``: no-recall baselines, guesses that beat ``random_accuracy`` without
+matching the query to a key (AR, noisy recall, MQAR).
 """
 
 from .base import (

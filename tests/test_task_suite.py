@@ -740,3 +740,34 @@ def test_build_errors(name, params, match):
 def test_edges_that_fit(name, params):
     """The limits named in the errors are exact: the boundary value itself works."""
     generate_and_check(name, params, n=64)
+
+
+def test_no_recall_baselines_on_hand_checked_sequences():
+    """tasks.baselines: the expected accuracy of each guess, ties split, on sequences worked
+    out by hand."""
+    from tasks.baselines import (
+        context_value,
+        guess_accuracy,
+        most_frequent_value,
+        no_recall_accuracy,
+        unanswered_value,
+    )
+
+    ar = tasks.build("associative_recall", vocab_size=10, seq_len=8)  # keys 2-5, values 6-9
+    # Values so far {6: 2, 7: 1} -> {6}, answer 6: 1. Then {6: 1, 7: 1} -> tie, answer 7: 1/2.
+    inputs = torch.tensor([[2, 6, 3, 6, 4, 7, 1, 2], [2, 6, 3, 7, 0, 0, 1, 3]])
+    targets = torch.cat([inputs[:, 1:], torch.tensor([[6], [7]])], 1)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, -1] = True
+    assert guess_accuracy(ar, tasks.Batch(inputs, targets, mask), most_frequent_value) == 0.75
+    # MQAR, 2 pairs (keys 2, 3; values 130, 131), queries of key 3 then key 2.
+    mq = tasks.build("mqar", vocab_size=256, seq_len=8, num_kv_pairs=2)
+    inputs = torch.tensor([[2, 130, 3, 131, 3, 131, 2, 130]])
+    targets = torch.tensor([[130, 3, 131, 3, 131, 2, 130, 0]])
+    mask = torch.tensor([[False, False, False, False, True, False, True, False]])
+    batch = tasks.Batch(inputs, targets, mask)
+    assert guess_accuracy(mq, batch, context_value) == 0.5  # 1/2 at both queries
+    assert guess_accuracy(mq, batch, unanswered_value) == 0.75  # 1/2, then 131 is answered: 1
+    assert no_recall_accuracy(tasks.build("induction_head")) == {}
+    # On generated data: any context value is exactly 1/P (every answer is one of them).
+    assert no_recall_accuracy(mq, 50)["any context value"] == 0.5

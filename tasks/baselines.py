@@ -1,0 +1,103 @@
+"""No-recall baselines: guesses that read a sequence's statistics but never match the query
+to a key. ``Task.random_accuracy`` is the best guess blind to the context; on some tasks these
+do far better (AR's four values collide, MQAR's answers are the context's values), and a mixer
+above chance but not above them has not shown recall.
+
+A guess is a set of candidate tokens per scored position; its accuracy is the expected one
+of a uniform pick among them (ties split evenly). ``python3 -m tasks.baselines`` prints the
+table of docs/grids.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from tasks.base import NUM_SPECIAL, Batch, Task, build
+
+# (task, inputs of one sequence, scored positions, position) -> candidate tokens
+Guess = Callable[[Task, list[int], list[int], int], set[int]]
+
+
+def _value_range(task: Task) -> range:
+    """The value tokens of associative_recall and noisy_recall."""
+    if task.name == "noisy_recall":
+        return range(task.first_value, task.first_noise)
+    return range(NUM_SPECIAL + task.num_keys, task.vocab_size)
+
+
+def most_frequent_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+    """The value tokens seen most often up to position j (all values before any is seen)."""
+    values = _value_range(task)
+    counts = Counter(t for t in x[: j + 1] if t in values)
+    if not counts:
+        return set(values)
+    top = max(counts.values())
+    return {t for t, c in counts.items() if c == top}
+
+
+def context_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+    """MQAR: any value of the key-value block (keys at even positions, values at odd)."""
+    return set(x[1 : 2 * task.num_kv_pairs : 2])
+
+
+def unanswered_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+    """MQAR: a value of the block not yet given as an answer (each key is queried once, and
+    the input after a scored position is its answer)."""
+    answered = {x[i + 1] for i in scored if i < j}
+    return context_value(task, x, scored, j) - answered or context_value(task, x, scored, j)
+
+
+GUESSES: dict[str, dict[str, Guess]] = {
+    "associative_recall": {"most frequent value so far": most_frequent_value},
+    "noisy_recall": {"most frequent value so far": most_frequent_value},
+    "mqar": {
+        "any context value": context_value,
+        "a context value not answered yet": unanswered_value,
+    },
+}
+
+
+def guess_accuracy(task: Task, batch: Batch, guess: Guess) -> float:
+    """Expected accuracy of ``guess`` over the scored positions of ``batch``."""
+    hits = total = 0.0
+    for x, y, m in zip(batch.inputs.tolist(), batch.targets.tolist(), batch.answer_mask.tolist()):
+        scored = [j for j, on in enumerate(m) if on]
+        for j in scored:
+            candidates = guess(task, x, scored, j)
+            hits += (y[j] in candidates) / len(candidates)
+            total += 1
+    return hits / total
+
+
+def no_recall_accuracy(task: Task, num_examples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Each no-recall guess of the task (none for most tasks) -> its accuracy on a generated
+    batch of ``num_examples``."""
+    guesses = GUESSES.get(task.name, {})
+    if not guesses:
+        return {}
+    batch = task.generate(num_examples, seed)
+    return {name: guess_accuracy(task, batch, guess) for name, guess in guesses.items()}
+
+
+# The settings of the tables in README.md and docs/grids.md.
+SETTINGS = [
+    ("associative_recall", {"vocab_size": 10, "seq_len": 20}),
+    ("noisy_recall", {"vocab_size": 32, "seq_len": 64, "num_kv_pairs": 4}),
+    ("mqar", {"vocab_size": 256, "seq_len": 64, "num_kv_pairs": 4}),
+    ("mqar", {"vocab_size": 256, "seq_len": 128, "num_kv_pairs": 8}),
+    ("mqar", {"vocab_size": 256, "seq_len": 256, "num_kv_pairs": 16}),
+]
+
+
+def main() -> None:
+    print("| task | setting | chance | no-recall guess | its accuracy |\n|---|---|---|---|---|")
+    for name, params in SETTINGS:
+        task = build(name, **params)
+        setting = ", ".join(f"{k} {v}" for k, v in params.items())
+        for guess, accuracy in no_recall_accuracy(task).items():
+            print(f"| {name} | {setting} | {task.random_accuracy:.1%} | {guess} | {accuracy:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
