@@ -210,7 +210,11 @@ def write_report(study: optuna.Study, out: str | Path) -> list[Path]:
     # Trial numbers and counts stay integers in a column that has gaps (pandas would make
     # them floats: a retry_of of "2.0" matches no trial number read as text).
     df = pd.DataFrame(rows)
-    df = df.astype({c: "Int64" for c in INT_COLUMNS if c in df})
+    for column in (c for c in INT_COLUMNS if c in df):
+        try:
+            df[column] = df[column].astype("Int64")
+        except (TypeError, ValueError):  # another study's attribute of that name: as it is
+            pass
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     written = [out / "trials.csv"]
