@@ -1,7 +1,9 @@
 """Writers for `sandbox compare`: results.csv, table.md, the terminal table and figures.
 
 Rows are the per-run results chosen by `compare.select_lr`; a summary groups them by
-(task, mixer) over seeds. Accuracies are fractions in the CSV and percentages in tables.
+(task, mixer) over seeds. Accuracies are fractions in the CSV and percentages in tables,
+whose first rows are chance (`random`) and, for tasks with one, the best no-recall guess
+(`no recall`, tasks.baselines).
 A preset's `figures` names the figures written (FIGURES below), each as out/<kind>.png:
 gaps (the default; bars per mixer, one panel per task), width (accuracy vs d_model, one
 line per layer, one panel per task ordered by seq_len), heatmap (task x mixer mean test
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import tasks
 from sandbox.io import atomic_write, atomic_write_text
+from tasks import baselines
 
 CSV_COLUMNS = [
     "task",
@@ -62,14 +65,29 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return summary
 
 
-def random_accuracy(runs) -> dict[str, float]:
-    """Chance accuracy (%) of each task row, from the task each run trains on."""
+def _per_task_row(runs, figure) -> dict:
+    """figure(task) of each task row, from the task its runs train on."""
     out = {}
     for r in runs:
         if r.task not in out:
-            task = tasks.build(r.config.task.name, **r.config.task.params)
-            out[r.task] = 100 * task.random_accuracy
+            out[r.task] = figure(tasks.build(r.config.task.name, **r.config.task.params))
     return out
+
+
+def random_accuracy(runs) -> dict[str, float]:
+    """Chance accuracy (%) of each task row: the best guess blind to the context."""
+    return _per_task_row(runs, lambda task: 100 * task.random_accuracy)
+
+
+def no_recall_accuracy(runs) -> dict[str, float | None]:
+    """The best no-recall guess's accuracy (%) of each task row (tasks.baselines: it reads the
+    context but never matches the query to a key), None for a task without one."""
+
+    def best(task) -> float | None:
+        found = baselines.no_recall_accuracy(task)
+        return 100 * max(found.values()) if found else None
+
+    return _per_task_row(runs, best)
 
 
 def _fmt(stat: dict | None) -> str:
@@ -78,8 +96,9 @@ def _fmt(stat: dict | None) -> str:
     return f"{stat['mean']:.1f}" + (f" ± {stat['sd']:.1f}" if stat["n"] > 1 else "")
 
 
-def table_rows(summary, preset, chance) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per task, our accuracy (%), the paper's, and median steps.
+def table_rows(summary, preset, chance, no_recall=None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per task, our accuracy (%), the paper's, and median steps; first the
+    chance row and, where a task row has one (``no_recall``), the no-recall baseline's.
     A preset without paper numbers gets no paper columns."""
     task_names = list(preset.tasks)
     with_paper = bool(preset.paper)
@@ -94,6 +113,12 @@ def table_rows(summary, preset, chance) -> tuple[list[str], list[list[str]]]:
     rows = [["random"]]
     for t in task_names:
         rows[0] += [f"{chance[t]:.1f}", *paper(t, "random"), "-"]
+    no_recall = no_recall or {}
+    if any(no_recall.get(t) is not None for t in task_names):
+        rows.append(["no recall"])
+        for t in task_names:
+            value = no_recall.get(t)
+            rows[-1] += [f"{value:.1f}" if value is not None else "-", *paper(t, ""), "-"]
     for mixer in preset.variants:
         row = [mixer]
         for t in task_names:
@@ -338,7 +363,7 @@ def write_all(chosen: list[dict], preset, runs, out: Path, show: bool = True) ->
     chosen = sorted(chosen, key=lambda r: order[(r["task"], r["mixer"], r["seed"])])
     chance = random_accuracy(runs)
     atomic_write_text(out / "results.csv", results_csv(chosen))
-    header, rows = table_rows(summarize(chosen), preset, chance)
+    header, rows = table_rows(summarize(chosen), preset, chance, no_recall_accuracy(runs))
     note = f"\n{preset.paper_note}\n" if preset.paper_note else ""
     atomic_write_text(out / "table.md", markdown(header, rows) + note)
     if chosen:

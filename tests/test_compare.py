@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tasks
 from sandbox import report
 from sandbox.cli import main
 from sandbox.compare import PRESET_DIR, compare, expand, load_preset, preset_names, select_lr
 from sandbox.config import ConfigError
+from tasks.baselines import no_recall_accuracy
 
 
 def test_shipped_presets_expand():
@@ -215,6 +217,13 @@ def test_csv_and_markdown_writers():
     assert md[3] == "| h3 | 95.0 ± 7.1 | 99.8 | 20 |"
     assert md[4] == "| s4d | 50.0 | - | 10 |"
     assert md[5] == "| gss | - | - | - |"  # no runs yet
+    # The no-recall baseline's row, where a task row has one ("-" for one without).
+    preset = preset.model_copy(update={"tasks": {"ar": {}, "ih": {}}, "paper": {}})
+    summary = {("ar", "h3"): summary[("ar", "h3")]}
+    _, table = report.table_rows(summary, preset, {"ar": 25.0, "ih": 5.0}, {"ar": 60.2, "ih": None})
+    assert table[:2] == [["random", "25.0", "-", "5.0", "-"], ["no recall", "60.2", "-", "-", "-"]]
+    _, table = report.table_rows(summary, preset, {"ar": 25.0, "ih": 5.0}, {"ih": None})
+    assert [row[0] for row in table] == ["random", "h3", "s4d", "gss"]
 
 
 def _tiny_preset(tmp_path):
@@ -251,6 +260,10 @@ def test_tiny_compare_end_to_end_and_rerun_skips(tmp_path):
     assert all(int(r["steps"]) <= 6 for r in rows)
     table = (out / "table.md").read_text()
     assert "| h3 |" in table and "| attention |" in table
+    # AR's no-recall baseline, measured on the row's own task setting (tasks.baselines).
+    ar = tasks.build("associative_recall")
+    no_recall = 100 * max(no_recall_accuracy(ar).values())
+    assert f"| no recall | {no_recall:.1f} | - | - |" in table
     assert (out / "gaps.png").read_bytes()[:4] == b"\x89PNG"
 
     results = sorted(out.glob("runs/*/result.json"))
