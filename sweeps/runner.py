@@ -486,10 +486,9 @@ def _launch(argv: list[str], jobs: int, first_worker: int) -> None:
         subprocess.Popen([*cmd, "--worker-index", str(first_worker + i)], start_new_session=True)
         for i in range(jobs)
     ]
-    # SIGTERM and SIGHUP, taken as Ctrl-C, are passed on to the workers too.
+    # SIGTERM and SIGHUP, taken as Ctrl-C by run_sweep, are passed on to the workers too.
     try:
-        with terms_as_interrupts():
-            codes = [p.wait() for p in procs]
+        codes = [p.wait() for p in procs]
     except BaseException:
         for p in procs:
             if p.poll() is None:
@@ -555,7 +554,8 @@ def run_sweep(
     study_name = study_name or Path(space_path).stem
     out = Path(out) if out else Path("runs") / "sweeps" / study_name
     url = storage or default_storage(out)
-    if jobs > 1 and _in_memory(url):
+    in_memory = _in_memory(url)
+    if jobs > 1 and in_memory:
         raise ConfigError(f"--storage {url}: --jobs {jobs} needs a database its processes share")
     make_dir(out)
     _claim_out_dir(out, url, study_name, claim=False)
@@ -569,7 +569,7 @@ def run_sweep(
         study, space = open_study(rdb, study_name, space, worker)
         if study.user_attrs.get(HEARTBEAT_ATTR) is None:
             study.set_user_attr(HEARTBEAT_ATTR, heartbeat_s)
-        _claim_out_dir(out, url, study_name, claim=not _in_memory(url))
+        _claim_out_dir(out, url, study_name, claim=not in_memory)
         n = n_trials or space.trials
         if jobs > 1:
             argv = ["--storage", url, "--study", study_name, "--out", str(out)]
