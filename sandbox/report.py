@@ -7,7 +7,8 @@ whose first rows are chance (`random`) and, for tasks with one, the best no-reca
 A preset's `figures` names the figures written (FIGURES below), each as out/<kind>.png:
 gaps (the default; bars per mixer, one panel per task), width (accuracy vs d_model, one
 line per layer, one panel per task ordered by seq_len), heatmap (task x mixer mean test
-accuracy) and length (accuracy and wall time vs seq_len, one line per mixer).
+accuracy) and length (accuracy and wall time vs seq_len, one line per mixer). Every figure
+shows each task's baselines (``baseline_levels``): chance dashed, the no-recall guess dotted.
 """
 
 from __future__ import annotations
@@ -65,21 +66,24 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return summary
 
 
-def _per_task_row(runs, figure) -> dict:
-    """figure(task) of each task row, from the task its runs train on."""
+def _per_task_row(runs, figure, test_params=None) -> dict:
+    """figure(task) of each task row, from the task its test split is drawn from: the one
+    its runs train on, with the row's ``test_params`` (a preset's) on top."""
+    test_params = test_params or {}
     out = {}
     for r in runs:
         if r.task not in out:
-            out[r.task] = figure(tasks.build(r.config.task.name, **r.config.task.params))
+            params = {**r.config.task.params, **test_params.get(r.task, {})}
+            out[r.task] = figure(tasks.build(r.config.task.name, **params))
     return out
 
 
-def random_accuracy(runs) -> dict[str, float]:
+def random_accuracy(runs, test_params=None) -> dict[str, float]:
     """Chance accuracy (%) of each task row: the best guess blind to the context."""
-    return _per_task_row(runs, lambda task: 100 * task.random_accuracy)
+    return _per_task_row(runs, lambda task: 100 * task.random_accuracy, test_params)
 
 
-def no_recall_accuracy(runs) -> dict[str, float | None]:
+def no_recall_accuracy(runs, test_params=None) -> dict[str, float | None]:
     """The best no-recall guess's accuracy (%) of each task row (tasks.baselines: it reads the
     context but never matches the query to a key), None for a task without one."""
 
@@ -87,7 +91,18 @@ def no_recall_accuracy(runs) -> dict[str, float | None]:
         found = baselines.no_recall_accuracy(task)
         return 100 * max(found.values()) if found else None
 
-    return _per_task_row(runs, best)
+    return _per_task_row(runs, best, test_params)
+
+
+def baseline_levels(runs, test_params=None) -> dict[str, dict[str, float]]:
+    """Each task row's baselines (%) as the figures draw them: {"chance": ...} and, for a
+    task with a no-recall guess, "no recall"."""
+    chance = random_accuracy(runs, test_params)
+    no_recall = no_recall_accuracy(runs, test_params)
+    return {
+        t: {"chance": c} | ({} if no_recall[t] is None else {"no recall": no_recall[t]})
+        for t, c in chance.items()
+    }
 
 
 def _fmt(stat: dict | None) -> str:
@@ -186,20 +201,26 @@ def _tasks_by_length(rows: list[dict], preset) -> list[str]:
     return sorted((t for t in preset.tasks if t in length), key=lambda t: length[t])
 
 
-def _chance_line(ax, accuracy: float) -> None:
-    """Chance as a dashed line, named on the panel itself (seaborn's figure legend lists the
-    plotted hues only)."""
-    ax.axhline(accuracy, ls="--", color="gray", lw=1)
-    ax.annotate(
-        "chance", (1, accuracy), xycoords=("axes fraction", "data"), xytext=(-2, 2),
-        textcoords="offset points", ha="right", va="bottom", color="gray", fontsize=8,
-        zorder=5, bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.8},
-    )  # fmt: skip
+# How each baseline level is drawn: chance dashed, the no-recall guess dotted.
+_LEVEL_STYLE = {"chance": ("--", "gray"), "no recall": (":", "dimgray")}
 
 
-def figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
+def _baseline_lines(ax, levels: dict[str, float]) -> None:
+    """A panel's baselines (``baseline_levels`` of its task) as horizontal lines, each named
+    on the panel itself (seaborn's figure legend lists the plotted hues only)."""
+    for name, accuracy in levels.items():
+        ls, color = _LEVEL_STYLE[name]
+        ax.axhline(accuracy, ls=ls, color=color, lw=1)
+        ax.annotate(
+            name, (1, accuracy), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+            textcoords="offset points", ha="right", va="bottom", color=color, fontsize=8,
+            zorder=5, bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.8},
+        )  # fmt: skip
+
+
+def figure(rows: list[dict], preset, levels: dict[str, dict[str, float]], path: Path) -> None:
     """Bar chart of test accuracy per mixer (ours with sd over seeds, paper beside it),
-    one panel per task, chance as a dashed line."""
+    one panel per task, with the task's baseline ``levels``."""
     _pyplot()
     import pandas as pd
     import seaborn as sns
@@ -229,16 +250,16 @@ def figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> No
         aspect=1.3,
     )
     for task, ax in grid.axes_dict.items():
-        _chance_line(ax, chance[task])
+        _baseline_lines(ax, levels[task])
         ax.set_ylim(0, 105)
         ax.tick_params(axis="x", rotation=30)
     grid.set_axis_labels("", "test accuracy (%)")
     _save_png(grid.figure, path)
 
 
-def width_figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
+def width_figure(rows: list[dict], preset, levels: dict[str, dict[str, float]], path: Path) -> None:
     """Test accuracy vs model width (d_model), one line per layer (model.mixer; mean and sd
-    over seeds), one panel per task ordered by seq_len, chance dashed."""
+    over seeds), one panel per task ordered by seq_len, with its baseline ``levels``."""
     _pyplot()
     import seaborn as sns
 
@@ -262,7 +283,7 @@ def width_figure(rows: list[dict], preset, chance: dict[str, float], path: Path)
     widths = sorted(set(frame["d_model"]))
     length = dict(zip(frame["task"], frame["seq_len"], strict=True))
     for task, ax in grid.axes_dict.items():
-        _chance_line(ax, chance[task])
+        _baseline_lines(ax, levels[task])
         ax.set_ylim(-2, 105)
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
@@ -272,16 +293,21 @@ def width_figure(rows: list[dict], preset, chance: dict[str, float], path: Path)
     _save_png(grid.figure, path)
 
 
-def heatmap_figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
-    """Mean test accuracy (%) over seeds, tasks down, mixers across, chance in the row label;
-    a cell without a finished run is blank."""
+def heatmap_figure(
+    rows: list[dict], preset, levels: dict[str, dict[str, float]], path: Path
+) -> None:
+    """Mean test accuracy (%) over seeds, tasks down, mixers across, the baseline ``levels``
+    in the row label; a cell without a finished run is blank."""
     plt = _pyplot()
     import seaborn as sns
 
     frame = _accuracy_frame(rows)
     table = frame.pivot_table(index="task", columns="mixer", values="accuracy", aggfunc="mean")
     table = table.reindex(index=list(preset.tasks), columns=list(preset.variants))
-    table.index = [f"{t} (chance {chance[t]:.1f})" for t in table.index]
+    table.index = [
+        f"{t} ({', '.join(f'{name} {v:.1f}' for name, v in levels[t].items())})"
+        for t in table.index
+    ]
     fig, ax = plt.subplots(figsize=(1.1 * len(table.columns) + 3, 0.5 * len(table) + 1.2))
     sns.heatmap(
         table,
@@ -299,9 +325,12 @@ def heatmap_figure(rows: list[dict], preset, chance: dict[str, float], path: Pat
     _save_png(fig, path)
 
 
-def length_figure(rows: list[dict], preset, chance: dict[str, float], path: Path) -> None:
-    """Two panels against seq_len (log 2), one line per mixer: test accuracy with chance
-    dashed, and the run's training wall time (to the early stop or the step cap)."""
+def length_figure(
+    rows: list[dict], preset, levels: dict[str, dict[str, float]], path: Path
+) -> None:
+    """Two panels against seq_len (log 2), one line per mixer: test accuracy with the
+    baseline ``levels`` of each length's task, and the run's training wall time (to the early
+    stop or the step cap)."""
     plt = _pyplot()
     import seaborn as sns
     from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
@@ -328,11 +357,19 @@ def length_figure(rows: list[dict], preset, chance: dict[str, float], path: Path
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.minorticks_off()
         ax.set_xlabel("sequence length")
-    by_length = {r["seq_len"]: chance[r["task"]] for r in rows}
-    if len(set(by_length.values())) == 1:  # one chance level: a named line, as elsewhere
-        _chance_line(acc_ax, by_length[lengths[0]])
-    else:
-        acc_ax.plot(lengths, [by_length[n] for n in lengths], ls="--", color="gray", lw=1)
+    by_length = {r["seq_len"]: levels[r["task"]] for r in rows}
+    for name, (ls, color) in _LEVEL_STYLE.items():
+        line = [by_length[n].get(name) for n in lengths]
+        if None in line:
+            continue  # a length whose task has no such baseline
+        if len(set(line)) == 1:  # one level: a named line, as elsewhere
+            _baseline_lines(acc_ax, {name: line[0]})
+        else:  # a level per length, named at its right end
+            acc_ax.plot(lengths, line, ls=ls, color=color, lw=1)
+            acc_ax.annotate(
+                name, (lengths[-1], line[-1]), xytext=(-2, 2), textcoords="offset points",
+                ha="right", va="bottom", color=color, fontsize=8,
+            )  # fmt: skip
     acc_ax.set_ylim(-2, 105)
     acc_ax.set_ylabel("test accuracy (%)")
     time_ax.set_yscale("log")
@@ -361,13 +398,15 @@ def write_all(chosen: list[dict], preset, runs, out: Path, show: bool = True) ->
     printed to the terminal."""
     order = {(r.task, r.variant, r.seed): i for i, r in enumerate(runs)}
     chosen = sorted(chosen, key=lambda r: order[(r["task"], r["mixer"], r["seed"])])
-    chance = random_accuracy(runs)
+    levels = baseline_levels(runs, preset.test_params)
+    chance = {t: level["chance"] for t, level in levels.items()}
+    no_recall = {t: level.get("no recall") for t, level in levels.items()}
     atomic_write_text(out / "results.csv", results_csv(chosen))
-    header, rows = table_rows(summarize(chosen), preset, chance, no_recall_accuracy(runs))
+    header, rows = table_rows(summarize(chosen), preset, chance, no_recall)
     note = f"\n{preset.paper_note}\n" if preset.paper_note else ""
     atomic_write_text(out / "table.md", markdown(header, rows) + note)
     if chosen:
         for kind in preset.figures:
-            FIGURES[kind](chosen, preset, chance, out / f"{kind}.png")
+            FIGURES[kind](chosen, preset, levels, out / f"{kind}.png")
     if show:
         print_table(header, rows, preset.description or "sandbox compare", preset.paper_note)

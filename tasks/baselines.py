@@ -13,16 +13,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from tasks.base import NUM_SPECIAL, Batch, Task, build
+from tasks.base import COPY, NUM_SPECIAL, Batch, Task, build
 
 # (task, inputs of one sequence, scored positions, position) -> candidate tokens
 Guess = Callable[[Task, list[int], list[int], int], set[int]]
 
 
 def _value_range(task: Task) -> range:
-    """The value tokens of associative_recall and noisy_recall."""
+    """The value tokens of associative_recall, noisy_recall and fuzzy_recall."""
     if task.name == "noisy_recall":
         return range(task.first_value, task.first_noise)
+    if task.name == "fuzzy_recall":
+        return range(task.first_value, task.vocab_size)
     return range(NUM_SPECIAL + task.num_keys, task.vocab_size)
 
 
@@ -48,9 +50,41 @@ def unanswered_value(task: Task, x: list[int], scored: list[int], j: int) -> set
     return context_value(task, x, scored, j) - answered or context_value(task, x, scored, j)
 
 
+def pair_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+    """fuzzy_recall: any value token of the key-value pairs before the queries. Key and value
+    tokens are disjoint ranges, so the sequence after its padding is alternating runs of
+    each, key first: the pairs' values are value runs 1, 3, ... 2P - 1 (counting from 0)."""
+    values = _value_range(task)
+    runs: list[list[int]] = []
+    for t in x:
+        if t < NUM_SPECIAL:
+            continue  # the leading padding
+        if runs and (t in values) == (runs[-1][0] in values):
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return {t for run in runs[1 : 2 * task.num_kv_pairs : 2] for t in run}
+
+
+def uncopied_token(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+    """selective_copying: the data tokens of the context seen most often, less those copied
+    already. The order of the data tokens is the one thing it ignores: the next one is a
+    uniform draw from the ones not copied yet, so this is the best order-blind guess."""
+    copy_at = x.index(COPY)
+    left = Counter(t for t in x[:copy_at] if t >= NUM_SPECIAL)
+    left.subtract(x[copy_at + 1 : j + 1])
+    top = max(left.values())
+    return {t for t, c in left.items() if c == top}
+
+
 GUESSES: dict[str, dict[str, Guess]] = {
     "associative_recall": {"most frequent value so far": most_frequent_value},
     "noisy_recall": {"most frequent value so far": most_frequent_value},
+    "fuzzy_recall": {
+        "most frequent value token so far": most_frequent_value,
+        "any value token of the pairs": pair_value,
+    },
+    "selective_copying": {"most frequent data token not copied yet": uncopied_token},
     "mqar": {
         "any context value": context_value,
         "a context value not answered yet": unanswered_value,
@@ -84,6 +118,8 @@ def no_recall_accuracy(task: Task, num_examples: int = 2000, seed: int = 0) -> d
 SETTINGS = [
     ("associative_recall", {"vocab_size": 10, "seq_len": 20}),
     ("noisy_recall", {"vocab_size": 32, "seq_len": 64, "num_kv_pairs": 4}),
+    ("fuzzy_recall", {"vocab_size": 32, "seq_len": 64, "num_kv_pairs": 4, "key_len": 3}),
+    ("selective_copying", {"vocab_size": 16, "seq_len": 64, "num_tokens_to_copy": 8}),
     ("mqar", {"vocab_size": 256, "seq_len": 64, "num_kv_pairs": 4}),
     ("mqar", {"vocab_size": 256, "seq_len": 128, "num_kv_pairs": 8}),
     ("mqar", {"vocab_size": 256, "seq_len": 256, "num_kv_pairs": 16}),

@@ -100,12 +100,68 @@ def _synthetic_rows(preset):
 )
 def test_figure_kinds_render(tmp_path, name, kind):
     preset = load_preset(name)
-    chance = report.random_accuracy(expand(preset))
+    levels = _made_up_levels(preset)
     rows = _synthetic_rows(preset)
     path = tmp_path / f"{kind}.png"
-    report.FIGURES[kind](rows[:-1], preset, chance, path)  # a missing run leaves a gap
+    report.FIGURES[kind](rows[:-1], preset, levels, path)  # a missing run leaves a gap
     assert path.read_bytes()[:4] == PNG
     assert list(tmp_path.iterdir()) == [path]  # written atomically: no temp file left
+
+
+def _made_up_levels(preset):
+    """Baseline levels for every task row: its real chance, and a no-recall level that differs
+    by row (measuring the real ones takes seconds a preset), none for the first row."""
+    chance = report.random_accuracy(expand(preset))
+    return {
+        t: {"chance": c} | ({"no recall": 20.0 + i} if i else {})
+        for i, (t, c) in enumerate(chance.items())
+    }
+
+
+@pytest.mark.parametrize("name, kind", [("mqar", "gaps"), ("length-scaling", "length")])
+def test_figures_draw_each_tasks_baselines(monkeypatch, tmp_path, name, kind):
+    """Chance dashed and the no-recall guess dotted, at each panel's task's levels; a
+    baseline some task lacks is left out of the length figure's one accuracy panel."""
+    preset = load_preset(name)
+    levels = _made_up_levels(preset)
+    figures = []
+    monkeypatch.setattr(report, "_save_png", lambda fig, path: figures.append(fig))
+    report.FIGURES[kind](_synthetic_rows(preset), preset, levels, tmp_path / "x.png")
+
+    def drawn(ax, style):
+        return [list(line.get_ydata()) for line in ax.lines if line.get_linestyle() == style]
+
+    if kind == "gaps":
+        titles = {ax.get_title().removeprefix("task = "): ax for ax in figures[0].axes}
+        for task, level in levels.items():
+            assert drawn(titles[task], "--") == [[level["chance"]] * 2]
+            no_recall = [[level["no recall"]] * 2] if "no recall" in level else []
+            assert drawn(titles[task], ":") == no_recall
+    else:
+        assert drawn(figures[0].axes[0], ":") == []  # L64 has none
+        # Every length with one: a line through each length's level. Chance is one level.
+        levels["L64"]["no recall"] = 19.0
+        report.FIGURES[kind](_synthetic_rows(preset), preset, levels, tmp_path / "x.png")
+        assert drawn(figures[1].axes[0], ":") == [[19.0, 21.0, 22.0, 23.0, 24.0]]
+        assert drawn(figures[1].axes[0], "--") == [[levels["L64"]["chance"]] * 2]
+
+
+def test_baselines_are_those_of_the_test_split():
+    """A task row's chance and no-recall levels come from the task its test split is drawn
+    from: with the preset's test_params on top (fuzzy_recall's 3-token keys)."""
+    from tasks.baselines import no_recall_accuracy
+
+    preset = load_preset("recall-suite")
+    fuzzy = [r for r in expand(preset) if r.task == "fuzzy_recall"]
+    params = fuzzy[0].config.task.params
+    levels = report.baseline_levels(fuzzy, preset.test_params)["fuzzy_recall"]
+    tested = tasks.build("fuzzy_recall", **params, key_len=3)
+    assert levels == {
+        "chance": 100 * tested.random_accuracy,
+        "no recall": 100 * max(no_recall_accuracy(tested).values()),
+    }
+    trained = tasks.build("fuzzy_recall", **params)
+    assert levels["no recall"] != 100 * max(no_recall_accuracy(trained).values())
 
 
 def test_unknown_figure_and_test_params_rows_rejected(tmp_path):

@@ -750,7 +750,9 @@ def test_no_recall_baselines_on_hand_checked_sequences():
         guess_accuracy,
         most_frequent_value,
         no_recall_accuracy,
+        pair_value,
         unanswered_value,
+        uncopied_token,
     )
 
     ar = tasks.build("associative_recall", vocab_size=10, seq_len=8)  # keys 2-5, values 6-9
@@ -771,3 +773,25 @@ def test_no_recall_baselines_on_hand_checked_sequences():
     assert no_recall_accuracy(tasks.build("induction_head")) == {}
     # On generated data: any context value is exactly 1/P (every answer is one of them).
     assert no_recall_accuracy(mq, 50)["any context value"] == 0.5
+
+    # Fuzzy recall, keys 2-6, values 7-11: pairs [2] -> [7, 8] and [3, 4] -> [9], queried
+    # in the other order; scored: the 4 before 9, the 2 before 7 and the 7 before 8.
+    fz = tasks.build(
+        "fuzzy_recall", vocab_size=12, seq_len=15, num_kv_pairs=2, max_key_len=2, max_value_len=2
+    )
+    sequence = torch.tensor([[0, 0, 0, 0, 2, 7, 8, 3, 4, 9, 3, 4, 9, 2, 7, 8]])
+    mask = torch.zeros(1, 15, dtype=torch.bool)
+    mask[0, [11, 13, 14]] = True
+    batch = tasks.Batch(sequence[:, :-1], sequence[:, 1:], mask)
+    assert guess_accuracy(fz, batch, pair_value) == pytest.approx(1 / 3)  # {7, 8, 9} each
+    # Values so far: 7, 8, 9 once (tie, 1/3); then 9 twice (miss 7); 7 and 9 twice (miss 8).
+    assert guess_accuracy(fz, batch, most_frequent_value) == pytest.approx(1 / 9)
+    # Selective copying, data tokens 2-7: contexts [4 . 4 . 5] and [5 . 4 . 4], then "=>" (1)
+    # and the copies. Not copied yet: {4: 2, 5: 1} -> 4 (hit), {4: 1, 5: 1} (tie, 1/2),
+    # {5: 1} (hit); and {4: 2, 5: 1} -> 4 (misses 5), {4: 2} (hit), {4: 1} (hit).
+    sc = tasks.build("selective_copying", vocab_size=8, seq_len=8, num_tokens_to_copy=3)
+    sequences = torch.tensor([[4, 0, 4, 0, 5, 1, 4, 4, 5], [5, 0, 4, 0, 4, 1, 5, 4, 4]])
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, 5:] = True
+    batch = tasks.Batch(sequences[:, :-1], sequences[:, 1:], mask)
+    assert guess_accuracy(sc, batch, uncopied_token) == pytest.approx(4.5 / 6)
