@@ -136,6 +136,8 @@ def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         and cache.shape[:2] == buffer.shape[:2]
         and cache.stride() == buffer.stride()
         and not (torch.is_grad_enabled() and (cache.requires_grad or new.requires_grad))
+        # A buffer made in inference mode (a prefill under it) is read-only outside it.
+        and (torch.is_inference_mode_enabled() or not buffer.is_inference())
     )
     if not in_place:
         buffer = _with_room(cache, T + 1)._buffer

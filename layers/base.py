@@ -106,8 +106,9 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, **params) -> Mixer:
-    """Construct the mixer registered as ``name``; unknown or invalid params raise ValueError."""
+def build(name: str, /, **params) -> Mixer:
+    """Construct the mixer registered as ``name``; unknown or invalid params raise ValueError
+    (``name`` is positional-only, so a parameter called "name" is one of them)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown mixer {name!r}; registered mixers: {names()}")
     cls = _REGISTRY[name]

@@ -220,7 +220,12 @@ class LanguageModel(nn.Module):
         return {"pos": 0, "layers": [b.mixer.init_state(batch_size) for b in self.blocks]}
 
     def step(self, input_ids: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """One token per sequence: ids [B] -> logits [B, vocab_size]; equals forward's row."""
+        """One token per sequence: ids [B] -> logits [B, vocab_size]; equals forward's row.
+        A position past length_limit() is a ValueError (as in forward), not an index error
+        deep in an embedding or a filter."""
+        limit, what = self.length_limit()
+        if state["pos"] >= limit:
+            raise ValueError(f"step at position {state['pos']}: past {what}")
         pos = torch.full_like(input_ids, state["pos"])
         x = self._embed(input_ids, pos)
         new_layers = []

@@ -52,8 +52,9 @@ class Batch:
     @classmethod
     def from_sequences(cls, sequences: torch.Tensor, answer_mask: torch.Tensor) -> Batch:
         """Split full sequences [N, T + 1] into inputs/targets [N, T]; answer_mask is [N, T]."""
-        # Own copies, so editing inputs in place can never change targets.
-        return cls(sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous(), answer_mask)
+        # Own copies, so editing inputs in place can never change targets (clone, not
+        # contiguous(): with N = 1 both slices count as contiguous and would stay views).
+        return cls(sequences[:, :-1].clone(), sequences[:, 1:].clone(), answer_mask)
 
     @classmethod
     def cat(cls, batches: list[Batch]) -> Batch:
@@ -178,12 +179,17 @@ def check_float(
     high means any finite value. ValueError names the parameter and the interval."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{owner}: {param} must be a real number, got {value!r}")
-    value = float(value)
+    close = "]" if math.isfinite(high) else ")"
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{close}"
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float (YAML reads long digit strings so)
+        raise ValueError(
+            f"{owner}: {param} must be in {interval}, got an integer beyond float range"
+        ) from None
     above = value > low if low_open else value >= low
     below = value <= high if math.isfinite(high) else math.isfinite(value)
     if not (above and below):  # NaN fails both comparisons
-        close = "]" if math.isfinite(high) else ")"
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{close}"
         raise ValueError(f"{owner}: {param} must be in {interval}, got {value}")
     return value
 
@@ -216,8 +222,9 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, **params) -> Task:
-    """Construct the task registered as ``name``; unknown or invalid params raise ValueError."""
+def build(name: str, /, **params) -> Task:
+    """Construct the task registered as ``name``; unknown or invalid params raise ValueError
+    (``name`` is positional-only, so a parameter called "name" is one of them)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; registered tasks: {names()}")
     cls = _REGISTRY[name]

@@ -191,6 +191,21 @@ def test_attention_cache_holds_k_and_v_only_with_room_to_grow(mode):
     assert state["k"].untyped_storage().nbytes() == B * 2 * (T + 17 + 20) * E * 8
 
 
+def test_attention_steps_a_cache_made_in_inference_mode_outside_it():
+    """A prefill under inference_mode, then steps under no_grad: the buffer is read-only
+    outside inference mode, so the step copies it (it raised RuntimeError writing in place)."""
+    mixer = make("attention", {"num_heads": 2})
+    x = inputs()
+    with torch.no_grad():
+        y = mixer(x)
+    with torch.inference_mode():
+        _, state = mixer.prefill(x[:, :4])
+    with torch.no_grad():
+        for t in range(4, x.shape[1]):
+            y_t, state = mixer.step(x[:, t], state)
+            torch.testing.assert_close(y_t, y[:, t], rtol=1e-10, atol=1e-10)
+
+
 def test_prefill_fallback_steps():
     # The Mixer base's prefill (for mixers without a parallel one) on a mixer that has one.
     mixer = make("s4d", {})
@@ -611,6 +626,7 @@ def test_build_rejects_unknown_mixer():
     [
         ("h3", {"dstate": 64}, "unknown parameter 'dstate'; expected one of"),
         ("attention", {"d_state": 8}, "unknown parameter 'd_state'"),
+        ("h3", {"d_model": 8, "name": "h3"}, "unknown parameter 'name'"),  # not build()'s own
         ("h3", {"d_model": 0}, "d_model"),
         ("s4d", {"d_model": 16.0}, "d_model"),
         # Errors name the mixer, not its DiagonalSSM submodule.

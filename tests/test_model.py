@@ -37,6 +37,24 @@ def test_step_equals_forward(case):
     assert (changed[:, -1] - logits[:, -1]).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize(
+    "case, limit, what",
+    [
+        ({"mixer": "attention"}, 9, "the model's max_seq_len 9"),
+        ({"mixer": "hyena", "mixer_params": {"max_len": 12}}, 12, "a mixer's max_len 12"),
+    ],
+)
+def test_step_past_the_length_limit_is_a_value_error(case, limit, what):
+    """As forward's: stepping learned positions past max_seq_len was an IndexError inside the
+    embedding (a device-side assert on a GPU)."""
+    model = LanguageModel(ModelConfig(d_model=16, **case), vocab_size=11, max_seq_len=9).eval()
+    ids = torch.randint(0, 11, (2, limit))
+    with torch.no_grad():
+        _, state = model.prefill(ids)
+        with pytest.raises(ValueError, match=f"step at position {limit}: past {what}"):
+            model.step(ids[:, 0], state)
+
+
 def test_positions_only_with_attention():
     assert LanguageModel(ModelConfig(mixer="h3"), 10, 20).pos_embedding is None
     assert LanguageModel(ModelConfig(mixer="attention"), 10, 20).pos_embedding is not None

@@ -259,6 +259,16 @@ def test_batch_misuse_is_refused():
         tasks.not_in(batch, longer)
 
 
+def test_inputs_and_targets_are_separate_memory_at_any_batch_size():
+    """Editing a batch's inputs in place leaves its targets alone, one example included (where
+    contiguous() of the shifted slices would have returned views of one buffer)."""
+    for n in (1, 2):
+        batch = tasks.build("associative_recall").generate(n, seed=0)
+        targets = batch.targets.clone()
+        batch.inputs.fill_(-1)
+        assert torch.equal(batch.targets, targets)
+
+
 @pytest.mark.parametrize(
     "name, params, match",
     [
@@ -271,6 +281,8 @@ def test_batch_misuse_is_refused():
         ("induction_head", {"seq_len": True}, "seq_len must be an integer"),
         ("induction_head", {"num_pairs": 4}, "unknown parameter 'num_pairs'"),
         ("mqar", {"power_a": 1e40}, r"power_a must be in \(0, 1e\+06\]"),
+        ("mqar", {"power_a": 10**400}, r"power_a must be in \(0, 1e\+06\], got an integer beyond"),
+        ("mqar", {"name": "mqar"}, "unknown parameter 'name'"),  # not build()'s own argument
         ("memorization", {"map_seed": 2**64}, "map_seed must be <= 18446744073709551615"),
         ("memorization", {"map_seed": -1}, "map_seed must be >= 0"),
         ("no_such_task", {}, "unknown task 'no_such_task'"),
