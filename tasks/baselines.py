@@ -3,7 +3,7 @@ to a key. ``Task.random_accuracy`` is the best guess blind to the context; on so
 do far better (AR's four values collide, MQAR's answers are the context's values), and a mixer
 above chance but not above them has not shown recall.
 
-A guess is a set of candidate tokens per scored position; its accuracy is the expected one
+A guess gives a set of candidate tokens per scored position; its accuracy is the expected one
 of a uniform pick among them (ties split evenly). ``python3 -m tasks.baselines`` prints the
 table of docs/grids.md.
 """
@@ -15,8 +15,10 @@ from collections.abc import Callable
 
 from tasks.base import COPY, NUM_SPECIAL, Batch, Task, build
 
-# (task, inputs of one sequence, scored positions, position) -> candidate tokens
-Guess = Callable[[Task, list[int], list[int], int], set[int]]
+# (task, inputs of one sequence, its scored positions in order) -> the candidate tokens at
+# each scored position. One call per sequence, so that a guess reading the prefix keeps
+# running counts: per position, AR at length 1024 cost time quadratic in the length.
+Guess = Callable[[Task, list[int], list[int]], list[set[int]]]
 
 
 def _value_range(task: Task) -> range:
@@ -28,29 +30,43 @@ def _value_range(task: Task) -> range:
     return range(NUM_SPECIAL + task.num_keys, task.vocab_size)
 
 
-def most_frequent_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
-    """The value tokens seen most often up to position j (all values before any is seen)."""
-    values = _value_range(task)
-    counts = Counter(t for t in x[: j + 1] if t in values)
-    if not counts:
-        return set(values)
+def _most_common(counts: Counter) -> set[int]:
+    """The tokens of the highest count in ``counts``."""
     top = max(counts.values())
     return {t for t, c in counts.items() if c == top}
 
 
-def context_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+def most_frequent_value(task: Task, x: list[int], scored: list[int]) -> list[set[int]]:
+    """The value tokens seen most often up to each scored position (all of them before any
+    is seen)."""
+    values = _value_range(task)
+    counts: Counter = Counter()
+    out, seen = [], 0
+    for j in scored:
+        counts.update(t for t in x[seen : j + 1] if t in values)
+        seen = j + 1
+        out.append(_most_common(counts) if counts else set(values))
+    return out
+
+
+def context_value(task: Task, x: list[int], scored: list[int]) -> list[set[int]]:
     """MQAR: any value of the key-value block (keys at even positions, values at odd)."""
-    return set(x[1 : 2 * task.num_kv_pairs : 2])
+    return [set(x[1 : 2 * task.num_kv_pairs : 2])] * len(scored)
 
 
-def unanswered_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+def unanswered_value(task: Task, x: list[int], scored: list[int]) -> list[set[int]]:
     """MQAR: a value of the block not yet given as an answer (each key is queried once, and
     the input after a scored position is its answer)."""
-    answered = {x[i + 1] for i in scored if i < j}
-    return context_value(task, x, scored, j) - answered or context_value(task, x, scored, j)
+    block = set(x[1 : 2 * task.num_kv_pairs : 2])
+    answered: set[int] = set()
+    out = []
+    for j in scored:
+        out.append(block - answered or block)
+        answered.add(x[j + 1] if j + 1 < len(x) else -1)  # the last one's answer is not read
+    return out
 
 
-def pair_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+def pair_value(task: Task, x: list[int], scored: list[int]) -> list[set[int]]:
     """fuzzy_recall: any value token of the key-value pairs before the queries. Key and value
     tokens are disjoint ranges, so the sequence after its padding is alternating runs of
     each, key first: the pairs' values are value runs 1, 3, ... 2P - 1 (counting from 0)."""
@@ -63,18 +79,21 @@ def pair_value(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
             runs[-1].append(t)
         else:
             runs.append([t])
-    return {t for run in runs[1 : 2 * task.num_kv_pairs : 2] for t in run}
+    return [{t for run in runs[1 : 2 * task.num_kv_pairs : 2] for t in run}] * len(scored)
 
 
-def uncopied_token(task: Task, x: list[int], scored: list[int], j: int) -> set[int]:
+def uncopied_token(task: Task, x: list[int], scored: list[int]) -> list[set[int]]:
     """selective_copying: the data tokens of the context seen most often, less those copied
     already. The order of the data tokens is the one thing it ignores: the next one is a
     uniform draw from the ones not copied yet, so this is the best order-blind guess."""
     copy_at = x.index(COPY)
     left = Counter(t for t in x[:copy_at] if t >= NUM_SPECIAL)
-    left.subtract(x[copy_at + 1 : j + 1])
-    top = max(left.values())
-    return {t for t, c in left.items() if c == top}
+    out, seen = [], copy_at + 1
+    for j in scored:
+        left.subtract(x[seen : j + 1])
+        seen = j + 1
+        out.append(_most_common(left))
+    return out
 
 
 GUESSES: dict[str, dict[str, Guess]] = {
@@ -97,8 +116,7 @@ def guess_accuracy(task: Task, batch: Batch, guess: Guess) -> float:
     hits = total = 0.0
     for x, y, m in zip(batch.inputs.tolist(), batch.targets.tolist(), batch.answer_mask.tolist()):
         scored = [j for j, on in enumerate(m) if on]
-        for j in scored:
-            candidates = guess(task, x, scored, j)
+        for j, candidates in zip(scored, guess(task, x, scored), strict=True):
             hits += (y[j] in candidates) / len(candidates)
             total += 1
     return hits / total
