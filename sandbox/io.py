@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +60,33 @@ def terms_as_interrupts():
 
 
 @contextlib.contextmanager
-def lock_dir(path: str | Path, refusal: Exception | None = None):
+def lock_dir(path: str | Path, refusal: Exception | None = None, wait_s: float = 0.0):
     """Hold an exclusive flock on the directory ``path`` (made if missing) while the block runs:
     one writer per directory (two runs resumed into one --out, a job submitted twice, wrote
-    each step twice into metrics.jsonl). Another holder gets ``refusal`` at once, by default a
-    one-line ValueError naming the directory. The lock goes with the process. A directory
-    this made is removed again if the block fails before writing into it (a bad config
-    found when the model is built leaves nothing behind)."""
+    each step twice into metrics.jsonl). Another holder gets ``refusal``, by default a
+    one-line ValueError naming the directory: at once, or once ``wait_s`` seconds have passed
+    without the holder letting go (a line on stderr says it waits). The lock goes with the
+    process. A directory this made is removed again if the block fails before writing into
+    it (a bad config found when the model is built leaves nothing behind)."""
     made = not os.path.isdir(path)
     make_dir(path)
     fd = os.open(path, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            default = ValueError(f"--out {str(path)!r}: another process is writing there")
-            raise (refusal or default) from None
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    default = ValueError(f"--out {str(path)!r}: another process is writing there")
+                    raise (refusal or default) from None
+            if not told:
+                print(f"{path}: another process is writing there; waiting up to {wait_s:.0f} s "
+                      "for it to stop", file=sys.stderr, flush=True)  # fmt: skip
+                told = True
+            time.sleep(min(0.2, left))
         yield
     except BaseException:
         if made:

@@ -282,9 +282,11 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_eval: Callable[[dict], None] | None = None,
+    lock_wait_s: float = 0.0,
 ) -> dict:
     """Train, validate, early-stop, test; write config.yaml, metrics.jsonl, result.json and
-    checkpoints under ``out``. Returns the result dict (also in result.json).
+    checkpoints under ``out``. Returns the result dict (also in result.json). Another process
+    writing in ``out`` is an error, at once or after waiting ``lock_wait_s`` for it to stop.
 
     ``on_eval(record)`` is called with each metrics record once it is written, before its
     checkpoint (a sweep reports it to Optuna: a run killed in between and resumed reports
@@ -292,7 +294,7 @@ def train(
     run there and propagates."""
     out = Path(out)
     check_run_dir(out, config, resume)  # a file or another run: refused before making anything
-    with lock_dir(out):
+    with lock_dir(out, wait_s=lock_wait_s):
         return _train(config, out, resume, progress, on_eval)
 
 

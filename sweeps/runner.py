@@ -22,7 +22,8 @@ directory of the trial it repeats, so it resumes from that run's last checkpoint
 killed before its trial's first heartbeat (while Optuna creates the trial and samples its
 relative parameters) leaves a trial the heartbeat check never sees; it is failed and queued
 the same way once it has been running ``ORPHAN_S`` without one. A worker that stalled that
-long and finds its trial failed so leaves it to the retry and goes on. Ctrl-C (or SIGTERM,
+long (a laptop's sleep, a swap storm) and finds its trial failed so leaves it to the retry
+and goes on; the retry waits up to the grace period for it to let go of the directory. Ctrl-C (or SIGTERM,
 SIGHUP) queues the running trial in the same way, without counting against MAX_RETRY;
 rerunning the command continues the study.
 
@@ -364,7 +365,12 @@ class Objective:
                 raise optuna.TrialPruned(f"val_accuracy {record['val_accuracy']:.4f}")
 
         try:
-            result = train(config, run_dir, resume=True, progress=False, on_eval=on_eval)
+            # A stale trial's retry may find the stalled worker still holding the directory:
+            # woken (a laptop's sleep makes every running trial look stale), it stops at its
+            # next evaluation, when it finds its trial failed (see work).
+            result = train(
+                config, run_dir, True, progress=False, on_eval=on_eval, lock_wait_s=sw.grace_s
+            )
         except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise  # pruned; or failed meanwhile by another worker (see work)
         except Exception as e:

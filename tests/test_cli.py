@@ -283,3 +283,40 @@ def test_a_run_directory_has_one_writer(tmp_path, tiny, capsys):
         assert list(out.iterdir()) == []
     assert main(["train", str(tiny), "--out", str(out), "--quiet"]) == 0
     assert (out / "result.json").exists()
+
+
+def test_a_run_directory_lock_can_be_waited_for(tmp_path, capsys):
+    """lock_dir(wait_s): a sweep's retry of a stale trial waits for the stalled worker to let
+    go of the run directory (it erred at once, and three such errors stopped the sweep)."""
+    import threading
+    import time
+
+    from sandbox.io import lock_dir
+
+    out = tmp_path / "run"
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with lock_dir(out):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    held.wait()
+    timer = threading.Timer(1.0, release.set)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="another process is writing there"):
+            with lock_dir(out, wait_s=0.3):
+                pass
+        assert time.monotonic() - start >= 0.3
+        assert "waiting up to 0 s" in capsys.readouterr().err  # told once, rounded
+        timer.start()
+        with lock_dir(out, wait_s=30):  # taken once the holder lets go
+            assert release.is_set()
+    finally:
+        timer.cancel()
+        release.set()
+        thread.join()
+    assert "another process is writing there; waiting up to 30 s" in capsys.readouterr().err

@@ -711,7 +711,10 @@ def test_a_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path, monkeypatch,
     study, space = open_study(storage, "stale", load_space(write_space(tmp_path / "s.yaml")))
     taken = []
 
-    def train(config, run_dir, on_eval, **kwargs):
+    waits = []
+
+    def train(config, run_dir, *args, on_eval, lock_wait_s, **kwargs):
+        waits.append(lock_wait_s)
         if not taken:  # what another worker's heartbeat check does to a stalled trial
             (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             taken.append(running.number)
@@ -724,6 +727,8 @@ def test_a_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path, monkeypatch,
     monkeypatch.setattr(sandbox.train, "train", train)
     work(Sweep(space, study, 2, tmp_path / "out", grace_s=90))
     assert f"trial {taken[0]} was failed as stale by another worker" in capsys.readouterr().out
+    # Each run waits up to the grace period for a directory a stalled worker still holds.
+    assert waits == [90, 90, 90]
     trials = study.get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
     assert any(origin(t) == taken[0] and t.state == TrialState.COMPLETE for t in trials)
