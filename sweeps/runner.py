@@ -23,9 +23,9 @@ killed before its trial's first heartbeat (while Optuna creates the trial and sa
 relative parameters) leaves a trial the heartbeat check never sees; it is failed and queued
 the same way once it has been running ``ORPHAN_S`` without one. A worker that stalled that
 long (a laptop's sleep, a swap storm) and finds its trial failed so leaves it to the retry
-and goes on; the retry waits up to the grace period for it to let go of the directory. Ctrl-C (or SIGTERM,
-SIGHUP) queues the running trial in the same way, without counting against MAX_RETRY;
-rerunning the command continues the study.
+and goes on; the retry waits up to the grace period for it to let go of the directory.
+Ctrl-C (or SIGTERM, SIGHUP) queues the running trial in the same way, without counting
+against MAX_RETRY; rerunning the command continues the study.
 
 Errors. A trial whose training raises (out of memory, a device the machine lacks) is failed
 with its error kept and gives its place to a new trial; the sweep stops, as a SweepError, once
