@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 from sandbox.config import ConfigError, load_config, preset_names
+from sandbox.pools import WorkerDied
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -79,7 +80,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from sandbox.compare import WorkerDied, compare, load_preset
+    from sandbox.compare import compare, load_preset
 
     preset = load_preset(args.preset)
     out = Path(args.out) if args.out else Path("runs") / "compare" / Path(args.preset).stem
@@ -88,9 +89,6 @@ def _cmd_compare(args) -> int:
     except KeyboardInterrupt:
         print(f"sandbox: interrupted; rerun the same command to continue in {out}", file=sys.stderr)
         return 130
-    except WorkerDied as e:
-        print(f"sandbox: error: {e}", file=sys.stderr)
-        return 1
     written = ", ".join(["results.csv", "table.md", *(f"{f}.png" for f in preset.figures)])
     print(f"results written to {out} ({written})")
     return 0
@@ -412,6 +410,9 @@ def _run(argv: list[str] | None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sandbox: error: {msg}", file=sys.stderr)
         return 2
+    except WorkerDied as e:  # not the input's fault: exit 1, and the line says what to do
+        print(f"sandbox: error: {e}", file=sys.stderr)
+        return 1
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise

@@ -53,7 +53,7 @@ from sandbox.io import (
     terms_as_interrupts,
 )
 from sandbox.model import LanguageModel
-from sandbox.pools import stop_pool, worker_pool
+from sandbox.pools import WorkerDied, stop_pool, worker_pool
 from sandbox.train import (
     WEIGHTS,
     RunDirError,
@@ -315,10 +315,6 @@ def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> 
             _run_in_pool(jobs, min(workers, len(jobs)), bar)
     bar.close()
     return len(todo)
-
-
-class WorkerDied(RuntimeError):
-    """A worker process of ``compare --workers`` ended without its run's result."""
 
 
 def _run_in_pool(jobs: list[tuple[dict, str]], workers: int, bar) -> None:

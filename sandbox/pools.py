@@ -36,6 +36,11 @@ class _SpawnContext(multiprocessing.context.SpawnContext):
     Process = _SpawnProcess
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended on its own (the OOM killer, a kill) with a job in flight: the
+    pool broke (concurrent.futures' BrokenProcessPool). The CLI prints it as one line, exit 1."""
+
+
 def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """A pool of ``workers`` spawned processes that ignore Ctrl-C."""
     return ProcessPoolExecutor(

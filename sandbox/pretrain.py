@@ -215,15 +215,17 @@ def _save(path: Path, model, optimizer, d: distributed.Dist, info: dict) -> None
             save_state(path, state, optim, info=info)
 
 
-def _tensorboard(out: Path, d: distributed.Dist):
-    """A SummaryWriter on rank 0 when tensorboard is installed, else None."""
+def _tensorboard(out: Path, d: distributed.Dist, step: int):
+    """A SummaryWriter on rank 0 when tensorboard is installed, else None. The run goes on
+    from ``step``: TensorBoard drops the events an earlier session logged after it (purge_step),
+    as truncate_metrics drops its log lines; they are logged again, and were shown twice."""
     if not d.main:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
 
 
 class _Throughput:
@@ -338,7 +340,7 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
         del ckpt
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
-    tensorboard = _tensorboard(out, d)
+    tensorboard = _tensorboard(out, d, step)
 
     total, rows = total_steps(cfg), cfg.micro_batch_size * accumulation * d.world
     peak_flops = cfg.peak_tflops * 1e12 * d.world if cfg.peak_tflops else None

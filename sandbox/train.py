@@ -253,6 +253,15 @@ def config_differences(saved: BaseModel, config: BaseModel, limit: int = 3) -> s
     return "; ".join(parts[:limit]) + more
 
 
+def _record(line: str) -> dict:
+    """One metrics.jsonl line as its record: a JSON object with an integer "step" (ValueError,
+    or json.JSONDecodeError, one, otherwise)."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        raise ValueError(f"no object with an integer step: {line[:40]!r}")
+    return record
+
+
 def truncate_metrics(path: Path, last_step: int) -> list[dict]:
     """Drop records logged after the checkpoint we resume from (they will be redone); returns
     the records kept. Records are appended line by line, so a run killed mid-write leaves a
@@ -264,13 +273,15 @@ def truncate_metrics(path: Path, last_step: int) -> list[dict]:
     records = []
     for number, line in enumerate(lines[:-1], 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:  # not a torn write: the file was changed
+            records.append(_record(line))
+        except ValueError as e:  # not a torn write: the file was changed
             raise ValueError(f"{path}: line {number} is not a JSON record ({e})") from None
     try:
-        records += [json.loads(lines[-1])] if lines else []
+        records += [_record(lines[-1])] if lines else []
     except json.JSONDecodeError:
         lines.pop()
+    except ValueError as e:  # whole JSON, but no record: changed, not torn either
+        raise ValueError(f"{path}: line {len(lines)} is not a JSON record ({e})") from None
     kept = [(ln, r) for ln, r in zip(lines, records) if r["step"] <= last_step]
     atomic_write_text(path, "".join(ln + "\n" for ln, _ in kept))
     return [r for _, r in kept]

@@ -225,6 +225,29 @@ def test_resume_after_sigkill_with_workers(corpus, tmp_path):
     assert _files(out) == _files(tmp_path / "ref")
 
 
+def test_a_worker_killed_on_its_own_is_one_error_and_the_job_resumes(corpus, tmp_path):
+    """A tokenizer worker killed by the OOM killer gave a 29-line BrokenProcessPool traceback
+    with no word of resuming; now WorkerDied (the CLI's one line, exit 1), its chunk redone by
+    the rerun."""
+    import multiprocessing
+
+    from sandbox.pools import WorkerDied
+
+    _run(corpus, tmp_path / "ref", workers=1)
+    out = tmp_path / "out"
+
+    def hook(event, n):
+        if event == "committed" and n == 2:
+            os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+    with pytest.raises(WorkerDied, match="tokenizer worker process died .* rerun the same"):
+        prepare_data([str(corpus["a"]), str(corpus["b"])], str(out), tokenizer="bytes",
+                     val_fraction=0.2, chunk_docs=4, workers=2, progress=False, hook=hook)  # fmt: skip
+    assert (out / "progress.json").exists() and not (out / "index.json").exists()
+    _run(corpus, out, workers=2)
+    assert _files(out) == _files(tmp_path / "ref")
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
 def test_ctrl_c_with_workers_exits_130_quietly_and_resumes(corpus, tmp_path):
     """The terminal's Ctrl-C reaches the whole process group: the workers printed tracebacks

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -159,6 +160,36 @@ def test_kill_and_resume_continues_exactly(reference, data_dir, tmp_path):
         torch.testing.assert_close(weights(out / "model.safetensors")[name], t, rtol=0, atol=0)
     with pytest.raises(ValueError, match="--resume"):
         pretrain(small(data_dir), out, progress=False)
+
+
+def test_resume_purges_the_tensorboard_events_it_redoes(data_dir, tmp_path, monkeypatch):
+    """The events logged after the checkpoint were logged again on --resume, so TensorBoard
+    drew steps 5, 6, 5, 6, 7 ...: the writer now starts with purge_step, the first step it
+    logs, after which TensorBoard drops the earlier session's events (a stand-in writer:
+    tensorboard is an optional package)."""
+    writers = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            self.purge_step, self.steps = purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, key, value, step):
+            self.steps.append(step)
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        pretrain(small(data_dir), out, progress=False, on_step=kill_at_5)
+    pretrain(small(data_dir), out, resume=True, progress=False)
+    first, resumed = writers
+    assert first.purge_step == 1 and sorted(set(first.steps)) == [1, 2, 3, 4, 5]
+    assert resumed.purge_step == 5 == min(resumed.steps)  # checkpoint at 4, step 5 redone
 
 
 def _torchrun_pretrain(args: list[str], out: Path, timeout: float) -> None:

@@ -46,6 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ import numpy as np
 
 from sandbox.data.dataset import DTYPE
 from sandbox.data.tokenizer import get_tokenizer
-from sandbox.pools import stop_pool, worker_pool
+from sandbox.pools import WorkerDied, stop_pool, worker_pool
 
 SPLITS = ("train", "val")
 FORMAT = 1
@@ -622,6 +623,11 @@ def _run_job(job, out: Path, workers, chunk_docs, progress, log, hook) -> dict:
             while pending:
                 commit(*pending.popleft())
             completed = True
+        except BrokenProcessPool:
+            raise WorkerDied(
+                "a tokenizer worker process died (killed, or out of memory); the chunks "
+                f"committed are kept: rerun the same command to continue in {out}"
+            ) from None
         finally:
             if pool is not None and completed:
                 pool.shutdown(wait=True)
