@@ -241,8 +241,9 @@ def test_a_worker_killed_on_its_own_is_one_error_and_the_job_resumes(corpus, tmp
             os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
 
     with pytest.raises(WorkerDied, match="tokenizer worker process died .* rerun the same"):
-        prepare_data([str(corpus["a"]), str(corpus["b"])], str(out), tokenizer="bytes",
-                     val_fraction=0.2, chunk_docs=4, workers=2, progress=False, hook=hook)  # fmt: skip
+        inputs = [str(corpus["a"]), str(corpus["b"])]
+        prepare_data(inputs, str(out), tokenizer="bytes", val_fraction=0.2, chunk_docs=4,
+                     workers=2, progress=False, hook=hook)  # fmt: skip
     assert (out / "progress.json").exists() and not (out / "index.json").exists()
     _run(corpus, out, workers=2)
     assert _files(out) == _files(tmp_path / "ref")

@@ -313,7 +313,10 @@ def test_truncate_metrics_drops_later_records_and_a_torn_line(tmp_path):
     assert path.read_text() == before
     # JSON that is no record, at any line (it was a TypeError or KeyError traceback).
     for bad in ("[2]", "null", "{}", '{"step": "5"}'):
-        for number, text in ((2, f"{lines[0]}\n{bad}\n{lines[2]}\n"), (3, f"{lines[0]}\n{lines[1]}\n{bad}\n")):
+        for number, text in (
+            (2, f"{lines[0]}\n{bad}\n{lines[2]}\n"),
+            (3, f"{lines[0]}\n{lines[1]}\n{bad}\n"),
+        ):
             path.write_text(text)
             with pytest.raises(ValueError, match=f"line {number} is not a JSON record"):
                 truncate_metrics(path, 9)
