@@ -19,6 +19,7 @@ caches the figures in the run directory as heldout.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,6 +51,7 @@ from sandbox.io import (
     load_checkpoint,
     load_model_weights,
     make_dir,
+    read_record,
     terms_as_interrupts,
 )
 from sandbox.model import LanguageModel
@@ -61,6 +63,7 @@ from sandbox.train import (
     build_task,
     check_run_dir,
     evaluate,
+    read_result,
     total_steps,
 )
 
@@ -305,13 +308,14 @@ def run_all(runs: list[Run], out: Path, workers: int, progress: bool = True) -> 
     todo.sort(key=lambda r: -_budget_tokens(r.config))
     jobs = [(r.config.model_dump(mode="json"), str(out / "runs" / r.run_id)) for r in todo]
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="runs", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            _execute(job)
-            bar.update(1)
-    else:
-        # A parent killed outright would leave its workers training on, beside a rerun.
-        with terms_as_interrupts():
+    # SIGTERM and SIGHUP as Ctrl-C: exit 130 with the line to rerun (killed outright, a
+    # parent would leave its workers training on, beside a rerun).
+    with terms_as_interrupts():
+        if workers <= 1:
+            for job in jobs:
+                _execute(job)
+                bar.update(1)
+        else:
             _run_in_pool(jobs, min(workers, len(jobs)), bar)
     bar.close()
     return len(todo)
@@ -361,8 +365,9 @@ def heldout_test(run: Run, run_dir: Path, params: dict[str, Any]) -> dict:
     to one of the run's training or validation examples. Cached in run_dir/heldout.json.
     """
     cache = run_dir / "heldout.json"
-    if cache.exists():
-        cached = json.loads(cache.read_text())
+    keys = ("params", "test_accuracy", "test_exact", "num_test")
+    with contextlib.suppress(FileNotFoundError, ValueError):  # damaged: computed again
+        cached = read_record(cache, keys)
         if cached["params"] == params:
             return cached
     config = run.config
@@ -393,7 +398,7 @@ def collect(runs: list[Run], out: Path) -> list[dict]:
     for r in runs:
         path = out / "runs" / r.run_id / "result.json"
         if path.exists():
-            result = json.loads(path.read_text())
+            result = read_result(path.parent)
             rows.append(
                 {
                     **result,

@@ -32,11 +32,29 @@ def _umask() -> int:
 
 def make_dir(path: str | Path) -> None:
     """``mkdir -p path`` for a command's --out; where it cannot be made (a file on its path, no
-    permission), a one-line ValueError, which the CLI reports with exit 2."""
+    permission), or exists but cannot be written, a one-line ValueError, which the CLI reports
+    with exit 2 (an unwritable one was a PermissionError traceback from the first write)."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {str(path)!r}: cannot make the directory ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(path)!r}: the directory is not writable")
+
+
+def read_record(path: str | Path, keys: tuple[str, ...] = (), fix: str = "") -> dict:
+    """The JSON object in the file ``path`` with at least ``keys``; otherwise (a damaged or
+    hand-edited file) a one-line ValueError naming the file, then ``fix`` (what to do)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}){fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds no JSON object{fix}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}{fix}")
+    return data
 
 
 def _interrupt(signum, frame) -> None:

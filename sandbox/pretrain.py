@@ -44,6 +44,7 @@ from sandbox.io import (
     load_resume_checkpoint,
     lock_dir,
     make_dir,
+    read_record,
     remove_stale_temps,
     save_state,
 )
@@ -313,8 +314,8 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
     accumulation = accumulation_steps(config, d.world)
     splits = open_data(config, d.world)
     check_run_dir(out, config, resume)
-    if resume and (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())  # finished already
+    if resume and (out / "result.json").exists():  # finished already
+        return read_record(out / "result.json", ("steps",), "; delete it to finish the run again")
     distributed.barrier(d)  # every process has checked the directory before rank 0 writes to it
     if resume and d.main:
         remove_stale_temps(out)

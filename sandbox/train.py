@@ -32,6 +32,7 @@ from sandbox.io import (
     load_resume_checkpoint,
     lock_dir,
     make_dir,
+    read_record,
     remove_stale_temps,
     save_checkpoint,
 )
@@ -253,6 +254,16 @@ def config_differences(saved: BaseModel, config: BaseModel, limit: int = 3) -> s
     return "; ".join(parts[:limit]) + more
 
 
+# What every run's result.json holds (compare and sweeps read these).
+RESULT_KEYS = ("test_accuracy", "test_exact", "val_accuracy", "steps", "solved", "wall_s", "params")
+
+
+def read_result(run_dir: Path) -> dict:
+    """A finished run's result.json; a one-line ValueError naming it when it is damaged."""
+    fix = "; delete it to train the run again"
+    return read_record(run_dir / "result.json", RESULT_KEYS, fix)
+
+
 def _record(line: str) -> dict:
     """One metrics.jsonl line as its record: a JSON object with an integer "step" (ValueError,
     or json.JSONDecodeError, one, otherwise)."""
@@ -312,7 +323,7 @@ def train(
 def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
     check_run_dir(out, config, resume)  # again, now that no other process writes there
     if resume and (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())  # finished already
+        return read_result(out)  # finished already
     if resume:
         remove_stale_temps(out)
     if config.threads:

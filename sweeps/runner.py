@@ -51,7 +51,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from sandbox.config import ConfigError
-from sandbox.io import atomic_write_text, make_dir, terms_as_interrupts
+from sandbox.io import atomic_write_text, make_dir, read_record, terms_as_interrupts
 from sweeps.space import SweepSpace, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -528,7 +528,7 @@ def _claim_out_dir(out: Path, url: str, study_name: str, claim: bool) -> None:
         if claim:
             atomic_write_text(path, json.dumps(owner, indent=2) + "\n")
         return
-    saved = json.loads(path.read_text())
+    saved = read_record(path, ("storage", "study"), "; it says which study --out belongs to")
     saved["storage"] = storage(saved.get("storage", ""))
     if saved != owner:
         raise ConfigError(f"--out {out} holds the trials of another study ({path}); use another")

@@ -285,6 +285,29 @@ def test_a_run_directory_has_one_writer(tmp_path, tiny, capsys):
     assert (out / "result.json").exists()
 
 
+def test_unwritable_out_and_damaged_result_are_one_line_errors(tmp_path, tiny, capsys, monkeypatch):
+    """An existing --out that cannot be written was a PermissionError traceback at the first
+    write; a damaged result.json of a finished run was a bare JSON error, or returned as the
+    run's result when it held a list."""
+    import sandbox.io
+
+    out = tmp_path / "run"
+    assert main(["train", str(tiny), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    for damaged, why in (('{"test_', "is not valid JSON"), ("[1, 2]", "holds no JSON object")):
+        (out / "result.json").write_text(damaged)
+        assert main(["train", str(tiny), "--out", str(out), "--quiet", "--resume"]) == 2
+        assert f"{out / 'result.json'} {why}" in _one_line(capsys)
+    # Root may write anywhere, so the unwritable directory is simulated where it is asked.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(sandbox.io.os, "access", lambda p, m: p != locked and real_access(p, m))
+    assert main(["train", str(tiny), "--out", str(locked), "--quiet"]) == 2
+    assert "the directory is not writable" in _one_line(capsys)
+    assert list(locked.iterdir()) == []
+
+
 def test_a_run_directory_lock_can_be_waited_for(tmp_path, capsys):
     """lock_dir(wait_s): a sweep's retry of a stale trial waits for the stalled worker to let
     go of the run directory (it erred at once, and three such errors stopped the sweep)."""

@@ -332,6 +332,31 @@ def test_sigterm_to_compare_with_workers_stops_them_quietly(tmp_path, kill):
         raise
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_to_compare_with_one_worker_exits_130(tmp_path, signum):
+    """With --workers 1 (the default on a one-CPU machine) the runs train in the parent, which
+    SIGTERM and SIGHUP ended silently (exit 143, 129) instead of as documented (130 and the
+    line to rerun)."""
+    preset = yaml.safe_load(_tiny_preset(tmp_path).read_text())
+    preset["base"]["train"]["max_steps"] = 100_000  # long enough to be cut
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(preset, sort_keys=False))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sandbox.cli", "compare", "--preset", str(path), "--quiet"]
+    proc = subprocess.Popen([*cmd, "--out", str(out), "--workers", "1"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("runs/*/metrics.jsonl")) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 130
+        err = proc.stderr.read().decode()
+        assert "interrupted; rerun the same command" in err and "Traceback" not in err, err
+    finally:
+        proc.kill()
+
+
 def test_cli_compare_bad_preset_exits_2(capsys):
     assert main(["compare", "--preset", "h3-tabel2"]) == 2
     assert "unknown preset 'h3-tabel2'" in capsys.readouterr().err

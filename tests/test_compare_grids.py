@@ -3,6 +3,7 @@ kinds, and test_params (a task row tested on a variant of its task), without ful
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -293,3 +294,19 @@ def test_tiny_grid_end_to_end(tmp_path):
         heldout_test(run, run_dir, {"seq_len": 18})
     with pytest.raises(ConfigError, match="key_len must be <= 2"):
         heldout_test(run, run_dir, {"key_len": 3})
+
+    # A damaged heldout.json is a cache miss: computed again, the same figures. A damaged
+    # result.json is named (its run is skipped as finished, so the grid could not go on):
+    # a bare JSON error, or a KeyError traceback for valid JSON of another shape.
+    cache = run_dir / "heldout.json"
+    figures = json.loads(cache.read_text())
+    for damaged in ('{"para', "[]", "{}"):
+        cache.write_text(damaged)
+        assert heldout_test(run, run_dir, {"key_len": 2}) == figures
+        assert json.loads(cache.read_text()) == figures
+    result = run_dir / "result.json"
+    for damaged, why in (('{"test_', "is not valid JSON"), ("[1, 2]", "holds no JSON object"),
+                         ('{"test_accuracy": 0.5}', "lacks test_exact, val_accuracy")):  # fmt: skip
+        result.write_text(damaged)
+        with pytest.raises(ValueError, match=f"{re.escape(str(result))} {why}.*delete it to tr"):
+            compare(preset, out, workers=1, progress=False)

@@ -790,6 +790,11 @@ def test_a_moved_sweep_directory_goes_on(sqlite_sweep, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", str(sqlite_sweep["space"]), "--out", str(moved), "--no-report"]) == 2
     assert "holds the trials of another study" in capsys.readouterr().err
+    # A damaged sweep.json is named (a bare JSON error; a traceback for a list).
+    for damaged, why in (("{", "is not valid JSON"), ("[1]", "holds no JSON object")):
+        (moved / "sweep.json").write_text(damaged)
+        assert main(["sweep", str(sqlite_sweep["space"]), "--out", str(moved), "--no-report"]) == 2
+        assert f"{moved / 'sweep.json'} {why}" in capsys.readouterr().err
 
 
 def test_a_trial_orphaned_before_its_first_heartbeat_is_queued_again(tmp_path, monkeypatch):
