@@ -87,7 +87,7 @@ class Attention(Mixer):
         q, k, v = self._qkv(x)
         return self._attend(q, k, v, causal=True), {"k": _with_room(k), "v": _with_room(v)}
 
-    def init_state(self, batch_size: int) -> State:
+    def _zero_state(self, batch_size: int) -> State:
         empty = torch.zeros(
             batch_size, self.num_heads, 0, self.d_model // self.num_heads, **factory_kwargs(self)
         )

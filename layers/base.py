@@ -46,9 +46,14 @@ class Mixer(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] -> y [B, L, D]; y[:, t] depends on x[:, :t + 1] only."""
 
-    @abstractmethod
     def init_state(self, batch_size: int) -> State:
-        """The state before the first position, on the mixer's device and dtype."""
+        """The state before the first position of ``batch_size`` sequences, on the mixer's
+        device and dtype; a batch_size that is no integer >= 0 is a ValueError naming it."""
+        return self._zero_state(self._int("batch_size", batch_size, 0))
+
+    @abstractmethod
+    def _zero_state(self, batch_size: int) -> State:
+        """init_state's state, its batch_size checked."""
 
     @abstractmethod
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -67,7 +67,7 @@ class GSS(Mixer):
         y, ssm_state = self.ssm.prefill(rearrange(v, "b l h -> b h l"))
         return self._output(u, rearrange(y, "b h l -> b l h")), {"ssm": ssm_state}
 
-    def init_state(self, batch_size: int) -> State:
+    def _zero_state(self, batch_size: int) -> State:
         return {"ssm": self.ssm.init_state(batch_size)}
 
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

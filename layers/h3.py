@@ -186,7 +186,7 @@ class H3(Mixer):
         out = (scores * mask) @ v  # [B, H, L, hd]
         return rearrange(out, "b h l j -> b l (h j)")
 
-    def init_state(self, batch_size: int) -> State:
+    def _zero_state(self, batch_size: int) -> State:
         state = {"kv": self.kv_ssm.init_state(batch_size, copies=self.head_dim**2)}
         if self.k_ssm is not None:
             state["k"] = self.k_ssm.init_state(batch_size)

@@ -205,7 +205,7 @@ class Hyena(Mixer):
             u = fftconv(u, h_i, b_i, postgate=x_i)
         return self._output(rearrange(u, "b d l -> b l d")), state
 
-    def init_state(self, batch_size: int) -> State:
+    def _zero_state(self, batch_size: int) -> State:
         fk = factory_kwargs(self)
         channels = (self.order + 1) * self.d_model
         state = {"proj": torch.zeros(batch_size, channels, self.short_filter - 1, **fk)}

@@ -52,7 +52,7 @@ class S4D(Mixer):
         y, ssm_state = self.ssm.prefill(rearrange(x, "b l d -> b d l"))
         return self._output(rearrange(y, "b d l -> b l d")), {"ssm": ssm_state}
 
-    def init_state(self, batch_size: int) -> State:
+    def _zero_state(self, batch_size: int) -> State:
         return {"ssm": self.ssm.init_state(batch_size)}
 
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

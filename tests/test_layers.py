@@ -616,6 +616,22 @@ def test_names():
     assert layers.names() == sorted(layers.names())
 
 
+@pytest.mark.parametrize("name", layers.names())
+def test_init_state_checks_its_batch_size(name):
+    """A torch RuntimeError (-1) or TypeError (2.5) from inside the mixer, now a ValueError
+    naming the parameter; 0 sequences is a valid, empty state."""
+    mixer = layers.build(name, d_model=8)
+    for bad, why in (
+        (-1, "must be >= 0"),
+        (2.5, "must be an integer"),
+        (True, "must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=f"^{name}: batch_size {why}"):
+            mixer.init_state(bad)
+    y, state = mixer.step(torch.zeros(0, 8), mixer.init_state(0))
+    assert y.shape == (0, 8)
+
+
 def test_build_rejects_unknown_mixer():
     with pytest.raises(ValueError, match="'mamba9'.*registered"):
         layers.build("mamba9", d_model=16)
