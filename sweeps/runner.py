@@ -368,8 +368,9 @@ class Objective:
             # A stale trial's retry may find the stalled worker still holding the directory:
             # woken (a laptop's sleep makes every running trial look stale), it stops at its
             # next evaluation, when it finds its trial failed (see work).
+            wait = sw.grace_s
             result = train(
-                config, run_dir, True, progress=False, on_eval=on_eval, lock_wait_s=sw.grace_s
+                config, run_dir, resume=True, progress=False, on_eval=on_eval, lock_wait_s=wait
             )
         except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise  # pruned; or failed meanwhile by another worker (see work)

@@ -713,7 +713,7 @@ def test_a_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path, monkeypatch,
 
     waits = []
 
-    def train(config, run_dir, *args, on_eval, lock_wait_s, **kwargs):
+    def train(config, run_dir, on_eval, lock_wait_s, **kwargs):
         waits.append(lock_wait_s)
         if not taken:  # what another worker's heartbeat check does to a stalled trial
             (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
