@@ -38,7 +38,6 @@ ATTR_COLUMNS = [
     "skipped",
     "error",
 ]
-INT_COLUMNS = ["retry_of", "steps", "num_params"]
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
@@ -207,14 +206,14 @@ def write_report(study: optuna.Study, out: str | Path) -> list[Path]:
     out = Path(out)
     make_dir(out)
     rows = trial_rows(study)
-    # Trial numbers and counts stay integers in a column that has gaps (pandas would make
-    # them floats: a retry_of of "2.0" matches no trial number read as text).
+    # A column of integers stays one where it has gaps (pandas would make it floats): a
+    # retry_of of "2.0" matches no trial number read as text, and a parameter's "8.0" pasted
+    # back as an override is refused (head_dim must be an integer).
     df = pd.DataFrame(rows)
-    for column in (c for c in INT_COLUMNS if c in df):
-        try:
+    for column in df.columns:
+        present = [r[column] for r in rows if r.get(column) is not None]
+        if present and all(type(v) is int for v in present):
             df[column] = df[column].astype("Int64")
-        except (TypeError, ValueError):  # another study's attribute of that name: as it is
-            pass
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     written = [out / "trials.csv"]

@@ -196,9 +196,14 @@ def make_storage(url: str, heartbeat_s: int | None = None, create: bool = True) 
 
 
 def open_study(
-    storage: RDBStorage, name: str, space: SweepSpace | None, worker: int = 0
+    storage: RDBStorage,
+    name: str,
+    space: SweepSpace | None,
+    worker: int = 0,
+    n_trials: int | None = None,
 ) -> tuple[optuna.Study, SweepSpace]:
-    """Create the study, or join it; a joining worker's space must be the study's own."""
+    """Create the study, or join it; a joining worker's space must be the study's own, but
+    for its ``trials:`` when ``n_trials`` (--trials) says how many the study ends with."""
     stored, done = None, 0
     if name in optuna.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage)
@@ -206,16 +211,18 @@ def open_study(
         if stored is None:
             raise ConfigError(f"study {name!r} was not created by `sandbox sweep`")
         if space is not None and space.canonical() != stored:
-            if {**space.canonical(), "trials": stored.get("trials")} == stored:
+            only_trials = {**space.canonical(), "trials": stored.get("trials")} == stored
+            if only_trials and n_trials is None:
                 raise ConfigError(
                     f"study {name!r} was created with trials: {stored.get('trials')}; give "
                     f"--trials {space.trials} to take it to {space.trials} (a study's space "
                     "does not change)"
                 )
-            raise ConfigError(
-                f"study {name!r} was created with another space; "
-                "use another --study, or leave SPACE out to join it"
-            )
+            if not only_trials:
+                raise ConfigError(
+                    f"study {name!r} was created with another space; "
+                    "use another --study, or leave SPACE out to join it"
+                )
         space = SweepSpace.model_validate(stored)
     elif space is None:
         raise ConfigError(f"study {name!r} not found in {_safe_url(storage.url)}; give SPACE")
@@ -573,7 +580,7 @@ def run_sweep(
             make_storage(url, create=space is not None), study_name, heartbeat_s
         )
         rdb = make_storage(url, heartbeat_s)
-        study, space = open_study(rdb, study_name, space, worker)
+        study, space = open_study(rdb, study_name, space, worker, n_trials)
         if study.user_attrs.get(HEARTBEAT_ATTR) is None:
             study.set_user_attr(HEARTBEAT_ATTR, heartbeat_s)
         _claim_out_dir(out, url, study_name, claim=not in_memory)

@@ -158,6 +158,9 @@ def test_sweep_report_command_and_joining_checks(sqlite_sweep, tmp_path, capsys,
     more = write_space(tmp_path / "more.yaml", trials=9)
     assert main(["sweep", str(more), *args]) == 2
     assert "created with trials: 6; give --trials 9" in capsys.readouterr().err
+    # Given --trials, that file joins (the advice was refused again for its trials: 9). With
+    # --trials 6 the study is full already: nothing to train.
+    assert main(["sweep", str(more), *args, "--trials", "6"]) == 0, capsys.readouterr().err
     # Its heartbeat is the study's: another one would fail live trials as stale ones.
     assert main(["sweep", *args, "--heartbeat", "5"]) == 2
     assert "beats every 30 s" in capsys.readouterr().err
@@ -279,8 +282,11 @@ def test_variants_and_trials_csv_keep_a_none_choice_apart_from_not_sampled(tmp_p
     written = write_report(study, tmp_path)
     assert tmp_path / "variants.png" in written
     with open(tmp_path / "trials.csv", newline="") as f:
-        cells = [row["model.pos_emb"] for row in csv.DictReader(f)]
-    assert cells == ["None", "True", "None", "None", ""]
+        rows = list(csv.DictReader(f))
+    assert [row["model.pos_emb"] for row in rows] == ["None", "True", "None", "None", ""]
+    # An integer parameter some trials lack stays integer ("8", not "8.0": pasted back as an
+    # override, 8.0 was refused).
+    assert [row["model.n_layers"] for row in rows] == ["1", "8", "2", "", ""]
 
 
 def test_places_ordering_decides_surplus_trials():
