@@ -271,8 +271,12 @@ def parse_space(data: Any, name: str, root: Path | None = None) -> SweepSpace:
                 if value not in list(choices.choices):  # == rather than hashing
                     raise ConfigError(f"{entry}: condition {other}={value!r} is not a choice")
         seen.append(path)
+        try:
+            conditions = _condition_values(space, path)
+        except ValueError as e:
+            raise ConfigError(f"{entry}: {e}") from None
         for value in param.samples():
-            values = {**_condition_values(space, path), path: value}
+            values = {**conditions, path: value}
             try:
                 space.config_for(values)
             except ValueError as e:  # ConfigError included
@@ -319,13 +323,26 @@ def _dry_run(space: SweepSpace, field: str) -> None:
 
 
 def _condition_values(space: SweepSpace, path: str) -> dict[str, Any]:
-    """Values of the earlier parameters that make `path` active (the first allowed value of
-    each condition, followed up the chain)."""
-    values: dict[str, Any] = {}
-    for other, want in space.params[path].condition.items():
-        values.update(_condition_values(space, other))
-        values[other] = want[0] if isinstance(want, list) else want
-    return values
+    """Values of the earlier parameters that make `path` active: for each parameter its
+    conditions name, followed up the chain, the first value that every condition on it
+    allows. ValueError when none does: conditions that can never all hold (`path` would
+    never be sampled)."""
+    allowed: dict[str, list] = {}
+
+    def collect(p: str) -> None:
+        for other, want in space.params[p].condition.items():
+            wants = want if isinstance(want, list) else [want]
+            both = [v for v in allowed.get(other, wants) if _matches(v, wants)]
+            if not both:
+                raise ValueError(
+                    f"its conditions can never all hold: {other} must be in "
+                    f"{allowed[other]!r} and in {wants!r}, so it is never sampled"
+                )
+            allowed[other] = both
+            collect(other)
+
+    collect(path)
+    return {other: values[0] for other, values in allowed.items()}
 
 
 def load_space(path: str | Path) -> SweepSpace:

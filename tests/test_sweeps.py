@@ -386,6 +386,33 @@ BAD_ENTRIES = [
         "condition on 'model.mixer_params.first_ssm' allows no value",
     ),
     ({"base": {"model": {"d_modle": 8}}}, "base: config field 'model.d_modle'"),
+    # Conditions that can never all hold: init only with a diagonal first SSM, and the batch
+    # size with a shift one and init. It parsed and was never sampled.
+    (
+        {
+            "params": {
+                "model.mixer_params.first_ssm": {
+                    "type": "categorical",
+                    "choices": ["shift", "diag"],
+                },
+                "model.mixer_params.init": {
+                    "type": "categorical",
+                    "choices": ["lin", "inv"],
+                    "condition": {"model.mixer_params.first_ssm": "diag"},
+                },
+                "train.batch_size": {  # after both in the sorted YAML
+                    "type": "categorical",
+                    "choices": [16, 32],
+                    "condition": {
+                        "model.mixer_params.first_ssm": "shift",
+                        "model.mixer_params.init": "inv",
+                    },
+                },
+            }
+        },
+        "params['train.batch_size']: its conditions can never all hold: "
+        "model.mixer_params.first_ssm must be in ['shift'] and in ['diag']",
+    ),
 ]
 
 
