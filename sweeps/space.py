@@ -212,9 +212,36 @@ def check_buildable(config: RunConfig) -> None:
     build_model(config, build_task(config))
 
 
-def _validation_message(err: ValidationError) -> str:
+def _choices_message(choices: Any) -> str | None:
+    """What is wrong with a categorical parameter's ``choices`` (pydantic's own message names
+    a branch of its union: "Input should be a valid boolean" for a list among the choices)."""
+    if isinstance(choices, list):
+        for i, choice in enumerate(choices):
+            if not (choice is None or isinstance(choice, bool | int | float | str)):
+                return (
+                    f"choice {i} ({choice!r}) is not a scalar (null, bool, number or string); "
+                    "give such values as named choices, {name: value}"
+                )
+    elif isinstance(choices, dict):
+        for name in choices:
+            if not isinstance(name, str):
+                return f"named choices need string names, got {name!r}"
+    else:
+        return "must be a list of scalars or a mapping of names to values"
+    return None
+
+
+def _validation_message(err: ValidationError, data: dict) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
+    if (
+        len(loc) >= 4
+        and (loc[0], loc[2], loc[3]) == ("params", "categorical", "choices")
+        and isinstance(data["params"][loc[1]], dict)
+    ):
+        message = _choices_message(data["params"][loc[1]].get("choices"))
+        if message is not None:
+            return f"params[{loc[1]!r}] field 'choices': {message}"
     if loc[:1] == ["params"] and len(loc) > 1:
         # ('params', 'train.lr', 'float', 'low'): name the entry, then the field inside it.
         inner = ".".join(loc[3:])
@@ -233,7 +260,7 @@ def parse_space(data: Any, name: str, root: Path | None = None) -> SweepSpace:
     try:
         space = SweepSpace.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"space {name}: {_validation_message(e)}") from None
+        raise ConfigError(f"space {name}: {_validation_message(e, data)}") from None
     if space.base_config is not None:
         path = Path(space.base_config)
         path = path if path.is_absolute() or root is None else root / path

@@ -386,6 +386,15 @@ BAD_ENTRIES = [
         "condition on 'model.mixer_params.first_ssm' allows no value",
     ),
     ({"base": {"model": {"d_modle": 8}}}, "base: config field 'model.d_modle'"),
+    # Wrong choices were named by pydantic's union branches ("Input should be a valid boolean").
+    (
+        {"params": {"model.attn_layers": {"type": "categorical", "choices": [[], [0]]}}},
+        "params['model.attn_layers'] field 'choices': choice 0 ([]) is not a scalar",
+    ),
+    (
+        {"params": {"model.mixer_params.head_dim": {"type": "categorical", "choices": {1: 1}}}},
+        "params['model.mixer_params.head_dim'] field 'choices': named choices need string names",
+    ),
     # Conditions that can never all hold: init only with a diagonal first SSM, and the batch
     # size with a shift one and init. It parsed and was never sampled.
     (
