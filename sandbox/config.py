@@ -31,6 +31,9 @@ Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 # A size or count: >= 1, and at most MAX_SIZE (2^31 - 1): torch takes no larger one (a
 # TypeError naming nothing, from deep inside).
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
+# torch CPU threads: 100000 crashed the process (a segfault in the OpenMP runtime at the
+# first parallel op, after the run directory was made); no machine has more than this.
+Threads = Annotated[int, Field(ge=1, le=1024)]
 
 
 class Strict(BaseModel):
@@ -113,7 +116,7 @@ class RunConfig(Strict):
     seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # torch CPU threads; None leaves torch's default
-    threads: Size | None = None
+    threads: Threads | None = None
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -23,6 +23,7 @@ from sandbox.config import (
     Seed,
     Size,
     Strict,
+    Threads,
     TrainConfig,
     deep_merge,
     read_yaml,
@@ -81,7 +82,7 @@ class PretrainConfig(Strict):
     seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
     # torch CPU threads; None leaves torch's default
-    threads: Size | None = None
+    threads: Threads | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)

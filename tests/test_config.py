@@ -69,6 +69,8 @@ def test_overrides_leave_the_callers_dicts_alone():
         ({"model": {"d_model": 10**20}}, "'model.d_model'"),
         ({"task": {"num_train": 2**31}}, "'task.num_train'"),
         ({"threads": 10**11}, "'threads'"),
+        ({"threads": 100_000}, "'threads'"),  # a segfault in OpenMP at the first parallel op
+        ({"threads": 1024}, None),
         ({"task": {"num_train": 2**31 - 1}}, None),
         ({"train": {"lr": 1, "betas": [0, 0.5]}}, None),
         # Sections no layer reads would never be checked by layers.build.
