@@ -29,7 +29,9 @@ class Mixer(nn.Module, ABC):
 
     A subclass takes its parameters as keyword arguments of ``__init__`` (the signature is the
     list of parameters ``build`` accepts) and validates them with ``self._int`` and friends,
-    so a bad value raises ValueError naming the mixer and the parameter.
+    so a bad value raises ValueError naming the mixer and the parameter. It implements
+    ``forward``, ``step`` and ``_zero_state`` (the state ``init_state`` returns once it has
+    checked the batch size), and may override ``prefill``.
     """
 
     name: ClassVar[str]

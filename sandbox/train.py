@@ -265,8 +265,8 @@ def read_result(run_dir: Path) -> dict:
 
 
 def _record(line: str) -> dict:
-    """One metrics.jsonl line as its record: a JSON object with an integer "step" (ValueError,
-    or json.JSONDecodeError, one, otherwise)."""
+    """One metrics.jsonl line as its record, a JSON object with an integer "step": else
+    json.JSONDecodeError for a line that is no JSON, ValueError for JSON that is no record."""
     record = json.loads(line)
     if not isinstance(record, dict) or type(record.get("step")) is not int:
         raise ValueError(f"no object with an integer step: {line[:40]!r}")
