@@ -50,6 +50,7 @@ from rich.table import Table
 
 from kernels import fft_torch, fftconv
 from kernels.fftconv import METHODS
+from sandbox.config import MAX_THREADS
 from sandbox.io import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
@@ -354,10 +355,20 @@ def run_block_sweep(args) -> list[dict]:
 
 
 def bandwidth_fraction(B, H, L, dtype, fwd_ms) -> float:
-    """Forward bytes (u, both gates read, y written) / time, over a measured device copy."""
+    """Forward bytes (u, both gates read, y written) / time, over a measured device copy.
+
+    The copy is repeated within one timed call until it moves about 1 GB: one copy of the
+    short lengths' 25 MB takes ~10 us on an H100, less than the host clock and the two
+    synchronisations around it, which would understate the copy bandwidth several times."""
     x = torch.empty(B * H * L * 4, dtype=dtype, device="cuda")
     y = torch.empty_like(x)
-    t = time_case(lambda: y.copy_(x), False, 20, "cuda")["median_ms"]
+    copies = max(1, math.ceil(2**30 / (2 * x.nbytes)))
+
+    def copy():
+        for _ in range(copies):
+            y.copy_(x)
+
+    t = time_case(copy, False, 20, "cuda")["median_ms"] / copies
     copy_bw = 2 * x.nbytes / t
     return (4 * B * H * L * x.element_size() / fwd_ms) / copy_bw
 
@@ -393,7 +404,7 @@ def print_tables(rows: list[dict], console: Console) -> None:
     console.print(table)
     cross = [r for r in rows if r["case"] == "crossover"]
     if cross:
-        table = Table(title="torch methods forced, fwd+bwd min ms (crossovers)")
+        table = Table(title="torch methods forced, fwd+bwd median ms (crossovers)")
         for col in ("B", "H", "L", "K", *METHODS, "fastest"):
             table.add_column(col, justify="right")
         for r in cross:
@@ -407,7 +418,7 @@ def print_tables(rows: list[dict], console: Console) -> None:
     blocks = [r for r in rows if r["case"] == "block"]
     if blocks:
         sizes = [c for c in blocks[0] if c.startswith("2^")]
-        table = Table(title="fft method, fwd+bwd min ms by row-block size (samples)")
+        table = Table(title="fft method, fwd+bwd median ms by row-block size (samples)")
         for col in ("B", "H", "L", *sizes):
             table.add_column(col, justify="right")
         for r in blocks:
@@ -424,12 +435,35 @@ def positive_int(text: str) -> int:
     return value
 
 
-def seconds(text: str) -> float:
-    """argparse type of --min-seconds: a finite number of seconds >= 0."""
-    value = float(text)
-    if not 0 <= value < math.inf:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+def thread_count(text: str) -> int:
+    """argparse type of --threads: 1 .. MAX_THREADS, as a run config's ``threads`` (100000
+    segfaulted the OpenMP runtime)."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
     return value
+
+
+def seconds(text: str) -> float:
+    """argparse type of --min-seconds: a number of seconds in [0, 3600] (an hour per pass is
+    plenty; 1e308 overflowed the repeat count)."""
+    value = float(text)
+    if not 0 <= value <= 3600:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 3600], got {text}")
+    return value
+
+
+def json_path(text: str) -> Path:
+    """argparse type of --out: a file path the JSON can be written to, checked before the
+    run (a directory, or a parent that is a file or not writable, failed at the end with a
+    traceback, every measurement lost)."""
+    path = Path(text)
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file path")
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
+    return path
 
 
 def write_results(path: Path, device: str, threads: int, start: float, rows: list, **fields):
@@ -493,7 +527,7 @@ def machine_info(device: str, threads: int) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument(
         "--min-seconds",
@@ -506,7 +540,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--lengths", type=positive_int, nargs="+", help=f"K = L lengths (default {LENGTHS})"
     )
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=json_path, default=None)
     p.add_argument("--peak-child", nargs=4, metavar=("IMPL", "B", "H", "L"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

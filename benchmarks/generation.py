@@ -35,14 +35,21 @@ import argparse
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fftconv import RESULTS, machine_info, positive_int, time_round_robin, write_json
+from benchmarks.fftconv import (
+    RESULTS,
+    json_path,
+    machine_info,
+    positive_int,
+    thread_count,
+    time_round_robin,
+    write_json,
+)
 from sandbox.config import ModelConfig
 from sandbox.generate import generate
 from sandbox.model import LanguageModel
@@ -194,7 +201,7 @@ def print_tables(rows, summary, training, args, console: Console) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument(
@@ -205,7 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--train-batch", type=positive_int, default=1)
     p.add_argument("--train-seq-len", type=positive_int, default=2048)
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
+    p.add_argument("--out", type=json_path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")  # exit 2, one line

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -35,7 +34,14 @@ from rich.table import Table
 
 import layers
 import layers.h3 as h3_module
-from benchmarks.fftconv import RESULTS, positive_int, time_round_robin, write_results
+from benchmarks.fftconv import (
+    RESULTS,
+    json_path,
+    positive_int,
+    thread_count,
+    time_round_robin,
+    write_results,
+)
 
 LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 # The h3-table2 preset's mixers and shapes (configs/compare/h3-table2.yaml).
@@ -62,7 +68,7 @@ def _h3_form(mixer, limit: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--width", type=positive_int, default=256)
     p.add_argument("--batch", type=positive_int, default=1)
@@ -75,7 +81,7 @@ def main(argv=None) -> None:
         action="store_true",
         help="multi-head H3's convolution and regrouped forms side by side (width --width)",
     )
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
+    p.add_argument("--out", type=json_path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")  # exit 2, one line
@@ -86,6 +92,8 @@ def main(argv=None) -> None:
         params = TASK_MIXERS
         mixers = {n: layers.build(n, d_model=width, **params[n]) for n in names}
     elif args.h3_forms:
+        if args.width % 8:
+            p.error(f"--h3-forms: --width must be a multiple of H3's head_dim 8, got {args.width}")
         names, width, batch = list(H3_FORMS), args.width, TASK_BATCH
         lengths = [L for L in H3_FORM_LENGTHS if L <= args.max_len]
         params = dict.fromkeys(names, {"head_dim": 8})

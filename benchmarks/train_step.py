@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,14 @@ from rich.table import Table
 
 import sandbox.model as model_module
 import tasks
-from benchmarks.fftconv import RESULTS, positive_int, time_round_robin, write_results
+from benchmarks.fftconv import (
+    RESULTS,
+    json_path,
+    positive_int,
+    thread_count,
+    time_round_robin,
+    write_results,
+)
 from sandbox.compare import expand, load_preset
 from sandbox.train import build_model, build_task, make_optimizer, training_step
 
@@ -62,9 +68,9 @@ def _step_fn(config, model, batch, activation=None, fused=True):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="h3-table2")
-    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--threads", type=thread_count, default=1)
     p.add_argument("--repeats", type=positive_int, default=41)
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default under results/)")
+    p.add_argument("--out", type=json_path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     try:
         runs = expand(load_preset(args.preset), seeds=1)

@@ -33,7 +33,8 @@ Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 # torch CPU threads: 100000 crashed the process (a segfault in the OpenMP runtime at the
 # first parallel op, after the run directory was made); no machine has more than this.
-Threads = Annotated[int, Field(ge=1, le=1024)]
+MAX_THREADS = 1024
+Threads = Annotated[int, Field(ge=1, le=MAX_THREADS)]
 
 
 class Strict(BaseModel):

@@ -335,11 +335,9 @@ def test_train_step_bad_preset_is_exit_2(tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
-COUNT_FLAGS = [
-    (module, flag)
-    for module in ("fftconv", "generation", "layer_speed", "state_passing", "task_throughput")
-    for flag in ("--repeats", "--threads")
-] + [("train_step", "--repeats"), ("train_step", "--threads"), ("fftconv", "--lengths")]
+BENCHMARKS = ("fftconv", "generation", "layer_speed", "state_passing", "task_throughput")
+COUNT_FLAGS = [(module, flag) for module in BENCHMARKS for flag in ("--repeats", "--threads")]
+COUNT_FLAGS += [("train_step", "--repeats"), ("train_step", "--threads"), ("fftconv", "--lengths")]
 COUNT_FLAGS += [("layer_speed", f) for f in ("--width", "--batch", "--max-len")]
 COUNT_FLAGS += [("state_passing", f) for f in ("--lengths", "--chunks", "--channels")]
 COUNT_FLAGS += [("generation", f) for f in ("--vocab", "--batch", "--prompts", "--new-tokens")]
@@ -361,12 +359,33 @@ def test_benchmarks_reject_counts_below_one(module, flag, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("module", [*BENCHMARKS, "train_step"])
+def test_benchmarks_refuse_threads_and_outs_they_would_crash_on(module, tmp_path, capsys):
+    """--threads 100000 segfaulted the OpenMP runtime; an --out that is a directory, or under
+    a file, failed at the end with a traceback, every measurement lost."""
+    import importlib
+
+    bench = importlib.import_module(f"benchmarks.{module}")
+    (tmp_path / "afile").write_text("")
+    for argv, message in [
+        (["--threads", "1025", "--out", str(tmp_path / "x.json")], "must be at most 1024"),
+        (["--out", str(tmp_path)], f"{tmp_path} is a directory; give a file path"),
+        (["--out", str(tmp_path / "afile" / "x.json")], f"cannot write under {tmp_path}/afile"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 def test_benchmark_option_errors(tmp_path, capsys):
     from benchmarks import fftconv, layer_speed
 
     for bench, argv, message in [
-        (fftconv, ["--min-seconds", "nan"], "argument --min-seconds: must be a finite number"),
+        (fftconv, ["--min-seconds", "nan"], "argument --min-seconds: must be a number of seconds"),
+        (fftconv, ["--min-seconds", "1e308"], "must be a number of seconds in [0, 3600]"),
         (layer_speed, ["--max-len", "10"], "--max-len 10 is below every length"),
+        (layer_speed, ["--h3-forms", "--width", "12"], "multiple of H3's head_dim 8, got 12"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             bench.main([*argv, "--out", str(tmp_path / "never.json")])
