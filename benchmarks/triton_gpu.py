@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import time
 import traceback
-from pathlib import Path
 
 import torch
 import triton
@@ -31,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 from triton.testing import do_bench
 
-from benchmarks.fftconv import RESULTS, machine_info, make_case, write_json
+from benchmarks.fftconv import RESULTS, json_path, machine_info, make_case, write_json
 from kernels import fft_triton, fftconv, toeplitz_triton
 
 
@@ -256,7 +255,7 @@ def main(argv=None) -> None:
     p.add_argument("--part", type=part_spec, metavar="I/N",
                    help="part I of N of the accuracy cases (ACCURACY in N runs of about equal "
                         "length, e.g. one per 10-minute call)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS / "triton_gpu.json")
+    p.add_argument("--out", type=json_path, default=RESULTS / "triton_gpu.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA device; none is available")  # exit 2, one line

@@ -40,7 +40,7 @@ from rich.table import Table
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.fftconv import RESULTS, write_json
+from benchmarks.fftconv import RESULTS, json_path, write_json
 from kernels import fft_triton
 
 H100_SHARED = 232448  # bytes of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--plan", type=plan_spec, action="append", default=[], metavar="N:PLAN",
                    help="compile this plan for size N, e.g. 2048:32,64,32,32,4,4")  # fmt: skip
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=json_path, default=None,
                    help="JSON path (default results/triton_resources_sm90.json, or "
                         "..._plans.json with --plan: a few plans must not replace every "
                         "size's figures)")  # fmt: skip
