@@ -72,8 +72,10 @@ class ComparePreset(Strict):
     description: str = ""
     extends: str | None = None  # a preset whose fields this one starts from
     base: dict[str, Any] = Field(default_factory=dict)  # RunConfig fields shared by every run
-    tasks: dict[str, dict[str, Any]]  # row name -> RunConfig fields (the task section)
-    variants: dict[str, dict[str, Any]]  # column name -> RunConfig fields (the model section)
+    # Row name -> RunConfig fields (the task section), column name -> RunConfig fields (the
+    # model section); at least one of each (an empty grid "wrote" a gaps.png it never drew).
+    tasks: dict[str, dict[str, Any]] = Field(min_length=1)
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
     seeds: int = Field(1, ge=1)
     # Learning rates to run, each chosen on validation; they replace base's train.lr (a task row
     # or variant may not set one then). Empty: each run's train.lr only.
@@ -103,15 +105,22 @@ class Run:
         return re.sub(r"[^\w.-]+", "-", name)
 
 
+def _preset_file(name_or_path: str) -> Path:
+    """The file of a preset given by name (PRESET_DIR/NAME.yaml) or by path."""
+    path = Path(name_or_path)
+    return path if path.suffix else PRESET_DIR / f"{name_or_path}.yaml"
+
+
 def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
     """Raw preset data with `extends` resolved: the child's top-level fields replace the
     parent's, except `base`, which is merged key by key."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ConfigError(f"unknown preset {name_or_path!r}; available: {preset_names()}")
+    path = _preset_file(name_or_path)
+    if not Path(name_or_path).suffix and not path.exists():
+        raise ConfigError(f"unknown preset {name_or_path!r}; available: {preset_names()}")
     data = read_yaml(path, "preset file")
+    # The files read so far, resolved: spelled with ".." or through a link, a cycle's path
+    # only grew, until the OS refused it as too long.
+    seen = (*seen, str(path.resolve()))
     own_paper = isinstance(data, dict) and "paper" in data
     parent_name = data.get("extends")
     if parent_name:
@@ -119,9 +128,9 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, s
             raise ConfigError(f"preset {path.name}: 'extends' must be a preset name or path")
         if Path(parent_name).suffix:  # a path: relative to this preset's file, not the cwd
             parent_name = str(path.parent / parent_name)
-        if parent_name in seen:
+        if str(_preset_file(parent_name).resolve()) in seen:
             raise ConfigError(f"preset {path.name}: 'extends' cycle through {parent_name!r}")
-        parent, _ = _read_preset(parent_name, (*seen, parent_name))
+        parent, _ = _read_preset(parent_name, seen)
         bases = [parent.get("base", {}), data.get("base", {})]
         if not all(isinstance(b, dict) for b in bases):
             raise ConfigError(f"preset {path.name}: 'base' must be a mapping")

@@ -135,11 +135,13 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
-    """A new dict: ``base`` with ``extra`` on top, nested dicts merged key by key. It shares
-    nothing with either (an override written into it must not reach a preset's base)."""
+    """A new dict: ``base`` with ``extra`` on top, nested dicts merged key by key, except that
+    an empty mapping replaces its section (``mixer_params: {}`` clears a base's head_dim: merged,
+    nothing could ever drop a key of a free-form section). It shares nothing with either (an
+    override written into it must not reach a preset's base)."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -149,7 +151,8 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def apply_override(data: dict, override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML. A mapping value is
     merged into a section already there (``train={lr: 0.1}`` sets train.lr, as a preset's
-    variant merges into its base): put in its place, it dropped the section's other fields."""
+    variant merges into its base): put in its place, it dropped the section's other fields.
+    An empty one clears the section (``model.mixer_params={}``), as in deep_merge."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected key=value")
     key, raw = override.split("=", 1)
@@ -167,7 +170,7 @@ def apply_override(data: dict, override: str) -> None:
             raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     last = parts[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
+    if isinstance(value, dict) and value and isinstance(node.get(last), dict):
         value = deep_merge(node[last], value)
     node[last] = value
 
@@ -189,10 +192,11 @@ def build_config(data: dict | None = None, overrides: list[str] = ()) -> RunConf
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load with YAML 1.2's floats: PyYAML follows YAML 1.1, where 1e-4 (no dot) is a
-    string. Typed fields would convert it, but the free-form sections (model.mixer_params,
-    task.params) would hand the layer or task the text. A key given twice in one mapping is an
-    error: PyYAML keeps the last one without a word."""
+    """safe_load with YAML 1.2's numbers (the core schema): PyYAML follows YAML 1.1, where
+    1e-4 (no dot) is a string, 010 is octal 8 and 1:30 is base-60 90. Typed fields would
+    convert such text or take the surprise number, and the free-form sections
+    (model.mixer_params, task.params) would hand it to the layer or task as it came. A key
+    given twice in one mapping is an error: PyYAML keeps the last one without a word."""
 
     def construct_mapping(self, node, deep=False):
         seen = []
@@ -208,11 +212,41 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {  # YAML 1.1's number rules out, 1.2's in below
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+.0123456789"),
 )
+
+
+def _construct_int(loader: yaml.SafeLoader, node) -> int:
+    """A YAML 1.2 integer: decimal (a leading 0 too), 0o octal or 0x hexadecimal."""
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
+_Loader.add_constructor(_INT, _construct_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """safe_dump that quotes a string _Loader would read as something else ("1e5", "010"):
+    PyYAML decides quoting by its own YAML 1.1 rules, and wrote "1e5" plain, read back as
+    the number 100000.0."""
+
+
+_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 
 
 def load_yaml(text: str) -> Any:
@@ -264,4 +298,4 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def dump_config(config: BaseModel) -> str:
     """The fully resolved config as YAML (round-trips through load_config)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(config.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)

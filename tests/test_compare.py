@@ -66,9 +66,13 @@ def test_preset_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available"):
         load_preset("nope")
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"tasks": {}, "variants": {}, "seedz": 2}))
+    bad.write_text(yaml.safe_dump({"tasks": {"t": {}}, "variants": {"v": {}}, "seedz": 2}))
     with pytest.raises(ConfigError, match="'seedz'"):
         load_preset(str(bad))
+    for empty in ("tasks", "variants"):  # exit 0, and "results written to ... gaps.png"
+        bad.write_text(yaml.safe_dump({"tasks": {"t": {}}, "variants": {"v": {}}, empty: {}}))
+        with pytest.raises(ConfigError, match=f"'{empty}'"):
+            load_preset(str(bad))
     typo = tmp_path / "typo.yaml"
     typo.write_text(yaml.safe_dump({"tasks": {"t": {}}, "variants": {"v": {"modle": {}}}}))
     with pytest.raises(ConfigError, match=r"t/v: config field 'modle'"):
@@ -382,6 +386,12 @@ def test_extends_replaces_fields_and_merges_base(tmp_path):
     loop.write_text(yaml.safe_dump({"extends": str(loop), "tasks": {}, "variants": {}}))
     with pytest.raises(ConfigError, match="cycle"):
         load_preset(str(loop))
+    # Spelled with "..", each turn's path was longer than the last: "File name too long".
+    (tmp_path / "d").mkdir()
+    dotted = tmp_path / "d" / "dotted.yaml"
+    dotted.write_text(yaml.safe_dump({"extends": "../d/dotted.yaml", "tasks": {}}))
+    with pytest.raises(ConfigError, match="'extends' cycle through"):
+        load_preset(str(dotted))
     # A relative path is the preset file's neighbour, whatever the working directory.
     (tmp_path / "sub").mkdir()
     grandchild = tmp_path / "sub" / "grandchild.yaml"

@@ -33,6 +33,16 @@ def test_a_mapping_override_merges_into_its_section():
     assert build_config({}, ["model.mixer_params={d_state: 8}"]).model.mixer_params == {
         "d_state": 8
     }
+    # An empty mapping clears its section, in overrides and in merged bases alike: merged,
+    # `mixer_params={}` kept a base's head_dim, and nothing could drop it.
+    base = {"model": {"mixer": "h3", "mixer_params": {"head_dim": 8}}}
+    c = build_config(base, ["model.mixer=attention", "model.mixer_params={}"])
+    assert (c.model.mixer, c.model.mixer_params) == ("attention", {})
+    assert deep_merge(base, {"model": {"mixer_params": {}}})["model"] == {
+        "mixer": "h3",
+        "mixer_params": {},
+    }
+    assert deep_merge(base, {}) == base  # an empty variant or child changes nothing
 
 
 def test_overrides_leave_the_callers_dicts_alone():
@@ -169,3 +179,18 @@ def test_exponent_floats_are_numbers(tmp_path):
     assert c.model.mixer_params == {"dt_min": 1e-4} and c.task.params == {"x": -2000.0}
     assert c.train.lr == 3e-4 and c.model.attn_params == {"y": 5.0}
     assert load_config(path, ["task.name=e5"]).task.name == "e5"  # not a number
+
+
+def test_integers_follow_yaml_1_2_and_dumped_strings_stay_strings(tmp_path):
+    """YAML 1.1 (PyYAML) read seed=010 as octal 8 and batch_size=1:30 as base-60 90; and
+    dump_config wrote the string "1e5" plain, which this loader reads back as a number."""
+    c = build_config({}, ["seed=010", "task.params.seq_len=020", "train.batch_size=0x10"])
+    assert (c.seed, c.task.params["seq_len"], c.train.batch_size) == (10, 20, 16)
+    assert build_config({}, ["task.params.at=1:30"]).task.params == {"at": "1:30"}
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        build_config({}, ["train.batch_size=1:30"])  # a string, not 90
+    c = build_config({}, ["model.mixer_params={a: '1e5', b: '010', c: 1e5}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(c))
+    assert load_config(path) == c
+    assert load_config(path).model.mixer_params == {"a": "1e5", "b": "010", "c": 100000.0}
