@@ -466,6 +466,18 @@ def json_path(text: str) -> Path:
     return path
 
 
+def run_options(p: argparse.ArgumentParser, repeats: int, out: Path | None = None) -> None:
+    """The options every benchmark script takes: --threads (a fixed torch thread count),
+    --repeats (timed rounds, default ``repeats``) and --out (the JSON path; None: the
+    script's own default under benchmarks/results/)."""
+    p.add_argument("--threads", type=thread_count, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=repeats, help=f"timed rounds (default {repeats})"
+    )
+    where = str(out) if out else "under benchmarks/results/"
+    p.add_argument("--out", type=json_path, default=out, help=f"JSON path (default {where})")
+
+
 def write_results(path: Path, device: str, threads: int, start: float, rows: list, **fields):
     """A benchmark's JSON at ``path``: the machine, ``fields``, the wall time since ``start``
     (a time.perf_counter() reading) and the rows."""
@@ -527,8 +539,7 @@ def machine_info(device: str, threads: int) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=thread_count, default=1)
-    p.add_argument("--repeats", type=positive_int, default=5)
+    run_options(p, repeats=5)
     p.add_argument(
         "--min-seconds",
         type=seconds,
@@ -540,7 +551,6 @@ def main(argv=None) -> None:
     p.add_argument(
         "--lengths", type=positive_int, nargs="+", help=f"K = L lengths (default {LENGTHS})"
     )
-    p.add_argument("--out", type=json_path, default=None)
     p.add_argument("--peak-child", nargs=4, metavar=("IMPL", "B", "H", "L"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -43,10 +43,9 @@ from rich.table import Table
 
 from benchmarks.fftconv import (
     RESULTS,
-    json_path,
     machine_info,
     positive_int,
-    thread_count,
+    run_options,
     time_round_robin,
     write_json,
 )
@@ -201,8 +200,7 @@ def print_tables(rows, summary, training, args, console: Console) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=thread_count, default=1)
-    p.add_argument("--repeats", type=positive_int, default=3)
+    run_options(p, repeats=3)
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument(
         "--vocab", type=positive_int, default=4096, help="50264 for GPT-2's padded vocabulary"
@@ -212,7 +210,6 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--train-batch", type=positive_int, default=1)
     p.add_argument("--train-seq-len", type=positive_int, default=2048)
-    p.add_argument("--out", type=json_path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")  # exit 2, one line

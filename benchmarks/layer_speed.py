@@ -34,14 +34,7 @@ from rich.table import Table
 
 import layers
 import layers.h3 as h3_module
-from benchmarks.fftconv import (
-    RESULTS,
-    json_path,
-    positive_int,
-    thread_count,
-    time_round_robin,
-    write_results,
-)
+from benchmarks.fftconv import RESULTS, positive_int, run_options, time_round_robin, write_results
 
 LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 # The h3-table2 preset's mixers and shapes (configs/compare/h3-table2.yaml).
@@ -68,8 +61,7 @@ def _h3_form(mixer, limit: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=thread_count, default=1)
-    p.add_argument("--repeats", type=positive_int, default=5)
+    run_options(p, repeats=5)
     p.add_argument("--width", type=positive_int, default=256)
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--max-len", type=positive_int, default=8192)
@@ -81,7 +73,6 @@ def main(argv=None) -> None:
         action="store_true",
         help="multi-head H3's convolution and regrouped forms side by side (width --width)",
     )
-    p.add_argument("--out", type=json_path, default=None, help="JSON path (default under results/)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")  # exit 2, one line

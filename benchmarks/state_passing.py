@@ -22,14 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fftconv import (
-    RESULTS,
-    json_path,
-    positive_int,
-    thread_count,
-    time_round_robin,
-    write_results,
-)
+from benchmarks.fftconv import RESULTS, positive_int, run_options, time_round_robin, write_results
 from kernels import fftconv, s4d_kernel, ssm_chunked_conv
 
 
@@ -54,9 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 16384])
     p.add_argument("--chunks", type=positive_int, nargs="+", default=[8192, 4096, 2048])
     p.add_argument("--channels", type=positive_int, default=128)
-    p.add_argument("--repeats", type=positive_int, default=7)
-    p.add_argument("--threads", type=thread_count, default=1)
-    p.add_argument("--out", type=json_path, default=RESULTS / "state_passing_cpu.json")
+    run_options(p, repeats=7, out=RESULTS / "state_passing_cpu.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start, rows = time.perf_counter(), []

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import tasks
-from benchmarks.fftconv import json_path, machine_info, positive_int, thread_count, write_json
+from benchmarks.fftconv import machine_info, run_options, write_json
 
 # (task, params, num_examples): each task at its defaults, then at seq_len 4096 with its
 # difficulty knobs scaled along where the defaults would no longer fit or would mostly pad.
@@ -117,11 +117,7 @@ def print_table(results: list[dict], threads: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--threads", type=thread_count, default=1, help="torch CPU threads (default 1)"
-    )
-    parser.add_argument("--repeats", type=positive_int, default=7, help="timed calls per case")
-    parser.add_argument("--out", type=json_path, default=DEFAULT_OUT, help="JSON output path")
+    run_options(parser, repeats=7, out=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be >= 1")

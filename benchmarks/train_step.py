@@ -28,14 +28,7 @@ from rich.table import Table
 
 import sandbox.model as model_module
 import tasks
-from benchmarks.fftconv import (
-    RESULTS,
-    json_path,
-    positive_int,
-    thread_count,
-    time_round_robin,
-    write_results,
-)
+from benchmarks.fftconv import RESULTS, run_options, time_round_robin, write_results
 from sandbox.compare import expand, load_preset
 from sandbox.train import build_model, build_task, make_optimizer, training_step
 
@@ -68,9 +61,7 @@ def _step_fn(config, model, batch, activation=None, fused=True):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="h3-table2")
-    p.add_argument("--threads", type=thread_count, default=1)
-    p.add_argument("--repeats", type=positive_int, default=41)
-    p.add_argument("--out", type=json_path, default=None, help="JSON path (default under results/)")
+    run_options(p, repeats=41)
     args = p.parse_args(argv)
     try:
         runs = expand(load_preset(args.preset), seeds=1)
