@@ -250,7 +250,7 @@ _Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 
 
 def load_yaml(text: str) -> Any:
-    """Parse YAML text as safe_load does, 1e-4 being a number (see _Loader)."""
+    """Parse YAML text as safe_load does, but with YAML 1.2 numbers (see _Loader)."""
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary Python objects
 
 
