@@ -77,6 +77,15 @@ def terms_as_interrupts():
             signal.signal(signum, handler)
 
 
+def _try_flock(fd: int) -> bool:
+    """Take the exclusive flock on ``fd`` if no one holds it; whether it was taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def lock_dir(path: str | Path, refusal: Exception | None = None, wait_s: float = 0.0):
     """Hold an exclusive flock on the directory ``path`` (made if missing) while the block runs:
@@ -91,15 +100,11 @@ def lock_dir(path: str | Path, refusal: Exception | None = None, wait_s: float =
     fd = os.open(path, os.O_RDONLY)
     try:
         deadline, told = time.monotonic() + wait_s, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    default = ValueError(f"--out {str(path)!r}: another process is writing there")
-                    raise (refusal or default) from None
+        while not _try_flock(fd):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                default = ValueError(f"--out {str(path)!r}: another process is writing there")
+                raise (refusal or default) from None
             if not told:
                 print(f"{path}: another process is writing there; waiting up to {wait_s:.0f} s "
                       "for it to stop", file=sys.stderr, flush=True)  # fmt: skip
