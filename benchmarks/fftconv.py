@@ -16,7 +16,7 @@ short (``--min-seconds``; the JSON keeps the count and the minimum). The thread 
 Cases: K = L filters (the SSM case) at L = 256 .. 16K with B, H small enough for a CPU
 (B = 1, H = 128 on CPU; B = 16, H = 768 in bf16 on CUDA); the tiny training shapes of the
 synthetic tasks (B = 32, H = 64 and 256, L = 20 and 30); on CPU, the crossover sweeps that set
-the thresholds in kernels/fftconv.py (each torch method forced); on CUDA, short filters (K = 64,
+the thresholds in kernels/dispatch.py (each torch method forced); on CUDA, short filters (K = 64,
 H3's shift SSM, and K = 256, the Toeplitz threshold) by each triton method and by torch.
 
 Peak memory (CPU): the growth of the peak resident set size of a fresh subprocess over one
@@ -49,7 +49,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kernels import fft_torch, fftconv
-from kernels.fftconv import METHODS
+from kernels.dispatch import METHODS
 from sandbox.config import MAX_THREADS
 from sandbox.io import atomic_write_text
 
@@ -292,7 +292,7 @@ def run_training_shapes(args, device: str, dtype) -> list[dict]:
 
 def run_short_filters(args, dtype) -> list[dict]:
     """CUDA, K = 64 and 256: "ours" (the Toeplitz kernel) vs the fused FFT vs torch vs naive:
-    the data for kernels.fftconv.TRITON_TOEPLITZ_MAX_TAPS."""
+    the data for kernels.dispatch.TRITON_TOEPLITZ_MAX_TAPS."""
     impls = {"ours": {}, "ours[toeplitz]": {"backend": "triton", "method": "toeplitz"}}
     impls |= {"ours[fft]": {"backend": "triton", "method": "fft"}}
     impls |= {"ours[torch]": {"backend": "torch"}, "naive": {}}
@@ -312,7 +312,7 @@ def run_short_filters(args, dtype) -> list[dict]:
 
 
 def run_crossovers(args) -> list[dict]:
-    """Each torch method forced, fwd + bwd: the data behind kernels/fftconv.py's thresholds
+    """Each torch method forced, fwd + bwd: the data behind kernels/dispatch.py's thresholds
     (medians, the minima kept as "<method> min")."""
     grid = [(B, 64, L, L) for B in (4, 32) for L in (16, 24, 32, 48, 64, 96)]
     grid += [(B, 64, L, L) for B in (16, 64) for L in (32, 48, 64, 96, 128)]

@@ -10,7 +10,9 @@ dim 1; "attention" with heads of 64). Each length is timed after one warm-up, th
 turn within each repeat; medians of ``--repeats``. H3 is O(L log L) (O(L) beyond
 kernels.STATE_PASSING_LEN), attention O(L^2), so the ratio column shows where H3 overtakes.
 On CUDA both run under bf16 autocast, as in pretraining (attention through SDPA's flash
-kernel, H3's convolutions through the Triton kernels).
+kernel; H3's convolutions through fftconv's CUDA default: the 64-tap shift SSM on Triton's
+Toeplitz kernel, the diagonal SSM's length-L filter on the fused Triton FFT while its FFT
+size is at most kernels.dispatch.TRITON_FFT_MAX, i.e. L <= 512, and on cuFFT beyond).
 JSON to benchmarks/results/layer_speed_{cpu,cuda}.json (or --out).
 
 ``--task-shapes`` times instead every mixer of the h3-table2 preset as that preset trains it

@@ -15,8 +15,8 @@ the project.
 
 from kernels.activations import gelu_tanh
 from kernels.direct import causal_toeplitz, contiguous_grad, per_channel, with_skip
+from kernels.dispatch import backends, fftconv
 from kernels.fft_sizes import STATE_PASSING_LEN
-from kernels.fftconv import backends, fftconv
 from kernels.ssm import s4d_discretize, s4d_kernel, shift_kernel
 from kernels.state_passing import ssm_chunked_conv
 

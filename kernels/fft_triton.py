@@ -77,7 +77,7 @@ benchmarks/results/triton_gpu_h100*.json): L=1024 0.56 / 2.10, 2048 1.23 / 4.49,
 picks for K <= 256; n = 512 is untimed). That is 3-6% of the device's copy bandwidth: the work is
 bound by the latency of small dependent tl.dot chains per program (about 57 TFLOP/s of tf32 at
 L=1024, a tenth of the tensor cores' rate), not by memory. fftconv therefore sends CUDA tensors
-here only up to kernels.fftconv.TRITON_FFT_MAX, where it ties or wins, and to torch beyond.
+here only up to kernels.dispatch.TRITON_FFT_MAX, where it ties or wins, and to torch beyond.
 Runs under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check it.
 """
 
@@ -142,7 +142,7 @@ class Plan(NamedTuple):
 # (n2 >= 64: Hopper warpgroup MMAs, M = 64 per 4 warps); 8 warps with n2 = 64 once crashed the
 # process with an illegal memory access (n = 1024, 16 x 64), so 8 warps only go with n2 = 128
 # (plan() refuses the rest). n = 512's plan is untimed: the rows timed for it ran the Toeplitz
-# kernel (K = 256, see kernels.fftconv.TRITON_TOEPLITZ_MAX_TAPS).
+# kernel (K = 256, see kernels.dispatch.TRITON_TOEPLITZ_MAX_TAPS).
 # Register spills remain (figures in benchmarks/results/triton_resources_sm90.json). An optional
 # sixth entry is Plan.rows (default 1: no plan sets it yet, see the module docstring).
 PLANS = {

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels.fftconv import fftconv
+from kernels.dispatch import fftconv
 from kernels.ssm import dA_powers, log_dA, s4d_discretize, s4d_kernel, s4d_state
 
 

@@ -61,6 +61,7 @@ from sandbox.train import (
     RunDirError,
     build_model,
     build_task,
+    check_run_data,
     check_run_dir,
     evaluate,
     read_result,
@@ -278,6 +279,7 @@ def _check_saved_configs(runs: list[Run], out: Path) -> None:
     for r in runs:
         try:
             check_run_dir(out / "runs" / r.run_id, r.config, resume=True)
+            check_run_data(out / "runs" / r.run_id, r.config)
         except RunDirError as e:
             if not e.differences:  # not a config change: a file in its place, no readable config
                 raise RunDirError(f"--out {out}: run {r.run_id}: {e}") from None

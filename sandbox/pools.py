@@ -9,7 +9,6 @@ inside the pool's queues printed tracebacks, or left the parent's shutdown waiti
 
 from __future__ import annotations
 
-import multiprocessing
 import multiprocessing.context
 import signal
 import threading
@@ -33,7 +32,25 @@ class _SpawnProcess(multiprocessing.context.SpawnProcess):
 
 
 class _SpawnContext(multiprocessing.context.SpawnContext):
-    Process = _SpawnProcess
+    """The spawn context of one pool; it keeps the processes it made, so that stop_pool ends
+    those and no other child of the parent (a notebook's own processes, another pool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.started: list[_SpawnProcess] = []
+
+    def Process(self, *args, **kwargs) -> _SpawnProcess:  # noqa: N802 (the context's API)
+        process = _SpawnProcess(*args, **kwargs)
+        self.started.append(process)
+        return process
+
+
+class _Pool(ProcessPoolExecutor):
+    def __init__(self, workers: int, initializer, initargs: tuple):
+        self.context = _SpawnContext()
+        super().__init__(
+            workers, mp_context=self.context, initializer=initializer, initargs=initargs
+        )
 
 
 class WorkerDied(RuntimeError):
@@ -43,15 +60,13 @@ class WorkerDied(RuntimeError):
 
 def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """A pool of ``workers`` spawned processes that ignore Ctrl-C."""
-    return ProcessPoolExecutor(
-        workers, mp_context=_SpawnContext(), initializer=initializer, initargs=initargs
-    )
+    return _Pool(workers, initializer, initargs)
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Stop a pool after an error or an interrupt: its workers are terminated rather than
-    waited for (a run or chunk in flight is not wanted)."""
-    children = multiprocessing.active_children()
+    """Stop a pool of ``worker_pool`` after an error or an interrupt: its workers are
+    terminated rather than waited for (a run or chunk in flight is not wanted)."""
+    children = [p for p in pool.context.started if p.is_alive()]
     for child in children:
         child.terminate()
     pool.shutdown(wait=False, cancel_futures=True)

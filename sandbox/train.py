@@ -228,6 +228,33 @@ def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
         )
 
 
+DATA_RECORD = "data.json"  # which generator drew a run's examples: {task, params, layout}
+
+
+def _data_record(task: tasks.Task) -> dict:
+    return {"task": task.name, "params": task.params, "layout": task.layout}
+
+
+def check_run_data(out: Path, config: RunConfig) -> None:
+    """Refuse a run directory whose examples this code would not draw again: the task's
+    generator changed (``Task.layout``) since the run was made, so the same config now gives
+    other data, and a finished run's result or a resumed run's weights would pass for this
+    data's. A run from before layouts were recorded counts as layout 1."""
+    if not (out / "config.yaml").exists():
+        return
+    now = _data_record(build_task(config))
+    path = out / DATA_RECORD
+    fix = "; choose another --out"
+    saved = read_record(path, tuple(now), fix) if path.exists() else {"layout": 1}
+    if saved["layout"] != now["layout"]:
+        raise RunDirError(
+            f"--out {out} was trained on {now['task']} examples of an earlier generator "
+            f"(layout {saved['layout']}; this version draws layout {now['layout']}){fix}"
+        )
+    if any(saved[key] != value for key, value in now.items()):  # e.g. a changed default
+        raise RunDirError(f"--out {out}: {path} names other task data than {now}{fix}")
+
+
 def _leaves(data: dict, prefix: str = "") -> dict:
     """A nested dict as {"a.b": value}; an empty section has no leaves."""
     out = {}
@@ -316,12 +343,14 @@ def train(
     run there and propagates."""
     out = Path(out)
     check_run_dir(out, config, resume)  # a file or another run: refused before making anything
+    check_run_data(out, config)
     with lock_dir(out, wait_s=lock_wait_s):
         return _train(config, out, resume, progress, on_eval)
 
 
 def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
     check_run_dir(out, config, resume)  # again, now that no other process writes there
+    check_run_data(out, config)
     if resume and (out / "result.json").exists():
         return read_result(out)  # finished already
     if resume:
@@ -358,6 +387,7 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
         truncate_metrics(metrics_path, state.step)
     else:
         make_dir(out)
+        atomic_write_text(out / DATA_RECORD, json.dumps(_data_record(task)))
         atomic_write_text(out / "config.yaml", dump_config(config))
         atomic_write_text(metrics_path, "")
 

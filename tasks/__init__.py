@@ -2,7 +2,7 @@
 
 Usage::
 
-    task = tasks.build("associative_recall", vocab_size=10, seq_len=20)
+    task = tasks.build("associative_recall", vocab_size=10, seq_len=22)
     batch = task.generate(num_examples=5000, seed=0)
     splits = tasks.make_splits(task, num_train=5000, num_valid=500, num_test=500, seed=0)
 

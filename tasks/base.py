@@ -4,7 +4,8 @@ the registry behind ``tasks.build`` and the hold-out split helper.
 Sequence convention: a task samples full token sequences S of shape [N, T + 1]
 (T = seq_len); the model sees ``inputs = S[:, :-1]`` and is trained to predict
 ``targets = S[:, 1:]`` (every next token, the paper protocol); ``answer_mask``
-marks the positions that are scored.
+marks the positions that are scored. MQAR is the one exception: as in zoology, a query's
+target is its answer while the next input is a filler, so the answers are never inputs.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class Batch:
     """A batch of examples.
 
     inputs:      int64 [N, T] token ids.
-    targets:     int64 [N, T] next-token labels (every position has one; tasks never emit
-                 IGNORE_INDEX, the loss applies it where answer_mask is False if asked to).
+    targets:     int64 [N, T] next-token labels: the next input, except at MQAR's queries
+                 (their answer, which the next input does not show). Every position has one;
+                 tasks never emit IGNORE_INDEX, the loss applies it where answer_mask is
+                 False if asked to.
     answer_mask: bool  [N, T] positions that are scored.
     """
 
@@ -104,6 +107,9 @@ class Task(ABC):
     """
 
     name: ClassVar[str]
+    # Raised whenever a change to the generator changes the examples a (params, seed) pair
+    # gives; a run directory records it, so results on other data are never mixed in.
+    layout: ClassVar[int] = 1
     vocab_size: int  # total vocabulary including special tokens (what the model embeds)
     seq_len: int  # T, the number of input positions
 
@@ -129,12 +135,13 @@ class Task(ABC):
         """
         num_examples = check_int(self.name, "num_examples", num_examples, minimum=0)
         generator = torch.Generator().manual_seed(check_seed(self.name, "seed", seed))
-        sequences, answer_mask = self._sample(num_examples, generator)
-        return Batch.from_sequences(sequences, answer_mask)
+        return self._sample(num_examples, generator)
 
     @abstractmethod
-    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return int64 sequences [n, seq_len + 1] and the bool answer mask [n, seq_len]."""
+    def _sample(self, n: int, generator: torch.Generator) -> Batch:
+        """Sample n examples, drawing only from ``generator``. Most tasks build the Batch with
+        ``Batch.from_sequences`` (targets are the next inputs); a task whose answers are never
+        fed back as inputs (MQAR) builds inputs and targets apart."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

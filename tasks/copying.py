@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import COPY, NOOP, NUM_SPECIAL, Task, check_int, register
+from .base import COPY, NOOP, NUM_SPECIAL, Batch, Task, check_int, register
 from .sampling import distinct
 
 _WHY_VOCAB = "2 special tokens and >= 2 ordinary data tokens"
 
 
-def copy_sequences(context: torch.Tensor, data: torch.Tensor, seq_len: int):
-    """S = context "=>" data ([n, seq_len + 1]) and the mask of the last K input positions."""
+def copy_sequences(context: torch.Tensor, data: torch.Tensor, seq_len: int) -> Batch:
+    """The examples of S = context "=>" data ([n, seq_len + 1]), the last K inputs scored."""
     n, k = data.shape
     sequences = torch.cat([context, torch.full((n, 1), COPY), data], dim=1)
     answer_mask = torch.zeros(n, seq_len, dtype=torch.bool)
     answer_mask[:, seq_len - k :] = True
-    return sequences, answer_mask
+    return Batch.from_sequences(sequences, answer_mask)
 
 
 @register("selective_copying")
@@ -50,7 +50,7 @@ class SelectiveCopying(Task):
     def random_accuracy(self) -> float:
         return 1.0 / (self.vocab_size - NUM_SPECIAL)
 
-    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, n: int, generator: torch.Generator) -> Batch:
         k = self.num_tokens_to_copy
         span = self.seq_len - k
         data = torch.randint(NUM_SPECIAL, self.vocab_size, (n, k), generator=generator)
@@ -83,7 +83,7 @@ class Compression(Task):
     def random_accuracy(self) -> float:
         return 1.0 / (self.vocab_size - NUM_SPECIAL)
 
-    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, n: int, generator: torch.Generator) -> Batch:
         data = torch.randint(
             NUM_SPECIAL, self.vocab_size, (n, self.num_tokens), generator=generator
         )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .base import NOOP, NUM_SPECIAL, Task, check_int, register
+from .base import NOOP, NUM_SPECIAL, Batch, Task, check_int, register
 from .sampling import scatter_valid, uniform
 
 
@@ -121,7 +121,7 @@ class FuzzyRecall(Task):
         order = uniform(n, pairs, generator=generator).argsort(1)
         return tokens.gather(1, repeat(order, "n p -> n p k", k=k)), lengths.gather(1, order)
 
-    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, n: int, generator: torch.Generator) -> Batch:
         pairs, t = self.num_kv_pairs, self.seq_len
         width = max(self._longest_key, self.max_value_len)
         key_tokens, key_lengths = self._keys(n, generator)
@@ -153,4 +153,4 @@ class FuzzyRecall(Task):
         scored = real & rearrange(query_value, "part p two w -> (part p two w)")
         answer_mask = torch.zeros(n, t + 1, dtype=torch.bool)  # last column: scratch
         scatter_valid(answer_mask, position - 1, True, scored)
-        return sequences[:, : t + 1], answer_mask[:, :t]
+        return Batch.from_sequences(sequences[:, : t + 1], answer_mask[:, :t])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .base import NOOP, NUM_SPECIAL, Task, check_int, check_seed, register
+from .base import NOOP, NUM_SPECIAL, Batch, Task, check_int, check_seed, register
 from .sampling import distinct
 
 
@@ -58,11 +58,11 @@ class Memorization(Task):
         # Keys are uniform, so the best blind guess is the value of the most keys.
         return self._value_table.bincount().max().item() / self.num_keys
 
-    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, n: int, generator: torch.Generator) -> Batch:
         keys = distinct(n, self.num_pairs, self.num_keys, generator)
         values = self._value_table[keys]
         pairs = rearrange([keys + NUM_SPECIAL, values], "two n p -> n (p two)")
         sequences = torch.cat([torch.full((n, self.num_pad), NOOP), pairs], dim=1)
         answer_mask = torch.zeros(n, self.seq_len, dtype=torch.bool)
         answer_mask[:, self.num_pad :: 2] = True
-        return sequences, answer_mask
+        return Batch.from_sequences(sequences, answer_mask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .base import NOOP, NUM_SPECIAL, Task, check_bool, check_float, check_int, register
+from .base import NOOP, NUM_SPECIAL, Batch, Task, check_bool, check_float, check_int, register
 from .sampling import distinct, uniform_excluding, weighted_order
 
 
@@ -20,18 +20,26 @@ class MultiQueryAssociativeRecall(Task):
     Sequence S (length seq_len + 1; P = num_kv_pairs, T = seq_len):
         k1 v1 k2 v2 ... kP vP | query region of T + 1 - 2P tokens
     The query region has (T - 2P) / 2 two-token slots; key j (the j-th context pair) is
-    written to the j-th slot drawn, as "kj vj". Slots are drawn without replacement with
-    probability proportional to a * i**(a - 1) for slot i = 1, 2, ... (a = power_a; the
+    written to the first token of the j-th slot drawn. Slots are drawn without replacement
+    with probability proportional to a * i**(a - 1) for slot i = 1, 2, ... (a = power_a; the
     default 0.01 clusters the queries next to the context, a = 1 is uniform). Every other
     query-region token is a filler: NOOP, or with random_non_queries a uniform ordinary
     token other than this sequence's keys (zoology draws fillers from the whole vocabulary,
     so there a filler can look like an unscored query; here a key occurs exactly twice).
 
-    Scored positions: the num_kv_pairs query keys, whose target is the value that follows.
+    As in zoology, a query's answer is its target only: the input after a query key is the
+    filler of its slot, never the value. (Fed back, as every next token is in the other
+    tasks, the answers shown so far would narrow the next ones down to the values not yet
+    given: a guess that never matches keys would score 52% at 4 pairs.) The targets are
+    still every next input elsewhere, and at a query the value.
+
+    Scored positions: the num_kv_pairs query keys, whose target is the key's value.
 
     Zoology also asks for vocab_size > seq_len; nothing here depends on it (keys never occur
     as fillers), so it is not required: the CPU-sized presets use vocab 256 at seq_len 256.
     """
+
+    layout = 2  # 2: answers no longer fed back as inputs
 
     def __init__(
         self,
@@ -67,7 +75,7 @@ class MultiQueryAssociativeRecall(Task):
         # Each answer is marginally uniform over the values.
         return 1.0 / self.num_values
 
-    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, n: int, generator: torch.Generator) -> Batch:
         pairs, context = self.num_kv_pairs, 2 * self.num_kv_pairs
         keys = distinct(n, pairs, self.num_keys, generator) + NUM_SPECIAL
         values = distinct(n, pairs, self.num_values, generator) + self.first_value
@@ -82,9 +90,9 @@ class MultiQueryAssociativeRecall(Task):
         slots = weighted_order(self.slot_log_weights, n, pairs, generator)
         query_at = context + 2 * slots  # position of key j's query in S
 
-        sequences = torch.cat([rearrange([keys, values], "two n p -> n (p two)"), fillers], 1)
-        sequences.scatter_(1, query_at, keys)
-        sequences.scatter_(1, query_at + 1, values)
+        shown = torch.cat([rearrange([keys, values], "two n p -> n (p two)"), fillers], 1)
+        shown.scatter_(1, query_at, keys)
+        answered = shown.scatter(1, query_at + 1, values)  # S with the answers in place
         answer_mask = torch.zeros(n, self.seq_len, dtype=torch.bool)
         answer_mask.scatter_(1, query_at, True)
-        return sequences, answer_mask
+        return Batch(shown[:, :-1].contiguous(), answered[:, 1:].contiguous(), answer_mask)

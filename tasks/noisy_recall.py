@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import NOOP, NUM_SPECIAL, Task, check_float, check_int, register
-from .sampling import distinct, scatter_valid, uniform
+from .base import NOOP, NUM_SPECIAL, Batch, Task, check_float, check_int, register
+from .sampling import distinct, scatter_valid, uniform, uniform_member
 
 
 @register("noisy_recall")
@@ -63,7 +63,7 @@ class NoisyRecall(Task):
         # Every answer is a value drawn uniformly and independently of the sequence so far.
         return 1.0 / self.num_values
 
-    def _sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, n: int, generator: torch.Generator) -> Batch:
         pairs, t = self.num_kv_pairs, self.seq_len
         keys = distinct(n, pairs, self.num_keys, generator) + NUM_SPECIAL
         values = torch.randint(self.num_values, (n, pairs), generator=generator)
@@ -97,11 +97,11 @@ class NoisyRecall(Task):
 
         # The final query: uniform over the keys the stream used (the first item always is one).
         used = first_use < items
-        query = torch.where(used, uniform(n, pairs, generator=generator), -1.0).argmax(1)
+        query = uniform_member(used, generator)
         sequences[:, t - 1] = keys.gather(1, query[:, None])[:, 0]
         sequences[:, t] = values.gather(1, query[:, None])[:, 0]
 
         answer_mask = torch.zeros(n, t + 1, dtype=torch.bool)  # last column: scratch
         scatter_valid(answer_mask, start, True, repeated)
         answer_mask[:, t - 1] = True
-        return sequences[:, : t + 1], answer_mask[:, :t]
+        return Batch.from_sequences(sequences[:, : t + 1], answer_mask[:, :t])

@@ -23,6 +23,13 @@ def uniform(*shape: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(*shape, generator=generator, dtype=torch.float32)
 
 
+def uniform_member(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """int64 [n]: per row of the bool [n, m] ``mask`` a column where it is True, uniform over
+    those columns (every row needs one). The largest of m uniforms over the allowed columns."""
+    scores = uniform(*mask.shape, generator=generator)
+    return torch.where(mask, scores, -1.0).argmax(1)
+
+
 def later_duplicates(x: torch.Tensor) -> torch.Tensor:
     """bool [n, k]: True where x[r, j] equals some x[r, i] with i < j."""
     sorted_x, order = x.sort(dim=1, stable=True)  # equal values keep their column order

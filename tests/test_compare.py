@@ -30,10 +30,10 @@ def test_shipped_presets_expand():
     by_key = {(r.task, r.variant): r.config for r in runs}
     ih_h3 = by_key[("induction_head", "h3")]
     assert ih_h3.model.mixer == "h3" and ih_h3.model.n_layers == 2
-    assert ih_h3.task.params == {"vocab_size": 20, "seq_len": 30}
+    assert ih_h3.task.params == {"vocab_size": 20, "seq_len": 31}
     assert by_key[("associative_recall", "attention")].task.params == {
         "vocab_size": 10,
-        "seq_len": 20,
+        "seq_len": 22,
     }
     assert len(expand(preset, seeds=3)) == 3 * len(runs)
     assert all(r.config.train.max_steps == 7 for r in expand(preset, ["train.max_steps=7"]))
@@ -447,3 +447,68 @@ def test_expand_refuses_what_training_would_refuse_or_overwrite(tmp_path):
     with pytest.raises(ValueError, match=f"run {runs[0].run_id}: .*") as refused:
         compare(preset, tmp_path, workers=1, progress=False)
     assert "another config" not in str(refused.value)
+
+
+def test_stop_pool_ends_its_own_workers_only():
+    """stop_pool terminates the pool's workers, not every multiprocessing child of the process:
+    compare runs in-process in a notebook, beside the user's own processes."""
+    import multiprocessing
+    import time
+
+    from sandbox.pools import stop_pool, worker_pool
+
+    other = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    other.start()
+    try:
+        pool = worker_pool(1)
+        pool.submit(time.sleep, 0.01).result()
+        (worker,) = pool.context.started
+        stop_pool(pool)
+        worker.join(timeout=10)
+        assert worker.exitcode is not None  # the pool's worker is gone
+        other.join(timeout=1)
+        assert other.is_alive()
+    finally:
+        other.terminate()
+        other.join()
+
+
+def test_heldout_split_excludes_validation_examples_too(tmp_path):
+    """heldout_test's split leaves out every example equal to one of the run's training or
+    validation examples. AR at vocab 6, seq_len 6 has so few distinct examples that a
+    32-example test stream certainly repeats some of the 4 validation ones; test_params that
+    keep the task as it is make the held-out split the task's own test stream, less those."""
+    from sandbox.compare import Run, heldout_test
+    from sandbox.config import build_config
+    from sandbox.io import save_checkpoint
+    from sandbox.train import WEIGHTS, build_model, build_task
+
+    params = {"vocab_size": 6, "seq_len": 6}
+    config = build_config(
+        {
+            "seed": 0,
+            "task": {
+                "name": "associative_recall",
+                "params": params,
+                "num_train": 8,
+                "num_valid": 4,
+                "num_test": 32,
+            },
+            "model": {"mixer": "attention", "d_model": 8, "n_layers": 1},
+        }
+    )
+    save_checkpoint(tmp_path / WEIGHTS, build_model(config, build_task(config)))
+    held = heldout_test(
+        Run("ar", "attention", 0, config.train.lr, config), tmp_path, {"seq_len": 6}
+    )
+
+    def rows(batch):  # examples as (inputs, scored targets), by brute force
+        triples = zip(batch.inputs.tolist(), batch.targets.tolist(), batch.answer_mask.tolist())
+        return [(tuple(x), tuple(y for y, m in zip(t, mm) if m)) for x, t, mm in triples]
+
+    task = tasks.build("associative_recall", **params)
+    seen = tasks.make_splits(task, 8, 4, 0, seed=0)
+    test = tasks.make_splits(task, 0, 0, 32, seed=0).test
+    assert set(rows(seen.valid)) & set(rows(test)), "the setting must exercise the check"
+    excluded = set(rows(seen.train)) | set(rows(seen.valid))
+    assert held["num_test"] == sum(r not in excluded for r in rows(test))

@@ -30,8 +30,8 @@ from test_kernels import direct_conv, make_inputs, second_order_grads, tied_conv
 import kernels.blocked  # noqa: E402
 from kernels import fft_triton, fftconv  # noqa: E402
 from kernels.blocked import blocked_conv  # noqa: E402
+from kernels.dispatch import backends, choose_method  # noqa: E402
 from kernels.fft_triton import FUSED_CAPACITY, PLANS, TritonFFTConv, fft_size  # noqa: E402
-from kernels.fftconv import backends, choose_method  # noqa: E402
 
 
 def assert_close_scaled(got, want, tol, scale=None):
@@ -319,7 +319,7 @@ def blocked_calls(monkeypatch):
     """Lowers the fused FFT size to 256, so that small shapes take the blocked path; yields
     the list of its calls."""
     # The module: the package's attribute "fftconv" is the function.
-    monkeypatch.setattr(importlib.import_module("kernels.fftconv"), "MAX_FUSED_FFT", 256)
+    monkeypatch.setattr(importlib.import_module("kernels.dispatch"), "MAX_FUSED_FFT", 256)
     calls = []
 
     def spy(*a):
@@ -383,7 +383,7 @@ def test_cuda_default_backend_by_shape():
     float64 or off CUDA. The rule by hand, on a stand-in for a CUDA tensor."""
     from types import SimpleNamespace
 
-    from kernels.fftconv import _default_backend
+    from kernels.dispatch import _default_backend
 
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
     assert _default_backend(cuda, 512, 512) == "triton"  # 1023 <= 1024

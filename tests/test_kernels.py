@@ -14,8 +14,8 @@ from kernels import (
     shift_kernel,
     ssm_chunked_conv,
 )
+from kernels.dispatch import METHODS, choose_method
 from kernels.fft_sizes import next_fast_len
-from kernels.fftconv import METHODS, choose_method
 from kernels.ssm import s4d_state
 
 
@@ -278,6 +278,13 @@ def test_method_choice():
     assert choose_method(4, 4096, 4096) == "fft"
     with pytest.raises(ValueError, match="method"):
         fftconv(torch.randn(1, 1, 4), torch.randn(1, 2), method="winograd")
+
+
+def test_crossover_constants_patch_by_their_dotted_name(monkeypatch):
+    """The dispatch module is reachable as kernels.dispatch (kernels.fftconv is the function), so
+    monkeypatching a crossover by its dotted name reaches the constant choose_method reads."""
+    monkeypatch.setattr("kernels.dispatch.TOEPLITZ_MAX_LEN", 0)
+    assert choose_method(32, 20, 20) == "fft"
 
 
 # Tolerances relative to the output's scale. fp32 inputs: fp32 rounding of the math; fp16 and
@@ -670,6 +677,28 @@ def test_gelu_tanh_matches_torch_float64():
     assert torch.autograd.gradcheck(gelu_tanh, x)
     # Second derivatives (create_graph=True): the backward's saved sigmoid is no constant.
     assert torch.autograd.gradgradcheck(gelu_tanh, x)
+    # gradgradcheck checks the create_graph backward against itself only; the function it
+    # differentiates must be tanh-GELU too: first and second derivatives against torch's.
+    x = x.detach().requires_grad_()
+    (got,), (want,) = (
+        torch.autograd.grad(f(x), x, g[:20], create_graph=True)
+        for f in (gelu_tanh, lambda t: F.gelu(t, approximate="tanh"))
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    (got2,), (want2,) = (torch.autograd.grad(d.square().sum(), x) for d in (got, want))
+    torch.testing.assert_close(got2, want2, rtol=1e-12, atol=1e-14)
+
+
+def test_zoh_discretize_float32_small_dt_A():
+    """s4d_discretize's zoh dB = (e^{dt A} - 1) / A must not cancel in fp32 at small dt A: it
+    feeds DiagonalSSM.step, prefill's s4d_state and the chunked path. Against float64 at
+    |dt A| ~ 5e-6 .. 6e-4."""
+    dt = torch.tensor([1e-5, 1e-4, 1e-3], dtype=torch.float64)
+    real = torch.full((3, 2), -0.5, dtype=torch.float64)
+    A = torch.complex(real, torch.tensor([[0.0, 0.3]] * 3, dtype=torch.float64))
+    want = (torch.exp(dt[:, None] * A) - 1) / A  # float64: relative error <= 1e-16 / |dt A|
+    _, got = s4d_discretize(dt.float(), A.to(torch.complex64), None, "zoh")
+    torch.testing.assert_close(got.to(torch.complex128), want, rtol=1e-6, atol=0)
 
 
 def test_gelu_tanh_float32_accuracy_and_large_inputs():

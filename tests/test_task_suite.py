@@ -61,30 +61,37 @@ def check_shapes(task, batch):
 
 
 def check_mqar(task, batch):
+    """zoology's layout: a query slot shows the key only; its value is the target, never the
+    next input (so the answers cannot be read off the inputs)."""
     p = task.params
     vocab, seq_len, pairs = p["vocab_size"], p["seq_len"], p["num_kv_pairs"]
     context = 2 * pairs
-    for s, mask in examples(batch):
-        keys, values = s[0:context:2], s[1:context:2]
+    rows = zip(batch.inputs.tolist(), batch.targets.tolist(), batch.answer_mask.tolist())
+    for x, y, mask in rows:
+        keys, values = x[0:context:2], x[1:context:2]
         assert all(FIRST_ORDINARY <= k < vocab // 2 for k in keys)
         assert all(vocab // 2 <= v < vocab for v in values)
         assert len(set(keys)) == pairs and len(set(values)) == pairs
         value_of = dict(zip(keys, values, strict=True))
-        queries = [t for t in range(context, seq_len) if s[t] in value_of]
-        assert sorted(s[t] for t in queries) == sorted(keys), "each key queried exactly once"
-        answers = set()
-        for t in queries:
-            assert (t - context) % 2 == 0, "queries sit in two-token slots after the context"
-            assert s[t + 1] == value_of[s[t]], "the value follows its query key"
-            answers.add(t + 1)
+        queries = [t for t in range(context, seq_len) if x[t] in value_of]
+        assert sorted(x[t] for t in queries) == sorted(keys), "each key queried exactly once"
+        assert all((t - context) % 2 == 0 for t in queries), "queries start two-token slots"
         assert positions(mask) == queries
-        for t in range(context, seq_len + 1):
-            if t in answers or t in queries:
-                continue
-            if p["random_non_queries"]:
-                assert FIRST_ORDINARY <= s[t] < vocab and s[t] not in value_of
+        for t in range(seq_len):
+            if t in queries:
+                assert y[t] == value_of[x[t]], "a query's target is its key's value"
             else:
-                assert s[t] == NOOP
+                assert y[t] == (x[t + 1] if t + 1 < seq_len else y[t]), "else the next input"
+        # Every query-region token but the query keys is a filler, the token after a query
+        # included; the last target, S's final token, is one too unless it is an answer.
+        tail = [x[t] for t in range(context, seq_len) if t not in queries]
+        if seq_len - 1 not in queries:
+            tail.append(y[-1])
+        for token in tail:
+            if p["random_non_queries"]:
+                assert FIRST_ORDINARY <= token < vocab and token not in value_of
+            else:
+                assert token == NOOP
 
 
 def check_selective_copying(task, batch):
@@ -412,6 +419,21 @@ def test_mqar_query_slots_follow_power_law(power_a):
         prob = weight / sum(weights)
         sigma = math.sqrt(total * prob * (1 - prob))
         assert abs(counts[slot] - total * prob) < 5 * sigma + 1, slot
+
+
+def test_mqar_answers_are_never_inputs():
+    """As in zoology, the input after a query key is a filler: with random fillers it equals
+    the answer only by chance (about 1 in 250 here), where feeding the answers back would make
+    it 100% and let a guess without key matching eliminate the values already answered."""
+    task = tasks.build("mqar", vocab_size=256, seq_len=64, num_kv_pairs=4)
+    batch = task.generate(2000, seed=0)
+    rows, cols = batch.answer_mask.nonzero(as_tuple=True)
+    keep = cols + 1 < task.seq_len
+    shown = batch.inputs[rows[keep], cols[keep] + 1] == batch.targets[rows[keep], cols[keep]]
+    assert shown.float().mean().item() < 0.02
+    from tasks.baselines import no_recall_accuracy
+
+    assert no_recall_accuracy(task, 500) == {"any context value": 0.25}
 
 
 def test_mqar_noop_fillers_and_tight_limits():
@@ -751,7 +773,6 @@ def test_no_recall_baselines_on_hand_checked_sequences():
         most_frequent_value,
         no_recall_accuracy,
         pair_value,
-        unanswered_value,
         uncopied_token,
     )
 
@@ -762,14 +783,13 @@ def test_no_recall_baselines_on_hand_checked_sequences():
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[:, -1] = True
     assert guess_accuracy(ar, tasks.Batch(inputs, targets, mask), most_frequent_value) == 0.75
-    # MQAR, 2 pairs (keys 2, 3; values 130, 131), queries of key 3 then key 2.
+    # MQAR, 2 pairs (keys 2, 3; values 130, 131), queries of key 3 then key 2, NOOP fillers.
     mq = tasks.build("mqar", vocab_size=256, seq_len=8, num_kv_pairs=2)
-    inputs = torch.tensor([[2, 130, 3, 131, 3, 131, 2, 130]])
+    inputs = torch.tensor([[2, 130, 3, 131, 3, 0, 2, 0]])
     targets = torch.tensor([[130, 3, 131, 3, 131, 2, 130, 0]])
     mask = torch.tensor([[False, False, False, False, True, False, True, False]])
     batch = tasks.Batch(inputs, targets, mask)
     assert guess_accuracy(mq, batch, context_value) == 0.5  # 1/2 at both queries
-    assert guess_accuracy(mq, batch, unanswered_value) == 0.75  # 1/2, then 131 is answered: 1
     assert no_recall_accuracy(tasks.build("induction_head")) == {}
     # On generated data: any context value is exactly 1/P (every answer is one of them).
     assert no_recall_accuracy(mq, 50)["any context value"] == 0.5

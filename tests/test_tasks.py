@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 import tasks
 
 NOOP, COPY = 0, 1  # the documented ids, restated so a silent renumbering fails the tests
-PAPER = {"associative_recall": (10, 20), "induction_head": (20, 30)}
+# The paper's Table 2 tasks as the model reads them: Safari's 10 pairs or 30 random tokens,
+# then "=>" (and the query key).
+PAPER = {"associative_recall": (10, 22), "induction_head": (20, 31)}
 
 
 def examples(batch):
@@ -59,7 +61,7 @@ def check_induction(batch, vocab_size, seq_len):
         arrows = [i for i, tok in enumerate(inputs) if tok == COPY]
         assert len(arrows) == 2 and arrows[1] == seq_len - 1
         p = arrows[0]
-        assert p + 1 < seq_len - 1
+        assert p + 1 < seq_len - 2, "the copied token is at least two before the final =>"
         assert NOOP not in inputs
         assert targets[-1] == inputs[p + 1]
 
@@ -88,8 +90,27 @@ def test_paper_settings_obey_rule(name):
 
 def test_recall_paper_layout():
     inputs = tasks.build("associative_recall").generate(10, seed=3).inputs
-    assert (inputs[:, 18] == COPY).all()  # 9 pairs, "=>", query = 20 inputs
-    assert (inputs[:, :18] >= 2).all()
+    assert (inputs[:, 20] == COPY).all()  # 10 pairs, "=>", query = 22 inputs
+    assert (inputs[:, :20] >= 2).all()
+
+
+def test_recall_query_is_uniform_over_the_keys_present():
+    """Safari's law: the query is uniform over the distinct keys of the context, however often
+    each occurs. Checked per context: among examples whose keys occur with counts (9, 1) --
+    one key nine times, another once -- the rare key is the query half the time (a query
+    drawn pair by pair would pick it 1 time in 10)."""
+    task = tasks.build("associative_recall", vocab_size=6, seq_len=22)  # 2 keys, 2 values
+    batch = task.generate(40000, seed=0)
+    keys, query = batch.inputs[:, 0:20:2], batch.inputs[:, -1:]
+    count = (keys == query).sum(1)
+    other = 10 - count
+    lopsided = ((count == 9) & (other == 1)) | ((count == 1) & (other == 9))
+    rare = (count[lopsided] == 1).float()
+    n = len(rare)
+    assert n > 300
+    assert abs(rare.mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5
+    # And the query always occurred: every example has a count >= 1.
+    assert (count >= 1).all()
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -149,7 +170,7 @@ def test_induction_first_arrow_covers_all_positions():
     task = tasks.build("induction_head")
     inputs = task.generate(5000, seed=2).inputs.tolist()
     positions = {row.index(COPY) for row in inputs}
-    assert positions == set(range(task.seq_len - 2))
+    assert positions == set(range(task.seq_len - 3))  # 0 .. T-4, Safari's range
 
 
 def test_recall_queries_every_key():
@@ -164,7 +185,7 @@ def test_batch_indexing():
     assert torch.equal(sub.inputs[0], batch.inputs[3])
     assert torch.equal(batch[2:5].targets, batch.targets[2:5])
     one = batch[-1]
-    assert one.inputs.shape == (1, 30) and torch.equal(one.inputs[0], batch.inputs[9])
+    assert one.inputs.shape == (1, 31) and torch.equal(one.inputs[0], batch.inputs[9])
     for index in (np.int64(-1), torch.tensor(-1)):  # integers of other kinds index alike
         assert torch.equal(batch[index].inputs, one.inputs)
     moved = batch.to("cpu")
@@ -188,7 +209,7 @@ def test_recall_property(vocab_size, seq_len, seed):
 @settings(max_examples=40, deadline=None)
 @given(
     vocab_size=st.integers(4, 40),
-    seq_len=st.integers(3, 70),
+    seq_len=st.integers(4, 70),
     seed=st.integers(0, 2**32),
 )
 def test_induction_property(vocab_size, seq_len, seed):
@@ -235,8 +256,8 @@ def test_splits_train_is_not_a_held_out_stream():
 
 
 def test_splits_too_small_space():
-    # vocab 4, seq_len 3 has exactly two distinct examples: "=> a =>" with a in {2, 3}.
-    task = tasks.build("induction_head", vocab_size=4, seq_len=3)
+    # vocab 4, seq_len 4 has exactly four distinct examples: "=> a b =>" with a, b in {2, 3}.
+    task = tasks.build("induction_head", vocab_size=4, seq_len=4)
     with pytest.raises(ValueError, match="too small"):
         tasks.make_splits(task, num_train=50, num_valid=5, num_test=5)
     # A hopeless request gives up once an optimistic fresh rate cannot fill it, instead of
@@ -277,7 +298,7 @@ def test_inputs_and_targets_are_separate_memory_at_any_batch_size():
         ("associative_recall", {"seq_len": 20.5}, "seq_len must be an integer"),
         ("associative_recall", {"vocab": 10}, "unknown parameter 'vocab'"),
         ("induction_head", {"vocab_size": 3}, "vocab_size must be >= 4"),
-        ("induction_head", {"seq_len": 2}, "seq_len must be >= 3"),
+        ("induction_head", {"seq_len": 3}, "seq_len must be >= 4"),
         ("induction_head", {"seq_len": True}, "seq_len must be an integer"),
         ("induction_head", {"num_pairs": 4}, "unknown parameter 'num_pairs'"),
         ("mqar", {"power_a": 1e40}, r"power_a must be in \(0, 1e\+06\]"),
@@ -302,3 +323,21 @@ def test_generate_and_split_errors():
     assert torch.equal(task.generate(2, seed=2**64 - 1).inputs, task.generate(2, 2**64 - 1).inputs)
     with pytest.raises(ValueError, match="num_test must be >= 0"):
         tasks.make_splits(task, num_train=10, num_valid=1, num_test=-1)
+
+
+def test_each_top_up_round_of_a_split_draws_a_new_stream():
+    """A held-out split short of fresh examples after its first round tops up from a stream of
+    its own: round 1 must not replay round 0 (each of its examples would be kept twice)."""
+    from tasks.base import split_seed
+
+    assert len({split_seed(0, "valid", r) for r in range(5)}) == 5
+    task = tasks.build("associative_recall", vocab_size=6, seq_len=16)
+    splits = tasks.make_splits(task, 1000, 200, 0, seed=0)
+    seen = {tuple(x) for x in splits.train.inputs.tolist()}
+    first = task.generate(400, split_seed(0, "valid", 0)).inputs.tolist()
+    fresh = [x for x in first if tuple(x) not in seen]
+    assert 0 < len(fresh) < 200  # the first round falls short
+    valid = splits.valid.inputs
+    assert valid[: len(fresh)].tolist() == fresh
+    k = min(len(fresh), 200 - len(fresh))
+    assert not torch.equal(valid[len(fresh) : len(fresh) + k], valid[:k])

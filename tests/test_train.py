@@ -395,6 +395,30 @@ def test_resume_accepts_an_older_saved_config_and_refuses_a_different_one(tmp_pa
         check_run_dir(tmp_path, config, resume=False)
 
 
+def test_a_run_of_an_earlier_task_generator_is_refused(tmp_path):
+    """data.json records which generator drew a run's examples; a finished run or a checkpoint
+    from another layout of the task (a run dir made before AR followed Safari's query law, with
+    no data.json) is refused instead of passing for this data's result."""
+    from sandbox.train import RunDirError
+
+    config, out = tiny(epochs=1, eval_every=None), tmp_path / "run"
+    result = train(config, out, progress=False)
+    task = build_task(config)
+    assert json.loads((out / "data.json").read_text()) == {
+        "task": "associative_recall",
+        "params": {"vocab_size": 10, "seq_len": 22},
+        "layout": task.layout,
+    }
+    assert train(config, out, resume=True, progress=False) == result  # the same data: reused
+    (out / "data.json").unlink()  # as a run made before layouts were recorded
+    with pytest.raises(RunDirError, match=r"earlier generator \(layout 1; this version draws"):
+        train(config, out, resume=True, progress=False)
+    (out / "data.json").write_text(json.dumps({"task": "x", "params": {}, "layout": task.layout}))
+    with pytest.raises(RunDirError, match="names other task data"):
+        train(config, out, resume=True, progress=False)
+    assert json.loads((out / "result.json").read_text()) == result  # nothing overwritten
+
+
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_training_step_clips_the_gradient_norm(clip):
     # With plain SGD at lr 1 a step moves the weights by exactly the (clipped) gradient.
@@ -412,3 +436,127 @@ def test_training_step_clips_the_gradient_norm(clip):
     training_step(model, torch.optim.SGD(params, lr=1.0), batch, config.train)
     moved = torch.cat([(b - p.detach()).flatten() for p, b in zip(params, before)]).norm()
     assert float(moved) == pytest.approx(float(raw) if clip is None else clip, rel=1e-5)
+
+
+# --- the trainer's documented rules, each pinned on a small run (64 / 32 / 32 examples in
+# batches of 16: 4 steps an epoch, 3 epochs, an evaluation every 4 steps)
+
+
+def small(dropout: float = 0.0, **train_overrides):
+    data = json.loads(json.dumps(TINY))
+    data["task"].update(num_train=64, num_valid=32, num_test=32)
+    data["model"]["dropout"] = dropout
+    data["train"].update({"batch_size": 16, "epochs": 3, "eval_every": 4, **train_overrides})
+    return build_config(data)
+
+
+def records_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ssm_group_lr_is_the_smaller_of_ssm_lr_and_lr():
+    """README: SSM parameters train at lr min(ssm_lr, lr); h3-table2 trains at 5e-4 < 1e-3."""
+    config = small(lr=5e-4)
+    model = LanguageModel(config.model, vocab_size=10, max_seq_len=22)
+    groups = make_optimizer(model, config.train).param_groups
+    ssm = {id(p) for n, p in model.named_parameters() if n.endswith(("log_dt", "A_imag", "A_real"))}
+    assert ssm
+    assert {g["lr"] for g in groups if any(id(p) in ssm for p in g["params"])} == {5e-4}
+
+
+def test_the_last_step_is_evaluated_when_the_cap_is_no_multiple_of_eval_every(tmp_path):
+    result = train(small(max_steps=10), tmp_path / "r", progress=False)
+    assert result["steps"] == 10 and [r["step"] for r in records_of(tmp_path / "r")] == [4, 8, 10]
+
+
+def test_each_epoch_is_a_new_order_of_the_training_set(tmp_path, monkeypatch):
+    """Every epoch covers the training split once, each in another order."""
+    import sandbox.train as trainer
+
+    seen, real = [], trainer.training_step
+
+    def spy(model, optimizer, batch, cfg):
+        seen.append(batch.inputs.clone())
+        return real(model, optimizer, batch, cfg)
+
+    monkeypatch.setattr(trainer, "training_step", spy)
+    config = small()
+    train(config, tmp_path / "r", progress=False)
+    split = tasks.make_splits(build_task(config), 64, 32, 32, seed=config.seed).train.inputs
+    epochs = [torch.cat(seen[4 * e : 4 * e + 4]) for e in range(3)]
+    rows = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731
+    assert all(rows(e) == rows(split) for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+
+
+def test_train_loss_is_the_mean_since_the_last_evaluation(tmp_path, monkeypatch):
+    import sandbox.train as trainer
+
+    losses, real = [], trainer.training_step
+
+    def spy(*args):
+        loss = real(*args)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(trainer, "training_step", spy)
+    train(small(), tmp_path / "r", progress=False)
+    for r in records_of(tmp_path / "r"):
+        assert r["train_loss"] == pytest.approx(sum(losses[r["step"] - 4 : r["step"]]) / 4)
+
+
+def test_a_tie_keeps_the_first_best_evaluation(tmp_path):
+    """At lr 1e-12 no prediction changes, so every evaluation ties: the first one is best."""
+    result = train(small(lr=1e-12, ssm_lr=1e-12), tmp_path / "r", progress=False)
+    records = records_of(tmp_path / "r")
+    assert len(records) == 3 and len({r["val_accuracy"] for r in records}) == 1
+    assert result["best_step"] == 4
+
+
+def test_warmup_is_the_floor_of_warmup_frac_times_total():
+    cfg = build_config({"train": {"warmup_frac": 0.1}}).train
+    # 0.1 * 45 = 4.5 -> 4 warmup steps: step 0 at 1/4, step 3 the first at full lr.
+    assert lr_factor(0, 45, cfg) == pytest.approx(1 / 4)
+    assert lr_factor(3, 45, cfg) == pytest.approx(1.0) == lr_factor(4, 45, cfg)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_after_a_kill_between_a_record_and_its_checkpoint(tmp_path, dropout):
+    """on_eval runs after a record is written and before its checkpoint: raising there is a
+    kill in that window. The resumed run drops the redone record once and, dropout included
+    (the RNG state is restored), ends with the uninterrupted run's numbers."""
+    reference = train(small(dropout), tmp_path / "ref", progress=False)
+
+    def kill_at_8(record):
+        if record["step"] == 8:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(small(dropout), tmp_path / "run", progress=False, on_eval=kill_at_8)
+    torch.manual_seed(12345)  # whatever the process did in between
+    resumed = train(small(dropout), tmp_path / "run", resume=True, progress=False)
+
+    def timeless(records):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+    assert timeless(records_of(tmp_path / "run")) == timeless(records_of(tmp_path / "ref"))
+    assert timeless([resumed]) == timeless([reference])
+
+
+def test_a_checkpoint_of_a_shallower_model_is_refused_naming_what_is_missing(tmp_path):
+    """Same width, one layer instead of two: every tensor fits, but blocks.1.* are missing."""
+    from sandbox.io import load_checkpoint, load_model_weights, save_checkpoint
+
+    def model(n_layers):
+        config = build_config({"model": {"mixer": "h3", "d_model": 16, "n_layers": n_layers}})
+        return LanguageModel(config.model, vocab_size=10, max_seq_len=22)
+
+    save_checkpoint(tmp_path / "one.safetensors", model(1))
+    state = load_checkpoint(tmp_path / "one.safetensors")["model"]
+    with pytest.raises(ValueError, match=r"does not match the model: missing \['blocks\.1\."):
+        load_model_weights(model(2), state)
+    load_model_weights(model(1), state)  # the tied head is no missing weight
