@@ -56,6 +56,7 @@ from sandbox.train import (
     check_run_dir,
     lr_factor,
     make_optimizer,
+    torch_threads,
     truncate_metrics,
 )
 
@@ -299,9 +300,10 @@ def pretrain(
     out = Path(out)
     try:
         if not d.main:  # rank 0 alone writes, and holds the directory's lock for its job
-            return _pretrain(config, out, resume, progress, on_step, d)
+            with torch_threads(config.threads):
+                return _pretrain(config, out, resume, progress, on_step, d)
         check_run_dir(out, config, resume)  # a file or another run: refused before making it
-        with lock_dir(out):
+        with lock_dir(out), torch_threads(config.threads):
             return _pretrain(config, out, resume, progress, on_step, d)
     finally:
         distributed.teardown(d)
@@ -309,8 +311,6 @@ def pretrain(
 
 def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> dict:
     cfg = config.train
-    if config.threads:
-        torch.set_num_threads(config.threads)
     accumulation = accumulation_steps(config, d.world)
     splits = open_data(config, d.world)
     check_run_dir(out, config, resume)

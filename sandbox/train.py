@@ -7,6 +7,7 @@ with exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -56,6 +57,24 @@ class RunDirError(ValueError):
     def __init__(self, message: str, differences: str | None = None):
         super().__init__(message)
         self.differences = differences
+
+
+# torch's thread count when the process started: what `threads: null` means, whatever runs
+# came before in the same process (compare --workers 1, sweeps, notebooks).
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with ``threads`` torch threads (None: the process's default), then put
+    back the count found: the thread count changes a CPU run's numbers, so one run must not
+    leave its count to the next."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or _DEFAULT_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -345,7 +364,8 @@ def train(
     check_run_dir(out, config, resume)  # a file or another run: refused before making anything
     check_run_data(out, config)
     with lock_dir(out, wait_s=lock_wait_s):
-        return _train(config, out, resume, progress, on_eval)
+        with torch_threads(config.threads):
+            return _train(config, out, resume, progress, on_eval)
 
 
 def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
@@ -355,8 +375,6 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
         return read_result(out)  # finished already
     if resume:
         remove_stale_temps(out)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     task = build_task(config)
     splits = tasks.make_splits(

@@ -310,3 +310,22 @@ def test_tiny_grid_end_to_end(tmp_path):
         result.write_text(damaged)
         with pytest.raises(ValueError, match=f"{re.escape(str(result))} {why}.*delete it to tr"):
             compare(preset, out, workers=1, progress=False)
+
+
+def test_table_baselines_are_those_of_the_test_split(tmp_path):
+    """write_all's table takes each row's chance and no-recall levels from the task its test
+    split is drawn from: recall-suite's fuzzy_recall is tested on 3-token keys."""
+    from tasks.baselines import no_recall_accuracy
+
+    preset = load_preset("recall-suite")
+    preset = preset.model_copy(update={"tasks": {"fuzzy_recall": preset.tasks["fuzzy_recall"]}})
+    runs = expand(preset)
+    report.write_all([], preset, runs, tmp_path, show=False)
+    params = runs[0].config.task.params
+    tested = tasks.build("fuzzy_recall", **params, key_len=3)
+    expected = 100 * max(no_recall_accuracy(tested).values())
+    trained = 100 * max(no_recall_accuracy(tasks.build("fuzzy_recall", **params)).values())
+    assert f"{expected:.1f}" != f"{trained:.1f}"
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert lines[2].startswith(f"| random | {100 * tested.random_accuracy:.1f} |")
+    assert lines[3].startswith(f"| no recall | {expected:.1f} |"), lines[3]

@@ -447,3 +447,11 @@ def test_tiny_corpus_is_reproducible_and_wired(tmp_path, monkeypatch, capsys):
     assert main(["prepare-data", "--tiny-corpus", "--out", str(tmp_path), "--quiet"]) == 0
     assert seen["inputs"] == [str(TINY_CORPUS)]
     assert "--tiny-corpus" in _error(capsys, ["prepare-data", "--out", str(tmp_path)])
+
+
+def test_pretrain_windows_start_anywhere_a_whole_window_fits():
+    """40 tokens, windows of seq_len + 1 = 33: every start 0..7 is drawn, the last included."""
+    from sandbox.pretrain import train_starts
+
+    starts = {int(s) for step in range(20) for s in train_starts(0, step, 40, 32, 50)}
+    assert starts == set(range(8))

@@ -890,3 +890,22 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_queued_again(tmp_path, m
     assert (orphaned.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
     assert origin(retry) == 0  # (the orphan died before sampling: no params to repeat)
     assert retry.user_attrs["run_dir"] == str((tmp_path / "b" / "out" / "trials" / "0").resolve())
+
+
+def test_workers_and_late_joiners_get_their_own_random_draws():
+    """README: a worker's sampler is seeded from the sweep's seed, its index and the trials
+    done when it joins: --jobs 2 workers do not sample the same start-up parameters, nor does a
+    worker restarted on a study that moved on replay its first draws."""
+    from sweeps.space import SweepSpace
+
+    def first_lr(space, worker, done):
+        study = optuna.create_study(direction="maximize", sampler=space.make_sampler(worker, done))
+        return study.ask().suggest_float("train.lr", 1e-4, 1e-2, log=True)
+
+    lr = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    for sampler in ("random", "tpe"):
+        space = SweepSpace.model_validate({"sampler": sampler, "seed": 0, "params": lr})
+        assert first_lr(space, 0, 0) == first_lr(space, 0, 0)
+        assert first_lr(space, 0, 0) != first_lr(space, 1, 0)  # another worker index
+        assert first_lr(space, 0, 0) != first_lr(space, 0, 5)  # joined after 5 trials
+        assert first_lr(space, 0, 0) != first_lr(space.model_copy(update={"seed": 1}), 0, 0)

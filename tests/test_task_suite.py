@@ -815,3 +815,20 @@ def test_no_recall_baselines_on_hand_checked_sequences():
     mask[:, 5:] = True
     batch = tasks.Batch(sequences[:, :-1], sequences[:, 1:], mask)
     assert guess_accuracy(sc, batch, uncopied_token) == pytest.approx(4.5 / 6)
+
+
+def test_most_frequent_value_reads_the_value_token_at_the_scored_position():
+    """Fuzzy recall scores value tokens too; the guess there counts the token it stands on.
+    Pairs [2] -> [7, 7] and [3] -> [9], queried 3 then 2; scored: the 3 (target 9), the 2
+    (target 7) and the first 7 (target 7). Counts {7: 2, 9: 1} miss 9; {7: 2, 9: 2} tie (1/2);
+    {7: 3, 9: 2} hit: 1.5 / 3."""
+    from tasks.baselines import guess_accuracy, most_frequent_value
+
+    fz = tasks.build(
+        "fuzzy_recall", vocab_size=12, seq_len=11, num_kv_pairs=2, max_key_len=1, max_value_len=2
+    )
+    sequence = torch.tensor([[0, 0, 2, 7, 7, 3, 9, 3, 9, 2, 7, 7]])
+    mask = torch.zeros(1, 11, dtype=torch.bool)
+    mask[0, [7, 9, 10]] = True
+    batch = tasks.Batch(sequence[:, :-1], sequence[:, 1:], mask)
+    assert guess_accuracy(fz, batch, most_frequent_value) == 0.5

@@ -341,3 +341,15 @@ def test_each_top_up_round_of_a_split_draws_a_new_stream():
     assert valid[: len(fresh)].tolist() == fresh
     k = min(len(fresh), 200 - len(fresh))
     assert not torch.equal(valid[len(fresh) : len(fresh) + k], valid[:k])
+
+
+def test_a_held_out_split_that_can_be_filled_is_filled_when_fresh_examples_are_rare():
+    """AR at vocab 6, seq_len 6 has few distinct examples: after 60 training ones a first round
+    may see no fresh example, but one exists, so the split must not give up."""
+    task = tasks.build("associative_recall", vocab_size=6, seq_len=6)
+    pool = task.generate(20000, seed=99)
+    for seed in range(3):
+        splits = tasks.make_splits(task, 60, 1, 0, seed=seed)
+        assert tasks.not_in(pool, splits.train).any()  # the oracle: a fresh example exists
+        seen = {tuple(x) for x in splits.train.inputs.tolist()}
+        assert len(splits.valid) == 1 and tuple(splits.valid.inputs[0].tolist()) not in seen

@@ -560,3 +560,30 @@ def test_a_checkpoint_of_a_shallower_model_is_refused_naming_what_is_missing(tmp
     with pytest.raises(ValueError, match=r"does not match the model: missing \['blocks\.1\."):
         load_model_weights(model(2), state)
     load_model_weights(model(1), state)  # the tied head is no missing weight
+
+
+def test_train_leaves_the_thread_count_as_it_found_it(tmp_path, monkeypatch):
+    """A run's `threads` lasts for that run: the next run in the process (compare --workers 1,
+    a sweep, a notebook) with `threads: null` trains with the process's default, not with the
+    count the last run set (a thread count changes CPU numbers)."""
+    import sandbox.train as trainer
+
+    before = torch.get_num_threads()
+    train(small(), tmp_path / "a", progress=False)  # threads: 1
+    assert torch.get_num_threads() == before
+    seen, real = [], trainer.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", spy)
+    monkeypatch.setattr(trainer, "_DEFAULT_THREADS", 2)
+    torch.set_num_threads(1)
+    try:
+        data = small().model_dump(mode="json")
+        data["threads"] = None
+        train(build_config(data), tmp_path / "b", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {2}
