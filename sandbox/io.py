@@ -97,7 +97,7 @@ def lock_dir(path: str | Path, refusal: Exception | None = None, wait_s: float =
     it (a bad config found when the model is built leaves nothing behind)."""
     made = not os.path.isdir(path)
     make_dir(path)
-    fd = os.open(path, os.O_RDONLY)
+    fd, locked = os.open(path, os.O_RDONLY), False
     try:
         deadline, told = time.monotonic() + wait_s, False
         while not _try_flock(fd):
@@ -110,9 +110,12 @@ def lock_dir(path: str | Path, refusal: Exception | None = None, wait_s: float =
                       "for it to stop", file=sys.stderr, flush=True)  # fmt: skip
                 told = True
             time.sleep(min(0.2, left))
+        locked = True
         yield
     except BaseException:
-        if made:
+        # Only by the holder: two writers that both found it missing both "made" it, and the
+        # refused one removed the holder's directory, which then came back unlocked.
+        if made and locked:
             with contextlib.suppress(OSError):  # not empty: what was written stays
                 os.rmdir(path)
         raise

@@ -10,8 +10,10 @@ inside the pool's queues printed tracebacks, or left the parent's shutdown waiti
 from __future__ import annotations
 
 import multiprocessing.context
+import os
 import signal
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -58,9 +60,25 @@ class WorkerDied(RuntimeError):
     pool broke (concurrent.futures' BrokenProcessPool). The CLI prints it as one line, exit 1."""
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _start_worker(parent: int, initializer, initargs: tuple) -> None:
+    # A worker exits once its parent is gone (kill -9, a scheduler's hard kill): an orphan
+    # went on training and held its run's lock, so the rerun was refused; then it waited on
+    # the pool's pipe for ever. Its run resumes from the last (atomic) checkpoint.
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> ProcessPoolExecutor:
-    """A pool of ``workers`` spawned processes that ignore Ctrl-C."""
-    return _Pool(workers, initializer, initargs)
+    """A pool of ``workers`` spawned processes that ignore Ctrl-C and exit when the parent
+    dies; each runs ``initializer(*initargs)`` first."""
+    return _Pool(workers, _start_worker, (os.getpid(), initializer, initargs))
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:

@@ -343,3 +343,32 @@ def test_a_run_directory_lock_can_be_waited_for(tmp_path, capsys):
         release.set()
         thread.join()
     assert "another process is writing there; waiting up to 30 s" in capsys.readouterr().err
+
+
+def test_a_refused_lock_leaves_the_holders_new_directory(tmp_path, monkeypatch):
+    """Two writers find a new --out missing and both make it; the first to lock it holds it.
+    The refused one must not remove it: the holder's directory came back unlocked, and a third
+    writer then got the lock beside it. Here "another process" locks it right after make_dir."""
+    import fcntl
+
+    from sandbox import io
+
+    run, holder, real = tmp_path / "run", {}, io.make_dir
+
+    def make_dir_then_another_process_locks(path):
+        real(path)
+        holder["fd"] = fd = os.open(path, os.O_RDONLY)  # its own open(): its own flock
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    monkeypatch.setattr(io, "make_dir", make_dir_then_another_process_locks)
+    try:
+        with pytest.raises(ValueError, match="another process is writing there"):
+            with io.lock_dir(run):
+                pass
+        assert run.is_dir(), "the refused writer removed the holder's directory"
+        monkeypatch.setattr(io, "make_dir", real)
+        with pytest.raises(ValueError, match="another process is writing there"):
+            with io.lock_dir(run):  # a third writer is still kept out
+                pass
+    finally:
+        os.close(holder["fd"])

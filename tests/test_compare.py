@@ -512,3 +512,33 @@ def test_heldout_split_excludes_validation_examples_too(tmp_path):
     assert set(rows(seen.valid)) & set(rows(test)), "the setting must exercise the check"
     excluded = set(rows(seen.train)) | set(rows(seen.valid))
     assert held["num_test"] == sum(r not in excluded for r in rows(test))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_pool_workers_exit_when_their_parent_is_killed():
+    """kill -9 of compare's (or prepare-data's) parent: its workers exit within seconds rather
+    than train on holding their runs' locks (the rerun was refused) and then wait for ever."""
+    script = (
+        "import time\n"
+        "from sandbox.pools import worker_pool\n"
+        "pool = worker_pool(1)\n"
+        "pool.submit(time.sleep, 0).result()\n"
+        "print(pool.context.started[0].pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = proc.stdout.readline().strip()
+        assert _state(worker) not in (None, "Z")
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 20
+        while _state(worker) not in (None, "Z") and time.time() < deadline:
+            time.sleep(0.2)
+        assert _state(worker) in (None, "Z"), "an orphaned pool worker lives on"
+    finally:
+        proc.kill()
+        if worker:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(worker), signal.SIGKILL)

@@ -41,8 +41,6 @@ import io
 import json
 import os
 import sys
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -260,17 +258,6 @@ def _parse(line: bytes) -> tuple[str | None, bytes | None, str | None, str | Non
     except UnicodeEncodeError:
         return None, None, "invalid_utf8", '"text" has a lone surrogate escape (not UTF-8)'
     return text, data, None, None
-
-
-def _init_worker(parent: int) -> None:
-    """Exit once the parent is gone: a killed job must not leave its workers waiting forever."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def _tokenize_chunk(
@@ -603,7 +590,7 @@ def _run_job(job, out: Path, workers, chunk_docs, progress, log, hook) -> dict:
     try:
         pool = None
         if workers > 1:
-            pool = worker_pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
+            pool = worker_pool(workers)
         completed = False
         try:
             pending: deque = deque()
