@@ -687,3 +687,78 @@ def test_attention_default_heads_divide_d_model(d_model, heads):
     mixer = layers.build("attention", d_model=d_model)
     assert mixer.num_heads == heads and d_model // heads >= 64
     assert mixer(torch.randn(1, 3, d_model)).shape == (1, 3, d_model)
+
+
+# --- documented defaults and initialisation (a mutation review found them unpinned)
+
+
+@pytest.mark.parametrize(
+    "name, params", [("attention", {"num_heads": 2}), ("hyena", {"max_len": 16})]
+)
+def test_dropout_is_applied_in_training_only(name, params):
+    """dropout 0.5: in eval mode the output equals the same weights without dropout (and is
+    deterministic); in training mode it is random and differs from it."""
+    torch.manual_seed(0)
+    mixer = layers.build(name, d_model=16, dropout=0.5, **params).double()
+    plain = layers.build(name, d_model=16, dropout=0.0, **params).double()
+    plain.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    mixer.eval(), plain.eval()
+    with torch.no_grad():
+        want = plain(x)
+        torch.testing.assert_close(mixer(x), want, rtol=0, atol=0)
+        mixer.train()
+        a, b = mixer(x), mixer(x)
+    assert not torch.allclose(a, want) and not torch.allclose(a, b)
+
+
+def test_documented_defaults():
+    """REFERENCE.md and the docstrings: GSS F = 4E, H = E/4; H3 d_state 64 with a bilinear
+    diagonal SSM, dt in [1e-3, 1e-1]; S4D zoh; DiagonalSSM S4D-Lin; Hyena's decay windows
+    reach 1e-2 at 0.3 max_len (fastest channel) and 1.5 max_len (slowest)."""
+    gss = layers.build("gss", d_model=16)
+    assert gss.gate_proj.out_features == 64 and gss.ssm.D.shape == (4,)
+    h3 = layers.build("h3", d_model=8)
+    assert h3.k_ssm.C.shape == (8, 64) and h3.kv_ssm.C.shape == (8, 32, 2)
+    assert h3.kv_ssm.discretization == "bilinear"
+    assert layers.build("s4d", d_model=8).ssm.discretization == "zoh"
+    torch.testing.assert_close(DiagonalSSM(2, 8).A_imag[0], math.pi * torch.arange(4.0))
+    torch.manual_seed(0)
+    dt = layers.build("h3", d_model=256).kv_ssm.log_dt.detach().exp()
+    assert 1e-3 * (1 - 1e-6) <= dt.min() < 2e-3 and 5e-2 < dt.max() <= 1e-1 * (1 + 1e-6)
+    window = layers.build("hyena", d_model=2).decay_window(2048 * 3).double()
+    reach = window[:, [round(0.3 * 2048), round(1.5 * 2048)]].diagonal()
+    torch.testing.assert_close(
+        reach, torch.full((2,), 1e-2, dtype=torch.float64), rtol=1e-2, atol=0
+    )
+
+
+def test_diagonal_ssm_init_distributions():
+    """log dt ~ U[log dt_min, log dt_max] (log-uniform, not uniform in dt); C complex normal
+    with E|C|^2 = 1; D standard normal. 4096 channels: sampling error ~1-2%."""
+    torch.manual_seed(0)
+    ssm = DiagonalSSM(4096, 4, dt_min=1e-3, dt_max=1e-1)
+    log_dt = ssm.log_dt.detach()
+    lo, hi = math.log(1e-3), math.log(1e-1)
+    assert abs(log_dt.mean().item() - (lo + hi) / 2) < 0.05 * (hi - lo)
+    assert abs(log_dt.std().item() - (hi - lo) / math.sqrt(12)) < 0.05 * (hi - lo)
+    assert abs(ssm.C.detach().square().sum(-1).mean().item() - 1) < 0.05  # E|C|^2
+    d = ssm.D.detach()
+    assert abs(d.mean().item()) < 0.05 and abs(d.std().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("d_state", [4, 64])
+def test_shift_ssm_init(d_state):
+    """Taps C ~ normal / sqrt(N); with learn_b the learned B starts at e1, so the layer starts
+    as the paper's shift SSM: the same filter as learn_b=False with the same C."""
+    torch.manual_seed(0)
+    assert abs(ShiftSSM(4096, d_state).C.detach().var().item() * d_state - 1) < 0.05
+    learned = ShiftSSM(3, d_state, learn_b=True).double()
+    fixed = ShiftSSM(3, d_state).double()
+    fixed.load_state_dict({k: v for k, v in learned.state_dict().items() if k != "B"})
+    e1 = torch.zeros(3, d_state, dtype=torch.float64)
+    e1[:, 0] = 1
+    torch.testing.assert_close(learned.B.detach(), e1, rtol=0, atol=0)
+    u = torch.randn(2, 3, 10, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(learned(u), fixed(u), rtol=1e-12, atol=1e-12)
