@@ -724,3 +724,24 @@ def test_chunked_gates_must_match_u():
     for name, gate in (("pregate", torch.rand(1, 2, 1)), ("postgate", torch.rand(2, 1, 2, 8))):
         with pytest.raises(ValueError, match=rf"ssm_chunked_conv: {name} must match u \(1, 2, 8\)"):
             ssm_chunked_conv(u, dt, A, None, C, None, 4, **{name: gate})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_signal_fp32_filter_gradient_is_fp32_accurate(method, dtype):
+    """Under autocast a layer gives fftconv a half-precision signal and gates with its fp32
+    filter and D: u * pregate is formed in fp32, so dk and dD are fp32-accurate. Oracle: a
+    float64 loop over the lags."""
+    g = torch.Generator().manual_seed(0)
+    B, H, L, K = 2, 3, 64, 64
+    u, pre, post, gy = (torch.randn(B, H, L, generator=g).to(dtype) for _ in range(4))
+    k = torch.randn(H, K, generator=g, requires_grad=True)
+    D = torch.randn(H, generator=g, requires_grad=True)
+    dk, dD = torch.autograd.grad(fftconv(u, k, D, pre, post, method=method), (k, D), gy)
+    v, gz = u.double() * pre.double(), gy.double() * post.double()
+    want_dk = torch.stack(
+        [torch.stack([(gz[:, h, j:] * v[:, h, : L - j]).sum() for j in range(K)]) for h in range(H)]
+    )
+    want_dD = (gz * v).sum((0, 2))
+    assert (dk.double() - want_dk).abs().max() < 1e-5 * want_dk.abs().max()
+    assert (dD.double() - want_dD).abs().max() < 1e-5 * want_dD.abs().max()

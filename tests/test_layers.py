@@ -731,6 +731,17 @@ def test_documented_defaults():
     torch.testing.assert_close(
         reach, torch.full((2,), 1e-2, dtype=torch.float64), rtol=1e-2, atol=0
     )
+    sines = [m for m in layers.build("hyena", d_model=4).modules() if hasattr(m, "freq")]
+    assert len(sines) == 2 and all(torch.equal(m.freq, torch.ones_like(m.freq)) for m in sines)
+    # Rotary attention's default base is RoPE's 10000: the same weights with it given agree.
+    torch.manual_seed(0)
+    rope = layers.build("attention", d_model=8, num_heads=2, rotary=True).double()
+    explicit = layers.build("attention", d_model=8, num_heads=2, rotary=True, rotary_base=1e4)
+    explicit = explicit.double()
+    explicit.load_state_dict(rope.state_dict())
+    x = torch.randn(1, 40, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(rope(x), explicit(x), rtol=0, atol=0)
 
 
 def test_diagonal_ssm_init_distributions():

@@ -137,3 +137,55 @@ def test_layers_beyond_the_fused_length(name, params, monkeypatch):
     torch.testing.assert_close(chunked_stepped, full.detach(), rtol=1e-10, atol=1e-10)
     for a, b in zip(chunked_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _single(*params):
+    """float64 / complex128 parameters as float32 / complex64 leaves that require grad."""
+    cast = lambda p: p.to(torch.complex64 if p.is_complex() else torch.float32)  # noqa: E731
+    return [cast(p.detach()).requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("method", ["zoh", "bilinear"])
+def test_ssm_kernels_keep_fp32_under_bf16_autocast(method):
+    """Under a bf16 autocast (precision: bf16) the SSM filter, its gradients, the prefill state
+    and the chunked convolution still compute in fp32: against float64 (autocast off), to fp32
+    accuracy, not bf16's ~4e-3."""
+    from kernels.ssm import s4d_state
+
+    dt, A, B, C, D = (p.detach() for p in ssm_args(make_ssm(H=4, N=8)))
+    leaves = _single(dt, A, B, C)
+    ref = [p.clone().requires_grad_() for p in (dt, A, B, C)]
+    L, g = 300, torch.Generator().manual_seed(1)
+    gy = torch.randn(4, L, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        k = s4d_kernel(*leaves, L, method)
+        grads = torch.autograd.grad(k, leaves, gy)
+    want = s4d_kernel(*ref, L, method)
+    assert k.dtype == torch.float32
+    assert (k.double() - want).abs().max() < 1e-5 * want.abs().max()
+    for got, expected in zip(grads, torch.autograd.grad(want, ref, gy.double()), strict=True):
+        assert (got.to(expected.dtype) - expected).abs().max() < 1e-4 * expected.abs().max()
+    u = torch.randn(2, 4, L, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = s4d_state(u, *leaves[:3], method)
+        y = ssm_chunked_conv(u, *leaves, D.float(), 64, method)
+    x_want = s4d_state(u.double(), dt, A, B, method)
+    assert (x.to(torch.complex128) - x_want).abs().max() < 1e-5 * x_want.abs().max()
+    y_want = ssm_chunked_conv(u.double(), dt, A, B, C, D, 64, method)
+    assert (y.double() - y_want).abs().max() < 1e-5 * y_want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chunked_conv_of_half_inputs_computes_in_fp32(dtype):
+    """Half-precision signal and gates, fp32 SSM: the states are fp32, so the output is the
+    float64 one rounded once to the half dtype (plus fp32 noise)."""
+    dt, A, B, C, D = (p.detach() for p in ssm_args(make_ssm(H=4, N=8)))
+    g = torch.Generator().manual_seed(4)
+    u, pre, post = (torch.randn(2, 4, 200, generator=g).to(dtype) for _ in range(3))
+    got = ssm_chunked_conv(u, *_single(dt, A, B, C), D.float(), 32, "zoh", pre, post)
+    assert got.dtype == dtype
+    want = ssm_chunked_conv(u.double(), dt, A, B, C, D, 32, "zoh", pre.double(), post.double())
+    rounding = torch.finfo(dtype).eps
+    assert (
+        (got.double() - want).abs() <= 2 * rounding * want.abs() + 1e-6 * want.abs().max()
+    ).all()
