@@ -408,6 +408,7 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
         "tokens_per_s": meter.tokens / meter.seconds if meter.seconds else None,
         "wall_s": time.perf_counter() - t_start,
         "processes": d.world,
+        "threads": torch.get_num_threads(),  # per process; CPU numbers depend on it
     }
     if d.main:
         atomic_write_text(out / "result.json", json.dumps(result, indent=2))

@@ -481,6 +481,7 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
         "wall_s": state.wall_s,
         "params": model.num_params(),
         "random_accuracy": task.random_accuracy,
+        "threads": torch.get_num_threads(),  # CPU numbers depend on it (threads: null varies)
     }
     save_checkpoint(out / WEIGHTS, model, info={"config": config.model_dump(mode="json")})
     atomic_write(

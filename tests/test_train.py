@@ -587,3 +587,4 @@ def test_train_leaves_the_thread_count_as_it_found_it(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert set(seen) == {2}
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["threads"] == 2
