@@ -76,6 +76,13 @@ def _cmd_train(args) -> int:
     result = train(config, out, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     print(f"run written to {out}")
+    if result.get("diverged_at"):  # older runs' result.json lack the key
+        print(
+            f"sandbox: error: the training loss was not finite at step {result['diverged_at']}: "
+            "the run diverged and stopped there (lower train.lr)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -251,7 +251,16 @@ _Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text as safe_load does, but with YAML 1.2 numbers (see _Loader)."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary Python objects
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary Python objects
+    except yaml.YAMLError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        # An explicit tag PyYAML cannot build (!!bool maybe, !!timestamp x, !!float with no
+        # value) raises a plain exception: made a YAMLError, every caller names its source.
+        raise yaml.constructor.ConstructorError(
+            None, None, f"a tagged value cannot be built ({type(e).__name__}: {e})"
+        ) from None
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> dict:

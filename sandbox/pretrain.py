@@ -377,6 +377,12 @@ def _pretrain(config, out: Path, resume: bool, progress: bool, on_step, d) -> di
             loss_sum.zero_()
             last_log = step
             bar.set_postfix(loss=f"{mean:.3f}")
+            if not math.isfinite(mean):  # every rank sees the same all-reduced mean
+                # Stop before a checkpoint of the diverged weights replaces the last good one.
+                raise ValueError(
+                    f"pretrain: the training loss is {mean} over steps {step - steps + 1}-{step}: "
+                    "the run diverged (lower train.lr); no checkpoint of its weights was written"
+                )
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
             with meter.pause():
                 record.update(evaluate(model, splits["val"], config, d, autocast))

@@ -219,6 +219,11 @@ class _Progress:
     steps_to_solve: int | None = None
     best_val: float = -1.0
     best_step: int = 0
+    diverged_at: int | None = None  # the step whose training loss was not finite
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def check_run_dir(out: Path, config: BaseModel, resume: bool) -> None:
@@ -414,7 +419,7 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
     loss_sum, loss_count = 0.0, 0
     t_start = time.perf_counter() - state.wall_s
     order, order_epoch = None, -1
-    while state.step < total and state.steps_to_solve is None:
+    while state.step < total and state.steps_to_solve is None and state.diverged_at is None:
         epoch, pos = divmod(state.step, epoch_steps)
         if epoch != order_epoch:
             order, order_epoch = _epoch_order(config.seed, epoch, len(train_set)), epoch
@@ -426,8 +431,12 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
         loss_sum += loss.item()
         loss_count += 1
         bar.update(1)
+        if not math.isfinite(loss.item()):
+            # Diverged (an lr far too high, say): stop here rather than step on NaN weights
+            # to the end of the budget; the result comes from the best weights before it.
+            state.diverged_at = state.step
 
-        if state.step % eval_every == 0 or state.step == total:
+        if state.step % eval_every == 0 or state.step == total or state.diverged_at:
             val = evaluate(model, valid_set, cfg.eval_batch_size)
             state.wall_s = time.perf_counter() - t_start
             if cfg.target_accuracy is not None and val["accuracy"] >= cfg.target_accuracy:
@@ -442,11 +451,11 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
                 "val_loss": val["loss"],
                 "wall_s": state.wall_s,
             }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(metrics_path, "a") as f:  # NaN is no JSON: a diverged loss is null
+                f.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
             if on_eval is not None:
                 on_eval(record)
-            if val["accuracy"] > state.best_val:
+            if val["accuracy"] > state.best_val and not state.diverged_at:
                 state.best_val, state.best_step = val["accuracy"], state.step
                 if cfg.restore_best:
                     save_checkpoint(out / BEST, model)
@@ -457,7 +466,7 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
                 extra_tensors=_rng_states(device),
                 info={"progress": vars(state)},
             )
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}")
+            bar.set_postfix(loss=f"{record['train_loss']:.3g}", val_acc=f"{val['accuracy']:.3f}")
             loss_sum, loss_count = 0.0, 0
     bar.close()
 
@@ -478,6 +487,7 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
         "solved": state.steps_to_solve is not None,
         "steps_to_solve": state.steps_to_solve,
         "best_step": state.best_step,
+        "diverged_at": state.diverged_at,
         "wall_s": state.wall_s,
         "params": model.num_params(),
         "random_accuracy": task.random_accuracy,

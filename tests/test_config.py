@@ -194,3 +194,17 @@ def test_integers_follow_yaml_1_2_and_dumped_strings_stay_strings(tmp_path):
     path.write_text(dump_config(c))
     assert load_config(path) == c
     assert load_config(path).model.mixer_params == {"a": "1e5", "b": "010", "c": 100000.0}
+
+
+@pytest.mark.parametrize(
+    "value", ["!!bool maybe", "!!timestamp x", "!!float", "!!map [1]", "!!int 0b11"]
+)
+def test_a_tag_that_cannot_be_built_is_a_one_line_error_naming_its_source(tmp_path, value):
+    """PyYAML's constructors raise plain exceptions (KeyError, IndexError...) on a bad tagged
+    scalar: a file names its path, an override its key, as for any other YAML error."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"seed: {value}\n")
+    with pytest.raises(ConfigError, match=f"{path.name}' is not valid YAML: a tagged value"):
+        read_yaml(path)
+    with pytest.raises(ConfigError, match="override train.restore_best: .*a tagged value"):
+        build_config({}, [f"train.restore_best={value}"])

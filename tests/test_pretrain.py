@@ -455,3 +455,14 @@ def test_pretrain_windows_start_anywhere_a_whole_window_fits():
 
     starts = {int(s) for step in range(20) for s in train_starts(0, step, 40, 32, 50)}
     assert starts == set(range(8))
+
+
+def test_a_diverged_pretraining_run_stops_with_one_line(data_dir, tmp_path):
+    """lr 1e30 without clipping: the logged training loss is not finite, and the run stops
+    there with a ValueError (exit 2 from the CLI) instead of stepping on NaN weights to the
+    end; no checkpoint of those weights and no result is written."""
+    out = tmp_path / "run"
+    config = small(data_dir, lr=1e30, ssm_lr=1e30, grad_clip=None)
+    with pytest.raises(ValueError, match="training loss is nan .* the run diverged"):
+        pretrain(config, out, progress=False)
+    assert not (out / "result.json").exists() and not (out / "checkpoint.safetensors").exists()

@@ -588,3 +588,19 @@ def test_train_leaves_the_thread_count_as_it_found_it(tmp_path, monkeypatch):
         torch.set_num_threads(before)
     assert set(seen) == {2}
     assert json.loads((tmp_path / "b" / "result.json").read_text())["threads"] == 2
+
+
+def test_a_diverged_run_stops_and_says_so(tmp_path, capsys):
+    """lr 1e30 without clipping: the first non-finite training loss ends the run there, its
+    record has null losses (NaN is no JSON), result.json names the step, and `sandbox train`
+    exits 1 with one line on stderr."""
+    out = tmp_path / "r"
+    argv = ["train", "configs/h3_ar.yaml", "--out", str(out), "--quiet", "train.lr=1e30",
+            "train.ssm_lr=1e30", "train.grad_clip=null", "train.max_steps=6", "train.eval_every=2",
+            "task.num_train=64", "task.num_valid=32", "task.num_test=32"]  # fmt: skip
+    assert main(argv) == 1
+    assert "the run diverged" in capsys.readouterr().err
+    records = records_of(out)
+    result = json.loads((out / "result.json").read_text())
+    assert result["diverged_at"] == records[-1]["step"] < 6
+    assert records[-1]["train_loss"] is None
