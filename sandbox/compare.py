@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
 import tasks
@@ -56,6 +56,7 @@ from sandbox.io import (
 )
 from sandbox.model import LanguageModel
 from sandbox.pools import WorkerDied, stop_pool, worker_pool
+from sandbox.report import BASELINE_ROWS
 from sandbox.train import (
     WEIGHTS,
     RunDirError,
@@ -89,6 +90,17 @@ class ComparePreset(Strict):
     )
     # task row -> task params that replace the row's for its test split only.
     test_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _names_of_columns(cls, variants: dict) -> dict:
+        # The table's baseline rows have these names, and the paper's cells key chance by
+        # "random": a variant so named printed a second "random" row with the paper's chance.
+        for name in variants:
+            if not name.strip() or name in BASELINE_ROWS:
+                raise ValueError(f"a variant may not be named {name!r} (empty, or a row of "
+                                 f"the table: {', '.join(BASELINE_ROWS)}); rename it")  # fmt: skip
+        return variants
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,7 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
     unknown = set(preset.test_params) - set(preset.tasks)
     if unknown:
         raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
+    _refuse_overrides_of_the_grid(overrides, preset)
     runs, split_checked = [], set()
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
@@ -231,6 +244,28 @@ def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def _refuse_overrides_of_the_grid(overrides: list[str], preset: ComparePreset) -> None:
+    """A ConfigError for an override of a field a task row or variant sets (model.mixer,
+    task.name, ...): every run would take the one value, and the table would print the same
+    model under each variant's name."""
+    set_by: dict[str, list[str]] = {}
+    for names in (preset.tasks, preset.variants):
+        for name, fields in names.items():
+            for key in _leaf_keys(fields):
+                set_by.setdefault(key, []).append(name)
+    given: dict = {}
+    for override in overrides:
+        apply_override(given, override)
+    for key in _leaf_keys(given):
+        for field, names in set_by.items():
+            if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+                raise ConfigError(
+                    f"{key}: set by the preset's rows or variants ({', '.join(names)}), so an "
+                    "override would give every run one value; edit the preset, or use "
+                    "`sandbox train` for a single run"
+                )
 
 
 def _refuse_what_compare_sets(key: str, preset: ComparePreset) -> None:

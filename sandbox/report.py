@@ -22,6 +22,8 @@ import tasks
 from sandbox.io import atomic_write, atomic_write_text
 from tasks import baselines
 
+BASELINE_ROWS = ("random", "no recall")  # table.md's rows above the variants' (table_rows)
+
 CSV_COLUMNS = [
     "task",
     "mixer",

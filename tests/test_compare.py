@@ -542,3 +542,40 @@ def test_pool_workers_exit_when_their_parent_is_killed():
         if worker:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(worker), signal.SIGKILL)
+
+
+def _two_variant_preset(tmp_path, variants: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "base: {threads: 1, task: {num_train: 64, num_valid: 16, num_test: 16},\n"
+        "       model: {d_model: 8, n_layers: 1}, train: {max_steps: 2, eval_every: 1}}\n"
+        "tasks: {ar: {task: {name: associative_recall}}}\n" + variants
+    )
+    return path
+
+
+@pytest.mark.parametrize("name", ["random", "no recall", "''", "' '"])
+def test_compare_refuses_variant_names_of_the_table_rows_or_empty(tmp_path, capsys, name):
+    """table.md's baseline rows are "random" and "no recall" (the paper's chance keyed by
+    "random"): a variant so named gave a second such row, one with the paper's chance."""
+    preset = _two_variant_preset(tmp_path, f"variants: {{{name}: {{model: {{mixer: h3}}}}}}\n")
+    out = tmp_path / "c"
+    assert main(["compare", "--preset", str(preset), "--out", str(out), "--quiet"]) == 2
+    assert "a variant may not be named" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "override", ["model.mixer=gss", "model={mixer: gss}", "model.mixer_params={}", "task.name=x"]
+)
+def test_compare_refuses_an_override_of_what_the_rows_or_variants_set(tmp_path, capsys, override):
+    """Applied to every run, model.mixer=gss trained one model under every variant's name."""
+    variants = (
+        "variants: {h3: {model: {mixer: h3, mixer_params: {head_dim: 8}}},\n"
+        "           s4d: {model: {mixer: s4d}}}\n"
+    )
+    preset = _two_variant_preset(tmp_path, variants)
+    out = tmp_path / "c"
+    assert main(["compare", "--preset", str(preset), "--out", str(out), "--quiet", override]) == 2
+    assert "set by the preset's rows or variants" in capsys.readouterr().err
+    assert not out.exists()
