@@ -344,7 +344,9 @@ def _dry_run(space: SweepSpace, field: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. TPE's experimental-option warnings
             study = optuna.create_study(direction=space.direction, sampler=sampler, pruner=pruner)
-            study.optimize(objective, n_trials=int(startup) + 2)
+            # Past the start-up trials, but never past the study's own length: a start-up
+            # count of 1e6 (random search, or never prune) ran a million fake trials.
+            study.optimize(objective, n_trials=min(int(startup), space.trials) + 2)
     finally:
         optuna.logging.set_verbosity(verbosity)
 

@@ -909,3 +909,23 @@ def test_workers_and_late_joiners_get_their_own_random_draws():
         assert first_lr(space, 0, 0) != first_lr(space, 1, 0)  # another worker index
         assert first_lr(space, 0, 0) != first_lr(space, 0, 5)  # joined after 5 trials
         assert first_lr(space, 0, 0) != first_lr(space.model_copy(update={"seed": 1}), 0, 0)
+
+
+def test_the_space_check_of_a_large_n_startup_trials_is_bounded(tmp_path, monkeypatch):
+    """n_startup_trials 1e6 (a way to say "never prune"): the dry run of the pruner stops
+    past the study's own trials (it ran a million fake trials, a hang)."""
+    runs, real = [], optuna.Study.optimize
+
+    def optimize(study, objective, n_trials=None, **kwargs):
+        runs.append(n_trials)
+        assert n_trials <= 1000, f"a dry run of {n_trials} fake trials"  # fail, do not hang
+        return real(study, objective, n_trials=n_trials, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "optimize", optimize)
+    params = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
+    path = write_space(tmp_path / "s.yaml", params=params)
+    data = yaml.safe_load(path.read_text())
+    data["pruner_options"] = {"n_startup_trials": 1_000_000}
+    path.write_text(yaml.safe_dump(data))
+    space = load_space(path)
+    assert runs and max(runs) <= space.trials + 2
