@@ -51,6 +51,14 @@ def _seed(text: str) -> int:
     return value
 
 
+def _nonempty(value: str) -> str:
+    """argparse type of --out, --storage and --study: an empty value (an unset "$OUT" in a
+    script) was taken as the cwd by prepare-data and as "the default" by the others."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty value")
+    return value
+
+
 def _warn_if_nothing_to_resume(out: Path, config, resume: bool) -> None:
     """--resume without a checkpoint in --out starts from step 0 (job scripts pass --resume
     on every attempt, the first included), but says so: a mistyped --out would otherwise
@@ -184,7 +192,12 @@ def _cmd_generate(args) -> int:
     from sandbox.generate import generate, load_for_generation
 
     model, tokenizer = load_for_generation(args.checkpoint, args.config)
-    ids = tokenizer.encode(args.prompt)
+    try:
+        ids = tokenizer.encode(args.prompt)
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 (surrogate-escaped)
+        raise ValueError(
+            f"--prompt is not valid UTF-8 text (characters {e.start}-{e.end - 1})"
+        ) from None
     if not ids:
         raise ValueError("--prompt is empty")
     result = generate(
@@ -254,7 +267,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, what: str, example: str, out:
     """The arguments `train` and `pretrain` share: CONFIG, overrides, --out, --resume, --quiet."""
     p.add_argument("config", help=f"{what} config YAML (see configs/)")
     _add_overrides(p, f"a.b=value overrides, e.g. {example}")
-    p.add_argument("--out", help=f"run directory (default {out})")
+    p.add_argument("--out", type=_nonempty, help=f"run directory (default {out})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -276,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overrides(p, "a.b=value overrides applied to every run")
     p.add_argument("--seeds", type=_positive_int, help="number of seeds (default: the preset's)")
-    p.add_argument("--out", help="output directory (default runs/compare/<preset>)")
+    p.add_argument("--out", type=_nonempty, help="output directory (default runs/compare/<preset>)")
     p.add_argument("--workers", type=_positive_int, help="parallel runs (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
@@ -286,10 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trials", type=int, help="finished trials the study ends with (default: the space's)"
     )
-    p.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///OUT/study.db)")
-    p.add_argument("--study", help="study name (default: the space file's name)")
+    p.add_argument(
+        "--storage", type=_nonempty, help="SQLAlchemy URL (default sqlite:///OUT/study.db)"
+    )
+    p.add_argument("--study", type=_nonempty, help="study name (default: the space file's name)")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1)")
-    p.add_argument("--out", help="directory for trials/ and the report (default runs/sweeps/STUDY)")
+    p.add_argument(
+        "--out",
+        type=_nonempty,
+        help="directory for trials/ and the report (default runs/sweeps/STUDY)",
+    )
     p.add_argument(
         "--worker-index",
         type=int,
@@ -307,9 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("sweep-report", help="trials.csv, best_config.yaml and figures of a sweep")
-    p.add_argument("--out", help="sweep directory: its study.db, and where the report goes")
-    p.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///OUT/study.db)")
-    p.add_argument("--study", help="study name (default: the only study in the storage)")
+    p.add_argument(
+        "--out", type=_nonempty, help="sweep directory: its study.db, and where the report goes"
+    )
+    p.add_argument(
+        "--storage", type=_nonempty, help="SQLAlchemy URL (default sqlite:///OUT/study.db)"
+    )
+    p.add_argument(
+        "--study", type=_nonempty, help="study name (default: the only study in the storage)"
+    )
     p.set_defaults(func=_cmd_sweep_report)
 
     p = sub.add_parser(
@@ -320,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "command to resume after a kill.",
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help=".jsonl or .jsonl.zst shards")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", type=_nonempty, required=True, help="output directory")
     p.add_argument(
         "--tiny-corpus",
         action="store_true",

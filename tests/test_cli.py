@@ -372,3 +372,44 @@ def test_a_refused_lock_leaves_the_holders_new_directory(tmp_path, monkeypatch):
                 pass
     finally:
         os.close(holder["fd"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "configs/h3_ar.yaml", "--out", ""],
+        ["compare", "--out", " "],
+        ["prepare-data", "--tiny-corpus", "--tokenizer", "bytes", "--out", ""],
+        ["sweep", "sweeps/smoke.yaml", "--storage", ""],
+        ["sweep-report", "--study", ""],
+    ],
+)
+def test_an_empty_path_option_is_refused(argv, tmp_path, monkeypatch, capsys):
+    """An unset "$OUT" in a script: prepare-data wrote into the cwd, the others silently used
+    their default directory or storage."""
+    repo = Path(__file__).resolve().parents[1]
+    argv = [a if not a.endswith((".yaml",)) else str(repo / a) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "empty value" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_data_names_an_existing_input_that_is_no_regular_file(tmp_path, capsys):
+    argv = ["prepare-data", "/dev/null", "--out", str(tmp_path / "o"), "--tokenizer", "bytes",
+            "--quiet", "--workers", "1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not a regular file" in err and "not found" not in err
+
+
+def test_generate_names_a_prompt_that_is_not_utf8(monkeypatch, capsys):
+    import sandbox.generate as generate
+    from sandbox.data.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("bytes")
+    monkeypatch.setattr(generate, "load_for_generation", lambda ckpt, cfg: (None, tokenizer))
+    assert main(["generate", "x", "--prompt", "ok\udcff"]) == 2  # a non-UTF-8 byte in argv
+    assert "--prompt is not valid UTF-8" in capsys.readouterr().err

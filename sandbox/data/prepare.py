@@ -295,6 +295,8 @@ def _sources(inputs: Sequence[str], val_files: Sequence[str]) -> list[dict]:
         path = Path(given)
         if path.is_dir():
             raise DataError(f"{given} is a directory; give its files (e.g. {given}/*.jsonl.zst)")
+        if path.exists() and not path.is_file():  # a FIFO, /dev/null: read twice, they differ
+            raise DataError(f"{given} is not a regular file; give a .jsonl or .jsonl.zst file")
         if not path.is_file():
             raise DataError(f"input file not found: {given}")
         try:
