@@ -187,6 +187,16 @@ def make_storage(url: str, heartbeat_s: int | None = None, create: bool = True) 
             "heartbeat_stale_trial_callback": RETRY,
         }
     try:
+        if not create:
+            # RDBStorage creates Optuna's tables in whatever database it opens: a reader
+            # pointed at another application's database wrote 13 tables into it.
+            engine = sqlalchemy.create_engine(url, **engine_kwargs)
+            try:
+                tables = set(sqlalchemy.inspect(engine).get_table_names())
+            finally:
+                engine.dispose()
+            if "studies" not in tables:
+                raise ConfigError(f"--storage {_safe_url(url)}: not an Optuna study database")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return SweepStorage(url, engine_kwargs=engine_kwargs, **heartbeat)

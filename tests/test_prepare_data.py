@@ -469,3 +469,14 @@ def test_prepare_data_gpt2_counts(corpus, tmp_path):
     assert index["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "eot_token": 50256}
     assert _tokens(tmp_path / "out")["train"].tolist() == expected
     assert index["splits"]["val"]["tokens"] == 0
+
+
+def test_a_refused_input_leaves_no_out_directory(tmp_path):
+    """A file with no document is refused after the lock is taken: the directory the job made
+    for it is removed again, as train and compare leave nothing behind."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="no document"):
+        prepare_data([str(bad)], out, tokenizer="bytes", workers=1, progress=False)
+    assert not out.exists()

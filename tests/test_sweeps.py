@@ -929,3 +929,24 @@ def test_the_space_check_of_a_large_n_startup_trials_is_bounded(tmp_path, monkey
     path.write_text(yaml.safe_dump(data))
     space = load_space(path)
     assert runs and max(runs) <= space.trials + 2
+
+
+@pytest.mark.parametrize("argv", [["sweep-report"], ["sweep", "--study", "x"]])
+def test_reading_commands_leave_a_foreign_database_alone(tmp_path, argv):
+    """sweep-report, and sweep joining a study, open an existing storage: one that holds no
+    Optuna study is refused without Optuna's tables being created in it."""
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    con = sqlite3.connect(db)
+    con.execute("create table users(id int)")
+    con.commit()
+    con.close()
+    extra = ["--out", str(tmp_path / "o")] if argv[0] == "sweep" else []
+    assert main([*argv, "--storage", f"sqlite:///{db}", *extra]) == 2
+    con = sqlite3.connect(db)
+    try:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+    finally:
+        con.close()
+    assert tables == {"users"}

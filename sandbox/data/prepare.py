@@ -381,7 +381,7 @@ def _load_state(path: Path, what: str) -> dict:
 def _locked(out: Path):
     """Hold the directory ``out``'s lock: two jobs appending to one directory's .bin files
     would interleave their documents."""
-    from sandbox.io import lock_dir  # here, as make_dir below: workers need not import torch
+    from sandbox.io import lock_dir  # here: the spawned workers need not import torch
 
     with lock_dir(out, DataError(f"{out}: another prepare-data job is writing there")):
         yield
@@ -498,11 +498,8 @@ def prepare_data(
     )
     job = {"tokenizer": tok.name, "split": split, "sources": _sources(inputs, val_files)}
 
-    from sandbox.io import make_dir  # here: the spawned workers need not import torch
-
     out = Path(out)
-    make_dir(out)
-    with _locked(out):
+    with _locked(out):  # makes out, and removes it again if the job fails before writing
         return _run_job(job, out, workers, chunk_docs, progress, log, hook)
 
 
