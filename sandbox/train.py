@@ -428,10 +428,11 @@ def _train(config, out: Path, resume: bool, progress: bool, on_eval) -> dict:
             group["lr"] = group["base_lr"] * lr_factor(state.step, total, cfg)
         loss = training_step(model, optimizer, batch, cfg)
         state.step += 1
-        loss_sum += loss.item()
+        loss_value = loss.item()
+        loss_sum += loss_value
         loss_count += 1
         bar.update(1)
-        if not math.isfinite(loss.item()):
+        if not math.isfinite(loss_value):
             # Diverged (an lr far too high, say): stop here rather than step on NaN weights
             # to the end of the budget; the result comes from the best weights before it.
             state.diverged_at = state.step
