@@ -187,7 +187,11 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
     unknown = set(preset.test_params) - set(preset.tasks)
     if unknown:
         raise ConfigError(f"test_params: {sorted(unknown)} are not task rows {list(preset.tasks)}")
-    _refuse_overrides_of_the_grid(overrides, preset)
+    overridden: dict = {}  # the overrides' fields, however written
+    for override in overrides:
+        apply_override(overridden, override)
+    override_keys = _leaf_keys(overridden)
+    _refuse_overrides_of_the_grid(override_keys, preset)
     runs, split_checked = [], set()
     for task, task_fields in preset.tasks.items():
         for variant, variant_fields in preset.variants.items():
@@ -201,11 +205,7 @@ def expand(preset: ComparePreset, overrides: list[str] = (), seeds: int | None =
                     for f in (task_fields, variant_fields)
                     if isinstance(f.get("train"), dict) and "lr" in f["train"]
                 ]
-                given = ["seed"] * ("seed" in data) + ["train.lr"] * bool(own)
-                overridden: dict = {}  # the overrides' fields, however written
-                for override in overrides:
-                    apply_override(overridden, override)
-                given += _leaf_keys(overridden)
+                given = ["seed"] * ("seed" in data) + ["train.lr"] * bool(own) + override_keys
                 for key in given:
                     _refuse_what_compare_sets(key, preset)
                 for override in overrides:
@@ -246,19 +246,16 @@ def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _refuse_overrides_of_the_grid(overrides: list[str], preset: ComparePreset) -> None:
-    """A ConfigError for an override of a field a task row or variant sets (model.mixer,
-    task.name, ...): every run would take the one value, and the table would print the same
-    model under each variant's name."""
+def _refuse_overrides_of_the_grid(keys: list[str], preset: ComparePreset) -> None:
+    """A ConfigError for an override (its dotted ``keys``) of a field a task row or variant
+    sets (model.mixer, task.name, ...): every run would take the one value, and the table
+    would print the same model under each variant's name."""
     set_by: dict[str, list[str]] = {}
     for names in (preset.tasks, preset.variants):
         for name, fields in names.items():
             for key in _leaf_keys(fields):
                 set_by.setdefault(key, []).append(name)
-    given: dict = {}
-    for override in overrides:
-        apply_override(given, override)
-    for key in _leaf_keys(given):
+    for key in keys:
         for field, names in set_by.items():
             if field == key or field.startswith(key + ".") or key.startswith(field + "."):
                 raise ConfigError(
